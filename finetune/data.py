@@ -1,0 +1,880 @@
+"""Datasets: a file, a Hub id or in-memory rows → normalised chat examples → train/validation/test splits.
+
+The flow, top to bottom:
+
+    read_rows / rows_from_text     raw rows (plain dicts): .json .jsonl .csv .parquet .txt, a Hub id, a paste box
+    detect_format                  alpaca | messages | sharegpt | prompt_completion | text, from the column names
+    normalize_rows                 every row → {"messages": [...]} or {"text": ...}; bad rows → DataError (or skipped)
+    split_examples                 drop exact duplicates, seeded shuffle, cut test / validation / train
+    length_stats / split_stats     token-length summary per split (the caller supplies the tokenizer)
+    load_examples                  all of the above, driven by a RunConfig
+
+Every expected mistake raises `DataError` with the file, the 1-based row (or line) number, the field and the fix.
+Row numbers count rows as read: for JSON lines that is the n-th non-blank line, for CSV the n-th data row.
+
+Formats (column names are matched case-insensitively; `column_mapping` names them explicitly):
+
+- alpaca:            instruction, optional input (alias context), output (alias response), optional system.
+                     The user turn is `instruction` + "\\n\\n" + `input` when input is non-empty.
+- messages:          a `messages` (or `conversations`) list of {"role", "content"} turns.
+- sharegpt:          a `conversations` (or `messages`) list of {"from", "value"} turns; from is system | human | gpt
+                     (aliases user, assistant, bot, chatgpt, model), optional `system` column.
+- prompt_completion: prompt/completion, prompt/response, question/answer, query/response, input/output
+                     (when there is no instruction) or prompt/chosen; optional system.
+- text:              a `text` column; plain text, loss on every token; `system_prompt` does not apply.
+
+Preference rows (ShareGPT `conversations` + `chosen` + `rejected`, as in LLaMA-Factory's DPO data) end with the
+user's turn: for supervised fine-tuning we append the preferred (`chosen`) reply as the assistant turn and ignore
+`rejected`.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+import random
+import re
+import statistics
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import RunConfig
+from .errors import DataError
+
+SUPPORTED_EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet", ".txt")
+FORMATS = ("alpaca", "messages", "sharegpt", "prompt_completion", "text")
+SPLIT_NAMES = ("train", "validation", "test")
+# Our field names, which `column_mapping` maps to a dataset's columns.
+CANONICAL_FIELDS = ("instruction", "input", "output", "system", "prompt", "completion", "messages",
+                    "conversations", "text")
+SKIP_HINT = " (or set skip_invalid: true to drop bad rows)"
+
+# Which format each canonical field belongs to; `system` fits every chat format.
+_FIELD_FAMILY = {"instruction": "alpaca", "input": "alpaca", "output": "alpaca", "prompt": "prompt_completion",
+                 "completion": "prompt_completion", "messages": "conversation", "conversations": "conversation",
+                 "text": "text"}
+# Column-name aliases tried in order when nothing is mapped.
+_ALPACA_ALIASES = {"instruction": ("instruction",), "input": ("input", "context"), "output": ("output", "response")}
+_PROMPT_COMPLETION_PAIRS = (("prompt", "completion"), ("prompt", "response"), ("question", "answer"),
+                            ("query", "response"), ("input", "output"), ("prompt", "chosen"))
+_CONVERSATION_COLUMNS = ("messages", "conversations")
+_ROLE_ALIASES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
+                 "bot": "assistant", "chatgpt": "assistant", "model": "assistant"}
+_ALLOWED_ROLES_TEXT = "system, user, assistant (also human, gpt, bot, chatgpt, model)"
+# Keys that are row fields, so a top-level JSON object holding one of them as its only list is a row, not a wrapper.
+_ROW_LIST_KEYS = {"messages", "conversations", "chosen", "rejected"}
+# Hub ids: `name` or `org/name`, letters, digits, `-`, `_`, `.` (huggingface_hub's repo id rules, simplified).
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+# Python's csv module refuses fields over 128 KiB by default; training texts can be longer.
+_CSV_FIELD_LIMIT = 2**31 - 1
+
+
+# ============================================================================ result types
+
+@dataclass(frozen=True)
+class SkippedRow:
+    row: int  # 1-based, as the user counts rows
+    reason: str
+
+
+@dataclass
+class NormalizedData:
+    examples: list[dict]
+    format: str
+    skipped: list[SkippedRow] = field(default_factory=list)
+
+
+@dataclass
+class Splits:
+    train: list[dict]
+    validation: list[dict]
+    test: list[dict]
+    duplicates_removed: int = 0
+
+    def as_dict(self) -> dict[str, list[dict]]:
+        return {"train": self.train, "validation": self.validation, "test": self.test}
+
+
+@dataclass
+class PreparedData:
+    splits: Splits
+    format: str
+    skipped: list[SkippedRow]
+    source: str
+    rows_read: int = 0
+
+
+# ============================================================================ sources: files, Hub ids, pasted text
+
+def read_rows(source: str | Path, *, dataset_config: str | None = None, split: str = "train",
+              max_rows: int | None = None, max_bytes: int | None = None) -> list[dict]:
+    """Rows from a local file (by extension) or, for a string that is no file but looks like `org/name`, the Hub.
+
+    `max_rows` stops reading early; `max_bytes` rejects larger local files before reading them.
+    """
+    if max_rows is not None and max_rows < 1:
+        raise DataError(f"`max_rows` must be at least 1, or unset (got {max_rows})")
+    path = _local_path(source)
+    if path is None:
+        return _read_hub_rows(str(source).strip(), dataset_config, split, max_rows)
+    return _read_local_rows(path, max_rows=max_rows, max_bytes=max_bytes)
+
+
+def rows_from_text(text: str, *, source: str = "pasted rows") -> list[dict]:
+    """Rows from the UI's paste box: a JSON array (or `{"data": [...]}`), a single object, or JSON lines."""
+    body = text.strip().lstrip("\ufeff").strip()
+    if not body:
+        raise DataError(f"{source}: nothing to read; paste a JSON array of rows or one JSON object per line",
+                        source=source)
+    if body[0] not in "[{":
+        raise DataError(f"{source}: expected a JSON array of rows (starting with `[`) or one JSON object per "
+                        f"line (starting with `{{`), got text starting with {body[:20]!r}", source=source)
+    try:
+        doc = json.loads(body)
+    except json.JSONDecodeError as e:
+        if body[0] == "{":  # several objects: JSON lines
+            return _rows_from_json_lines(enumerate(body.splitlines(), 1), source, max_rows=None)
+        raise _json_document_error(e, source) from None
+    rows = _rows_from_document(doc, source)
+    if not rows:
+        raise DataError(f"{source} contains no rows; it needs at least one example", source=source)
+    return rows
+
+
+def display_name(source: str | Path) -> str:
+    """How errors name a source: the file name for local files (upload folders are noise), else the Hub id."""
+    path = _local_path(source, must_exist=False)
+    return path.name if path is not None else str(source).strip()
+
+
+def _local_path(source: str | Path, *, must_exist: bool = True) -> Path | None:
+    """The local path `source` means, or None if it is a Hub dataset id. Raises for a missing local-looking path."""
+    if isinstance(source, Path):
+        path = source.expanduser()
+    else:
+        text = str(source).strip()
+        if not text:
+            raise DataError("`dataset` is not set; give a file path, a Hub dataset id, or rows")
+        path = Path(text).expanduser()
+        if not path.exists() and not _looks_like_path(text) and _HUB_ID.fullmatch(text):
+            return None
+    if must_exist and not path.exists():
+        where = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
+        raise DataError(f"file not found: {source}{where}", source=str(source))
+    return path
+
+
+def _looks_like_path(text: str) -> bool:
+    return (text.startswith(("/", ".", "~")) or "\\" in text or text.count("/") > 1
+            or re.match(r"[A-Za-z]:", text) is not None or Path(text).suffix.lower() in SUPPORTED_EXTENSIONS)
+
+
+def _read_local_rows(path: Path, *, max_rows: int | None, max_bytes: int | None) -> list[dict]:
+    name = path.name
+    if path.is_dir():
+        raise DataError(f"{path} is a folder; give one file ({_extensions_text()})", source=name)
+    ext = path.suffix.lower()
+    readers = {".json": _read_json_file, ".jsonl": _read_jsonl_file, ".csv": _read_csv_file,
+               ".parquet": _read_parquet_file, ".txt": _read_text_file}
+    if ext not in readers:
+        kind = f"`{ext}`" if ext else "with no extension"
+        raise DataError(f"{name}: unsupported file type {kind}; use one of {_extensions_text()}", source=name)
+    size = path.stat().st_size
+    if size == 0:
+        raise DataError(f"{name} is empty (0 bytes); it needs at least one row", source=name)
+    if max_bytes is not None and size > max_bytes:
+        raise DataError(f"{name} is too large ({_format_bytes(size)}; the limit here is {_format_bytes(max_bytes)}); "
+                        "use a smaller file, or load it from the command line", source=name)
+    rows = readers[ext](path, name, max_rows)
+    if not rows:
+        raise DataError(f"{name} contains no rows; it needs at least one example", source=name)
+    return rows[:max_rows] if max_rows else rows
+
+
+def _extensions_text() -> str:
+    return ", ".join(SUPPORTED_EXTENSIONS)
+
+
+def _format_bytes(n: int) -> str:
+    for unit in ("bytes", "KB", "MB"):
+        if n < 1000:
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+# ---------------------------------------------------------------------------- text decoding
+
+def _check_not_utf16(start: bytes, name: str) -> None:
+    if start.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(f"{name} is UTF-16 encoded; re-save it as UTF-8", source=name)
+
+
+def _utf8_error(name: str, offset: int, line: int) -> DataError:
+    return DataError(f"{name}: invalid UTF-8 at byte {offset} (line {line}); re-save the file as UTF-8 "
+                     "(it may be in a legacy encoding such as Windows-1252 or Latin-1)", source=name)
+
+
+def _decode(data: bytes, name: str) -> str:
+    """Whole-file decode: UTF-8 with an optional byte-order mark."""
+    _check_not_utf16(data[:2], name)
+    bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0  # bytes; error offsets count them, as an editor would
+    try:
+        return data[bom:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        offset = bom + e.start
+        raise _utf8_error(name, offset, data.count(b"\n", 0, offset) + 1) from None
+
+
+def _decoded_lines(path: Path, name: str) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line with its newline) streamed from a UTF-8 file; a leading BOM is dropped."""
+    offset = 0  # bytes before the current line, for error messages
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            if number == 1:
+                _check_not_utf16(raw[:2], name)
+                if raw.startswith(b"\xef\xbb\xbf"):
+                    raw, offset = raw[3:], 3
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _utf8_error(name, offset + e.start, number) from None
+            offset += len(raw)
+
+
+# ---------------------------------------------------------------------------- one reader per file type
+
+def _read_json_file(path: Path, name: str, max_rows: int | None) -> list[dict]:
+    text = _decode(path.read_bytes(), name)
+    if not text.strip():
+        return []
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data" and text.lstrip().startswith("{"):  # JSON lines saved as .json: read it anyway
+            return _rows_from_json_lines(enumerate(text.splitlines(), 1), name, max_rows)
+        raise _json_document_error(e, name) from None
+    return _rows_from_document(doc, name)
+
+
+def _read_jsonl_file(path: Path, name: str, max_rows: int | None) -> list[dict]:
+    lines = _decoded_lines(path, name)
+    first = next(((n, line) for n, line in lines if line.strip()), None)
+    if first is None:
+        return []
+    if first[1].lstrip().startswith("["):  # a JSON array saved as .jsonl: read it as one document
+        return _read_json_file(path, name, max_rows)
+    return _rows_from_json_lines(itertools.chain([first], lines), name, max_rows)
+
+
+def _rows_from_json_lines(lines: Iterable[tuple[int, str]], name: str, max_rows: int | None) -> list[dict]:
+    rows: list[dict] = []
+    for number, line in lines:
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{name}: invalid JSON on line {number}: {e.msg} (column {e.colno}); each line must "
+                            "hold one complete JSON object", source=name) from None
+        if not isinstance(row, dict):
+            raise DataError(f"{name}, line {number}: expected a JSON object with named fields such as "
+                            f'{{"instruction": ..., "output": ...}}, got {_kind(row)}', source=name)
+        rows.append(row)
+        if max_rows and len(rows) >= max_rows:
+            break
+    return rows
+
+
+def _json_document_error(e: json.JSONDecodeError, name: str) -> DataError:
+    return DataError(f"{name}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}; look for a missing "
+                     "comma, quote or bracket there", source=name)
+
+
+def _rows_from_document(doc: Any, name: str) -> list[dict]:
+    """A parsed JSON document → rows: an array of objects, `{"data": [...]}` (any one list), or a single object."""
+    if isinstance(doc, dict):
+        lists = [key for key, value in doc.items() if isinstance(value, list)]
+        if len(lists) == 1 and lists[0].lower() not in _ROW_LIST_KEYS:
+            doc = doc[lists[0]]
+        else:
+            doc = [doc]
+    if not isinstance(doc, list):
+        raise DataError(f'{name}: expected a JSON array of rows like [{{"instruction": ..., "output": ...}}], '
+                        f"got {_kind(doc)}", source=name)
+    for number, row in enumerate(doc, 1):
+        if not isinstance(row, dict):
+            raise DataError(f"{name}, row {number}: expected a JSON object with named fields such as "
+                            f'{{"instruction": ..., "output": ...}}, got {_kind(row)}', source=name, row=number)
+    return doc
+
+
+def _read_csv_file(path: Path, name: str, max_rows: int | None) -> list[dict]:
+    csv.field_size_limit(max(csv.field_size_limit(), _CSV_FIELD_LIMIT))
+    reader = csv.reader(line for _, line in _decoded_lines(path, name))
+    try:
+        header = next(reader, None)
+        if header is None:
+            return []
+        header = [h.strip() for h in header]
+        named = [h for h in header if h]  # unnamed columns (e.g. a trailing comma from a spreadsheet) are ignored
+        duplicates = sorted({h for h in named if named.count(h) > 1})
+        if duplicates:
+            raise DataError(f"{name}: the header row names the column `{duplicates[0]}` more than once; give every "
+                            "column a different name", source=name)
+        rows: list[dict] = []
+        for values in reader:
+            if not values:  # blank line
+                continue
+            if len(values) > len(header):
+                raise DataError(f"{name}, line {reader.line_num}: {len(values)} values but the header has "
+                                f"{len(header)} columns; put values that contain commas in double quotes",
+                                source=name, row=reader.line_num)
+            values += [""] * (len(header) - len(values))
+            rows.append({h: v for h, v in zip(header, values) if h})
+            if max_rows and len(rows) >= max_rows:
+                break
+    except csv.Error as e:
+        raise DataError(f"{name}, line {reader.line_num}: unreadable CSV ({e}); re-export the file as CSV",
+                        source=name, row=reader.line_num) from None
+    if not rows:
+        raise DataError(f"{name} has a header row but no data rows", source=name)
+    return rows
+
+
+def _read_parquet_file(path: Path, name: str, max_rows: int | None) -> list[dict]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+        rows: list[dict] = []
+        for batch in parquet.iter_batches(batch_size=1024):  # rows per batch; bounded memory for max_rows
+            rows.extend(batch.to_pylist())
+            if max_rows and len(rows) >= max_rows:
+                break
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{name}: not a readable Parquet file ({e}); re-export it, or use .jsonl or .csv",
+                        source=name) from None
+    return rows
+
+
+def _read_text_file(path: Path, name: str, max_rows: int | None) -> list[dict]:
+    """One example per paragraph; paragraphs are separated by blank lines."""
+    rows: list[dict] = []
+    paragraph: list[str] = []
+    for _, line in itertools.chain(_decoded_lines(path, name), [(0, "")]):  # the sentinel flushes the last paragraph
+        if line.strip():
+            paragraph.append(line.rstrip("\r\n"))
+            continue
+        if paragraph:
+            rows.append({"text": "\n".join(paragraph)})
+            paragraph = []
+            if max_rows and len(rows) >= max_rows:
+                break
+    return rows
+
+
+# ---------------------------------------------------------------------------- Hugging Face Hub
+
+def _read_hub_rows(dataset_id: str, dataset_config: str | None, split: str, max_rows: int | None) -> list[dict]:
+    import datasets  # heavy (~1 s); only when a Hub id is used
+
+    try:
+        ds = datasets.load_dataset(dataset_id, name=dataset_config, split=split)
+    except Exception as e:  # every failure of a user's dataset id becomes a message for people
+        raise hub_load_error(e, dataset_id, dataset_config, split) from e
+    if max_rows:
+        ds = ds.select(range(min(max_rows, len(ds))))
+    rows = ds.to_list()
+    if not rows:
+        raise DataError(f"dataset `{dataset_id}` (split `{split}`) contains no rows", source=dataset_id)
+    return rows
+
+
+# Connection failures from requests/httpx/huggingface_hub, matched by name so that none of them must be imported.
+_CONNECTION_ERROR_NAMES = {"ConnectionError", "ConnectError", "ConnectTimeout", "ReadTimeout", "OfflineModeIsEnabled"}
+
+
+def hub_load_error(error: Exception, dataset_id: str, dataset_config: str | None, split: str) -> DataError:
+    """Translate an exception from `datasets.load_dataset` into a DataError that says what to do."""
+    from datasets.exceptions import DataFilesNotFoundError, DatasetNotFoundError
+
+    text = str(error)
+    available = re.search(r"(?:Available(?: splits)?|Should be one of|among the available configs):?\s*(\[.*?\])",
+                          text)
+    choices = f" (available: {available.group(1)})" if available else ""
+    if isinstance(error, DatasetNotFoundError):
+        return DataError(f"dataset `{dataset_id}` was not found on the Hugging Face Hub, or it is private or gated "
+                         f"({text}); check the id, log in with a token that can read it, or use a local file",
+                         source=dataset_id)
+    if isinstance(error, DataFilesNotFoundError):
+        return DataError(f"dataset `{dataset_id}` has no data files that can be loaded ({text}); use another "
+                         "dataset or a local file", source=dataset_id)
+    if isinstance(error, ConnectionError) or type(error).__name__ in _CONNECTION_ERROR_NAMES:
+        return DataError(f"could not reach the Hugging Face Hub to load dataset `{dataset_id}`; check your "
+                         "connection or use a local file", source=dataset_id)
+    if isinstance(error, ValueError) and ("Unknown split" in text or "Bad split" in text):
+        return DataError(f"dataset `{dataset_id}` has no split `{split}`{choices}; set `dataset_split` to one of "
+                         "its splits", source=dataset_id, field="dataset_split")
+    if isinstance(error, ValueError) and "BuilderConfig" in text:
+        return DataError(f"dataset `{dataset_id}` has no configuration `{dataset_config}`{choices}; set "
+                         "`dataset_config` to one of its configurations", source=dataset_id, field="dataset_config")
+    if isinstance(error, ValueError) and "Config name is missing" in text:
+        return DataError(f"dataset `{dataset_id}` has several configurations{choices}; set `dataset_config` to "
+                         "one of them", source=dataset_id, field="dataset_config")
+    return DataError(f"could not load dataset `{dataset_id}` from the Hugging Face Hub: {type(error).__name__}: "
+                     f"{text}", source=dataset_id)
+
+
+def _kind(value: Any) -> str:
+    """'a string', 'a list', 'a number (42)': how a JSON value's type reads in an error message."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, (int, float)):
+        return f"a number ({value})"
+    names = {str: "a string", list: "a list", dict: "an object"}
+    return names.get(type(value), f"a {type(value).__name__}")
+
+
+# ============================================================================ format detection
+
+def detect_format(rows: list[dict], column_mapping: dict[str, str] | None = None, *,
+                  source: str = "<rows>") -> str:
+    """The format of `rows`, from the column names of the first rows (or from what `column_mapping` maps)."""
+    return _resolve_columns(rows, "auto", column_mapping, source)[0]
+
+
+def _column_index(rows: list[dict]) -> dict[str, str]:
+    """Lower-cased name → real column name, over the first 20 rows (enough to see optional columns)."""
+    index: dict[str, str] = {}
+    for row in rows[:20]:
+        if isinstance(row, dict):
+            for key in row:
+                index.setdefault(str(key).strip().lower(), key)
+    return index
+
+
+def _resolve_columns(rows: list[dict], fmt: str, column_mapping: dict[str, str] | None,
+                     source: str) -> tuple[str, dict[str, str]]:
+    """(format, canonical field → the dataset's column name) for `rows`; raise a DataError that says the fix."""
+    if not rows:
+        raise DataError(f"{source} contains no rows; it needs at least one example", source=source)
+    if fmt not in ("auto", *FORMATS):
+        raise DataError(f"`data_format` must be auto or one of {', '.join(FORMATS)} (got {fmt!r})",
+                        field="data_format")
+    index = _column_index(rows)
+    mapping = _check_mapping(column_mapping or {}, index, source)
+    family = _mapping_family(mapping, fmt)
+    if fmt == "auto":
+        fmt = _format_of_family(family, rows, mapping) if family else _detect_from_columns(rows, index, source)
+    columns = {canonical: mapping.get(canonical) or _default_column(canonical, fmt, index)
+               for canonical in _fields_of(fmt)}
+    if fmt in ("messages", "sharegpt"):
+        columns["messages"] = mapping.get("messages") or mapping.get("conversations") or \
+            _first_present(index, _CONVERSATION_COLUMNS)
+        columns.pop("conversations", None)
+        columns["chosen"] = index.get("chosen")
+    required = {"alpaca": ("instruction", "output"), "prompt_completion": ("prompt", "completion"),
+                "messages": ("messages",), "sharegpt": ("messages",), "text": ("text",)}[fmt]
+    for canonical in required:
+        if not columns.get(canonical):
+            wanted = "messages` or `conversations" if canonical == "messages" else canonical
+            raise DataError(f"{source}: data_format `{fmt}` needs a column `{wanted}`, but the columns found are: "
+                            f"{_columns_text(index)}. Map yours with column_mapping, e.g. "
+                            f"{{{canonical}: {_example_column(index)}}}", source=source, field=canonical)
+    return fmt, {k: v for k, v in columns.items() if v}
+
+
+def _check_mapping(mapping: dict[str, str], index: dict[str, str], source: str) -> dict[str, str]:
+    """Validate `column_mapping` (our field → their column) and return it with real column names."""
+    checked: dict[str, str] = {}
+    for canonical, column in mapping.items():
+        if canonical not in CANONICAL_FIELDS:
+            raise DataError(f"column_mapping: unknown field `{canonical}`; use one of {', '.join(CANONICAL_FIELDS)}",
+                            field="column_mapping")
+        real = index.get(str(column).strip().lower())
+        if real is None:
+            raise DataError(f"column_mapping maps `{canonical}` to the column `{column}`, but {source} has no such "
+                            f"column; columns found: {_columns_text(index)}", source=source, field="column_mapping")
+        checked[canonical] = real
+    if "messages" in checked and "conversations" in checked:
+        raise DataError("column_mapping maps both `messages` and `conversations`; map only one of them to your "
+                        "conversation column", field="column_mapping")
+    return checked
+
+
+def _mapping_family(mapping: dict[str, str], fmt: str) -> str | None:
+    families = sorted({_FIELD_FAMILY[k] for k in mapping if k in _FIELD_FAMILY})
+    if len(families) > 1:
+        names = ", ".join(f"`{k}`" for k in mapping if k in _FIELD_FAMILY)
+        raise DataError(f"column_mapping mixes fields of different formats ({names}); map instruction/input/output, "
+                        "or prompt/completion, or messages, or text", field="column_mapping")
+    family = families[0] if families else None
+    if family and fmt != "auto" and family != ("conversation" if fmt in ("messages", "sharegpt") else fmt):
+        raise DataError(f"data_format is `{fmt}` but column_mapping maps fields of another format "
+                        f"({', '.join(mapping)}); set data_format: auto, or map the fields of `{fmt}`",
+                        field="column_mapping")
+    return family
+
+
+def _format_of_family(family: str, rows: list[dict], mapping: dict[str, str]) -> str:
+    if family != "conversation":
+        return family
+    column = mapping.get("messages") or mapping["conversations"]
+    return _turn_style(rows, column)
+
+
+def _turn_style(rows: list[dict], column: str) -> str:
+    """`sharegpt` if the first turn found uses from/value keys, else `messages` (role/content)."""
+    for row in rows[:20]:
+        turns = _parse_turns(row.get(column)) if isinstance(row, dict) else None
+        if isinstance(turns, list) and turns and isinstance(turns[0], dict):
+            return "sharegpt" if "from" in turns[0] or "value" in turns[0] else "messages"
+    return "messages"
+
+
+def _detect_from_columns(rows: list[dict], index: dict[str, str], source: str) -> str:
+    conversation = _first_present(index, _CONVERSATION_COLUMNS)
+    if conversation:
+        return _turn_style(rows, conversation)
+    if "instruction" in index and _first_present(index, _ALPACA_ALIASES["output"]):
+        return "alpaca"
+    if any(p in index and c in index for p, c in _PROMPT_COMPLETION_PAIRS):
+        return "prompt_completion"
+    if "text" in index:
+        return "text"
+    raise DataError(f"{source}: could not detect the data format; columns found: {_columns_text(index)}. "
+                    f"Map them with column_mapping: {_suggest_mapping(rows, index)}", source=source,
+                    field="column_mapping")
+
+
+def _suggest_mapping(rows: list[dict], index: dict[str, str]) -> str:
+    first = rows[0] if isinstance(rows[0], dict) else {}
+    texts = [c for c in index.values() if isinstance(first.get(c), str) and c.lower() != "system"]
+    lists = [c for c in index.values() if isinstance(first.get(c), list)]
+    if len(texts) >= 2:
+        return f"{{prompt: {texts[0]}, completion: {texts[1]}}}"
+    if lists:
+        return f"{{messages: {lists[0]}}}"
+    if texts:
+        return f"{{text: {texts[0]}}}"
+    return "{prompt: QUESTION_COLUMN, completion: ANSWER_COLUMN}"
+
+
+def _fields_of(fmt: str) -> tuple[str, ...]:
+    return {"alpaca": ("instruction", "input", "output", "system"), "prompt_completion": ("prompt", "completion",
+            "system"), "messages": ("system",), "sharegpt": ("system",), "text": ("text",)}[fmt]
+
+
+def _default_column(canonical: str, fmt: str, index: dict[str, str]) -> str | None:
+    if fmt == "alpaca" and canonical in _ALPACA_ALIASES:
+        return _first_present(index, _ALPACA_ALIASES[canonical])
+    if fmt == "prompt_completion" and canonical in ("prompt", "completion"):
+        side = 0 if canonical == "prompt" else 1
+        pair = next((p for p in _PROMPT_COMPLETION_PAIRS if p[0] in index and p[1] in index), None)
+        if pair:
+            return index[pair[side]]
+        return _first_present(index, dict.fromkeys(p[side] for p in _PROMPT_COMPLETION_PAIRS))
+    return index.get(canonical)
+
+
+def _first_present(index: dict[str, str], names: Iterable[str]) -> str | None:
+    return next((index[n] for n in names if n in index), None)
+
+
+def _columns_text(index: dict[str, str]) -> str:
+    return ", ".join(index.values()) or "(none)"
+
+
+def _example_column(index: dict[str, str]) -> str:
+    return next(iter(index.values()), "YOUR_COLUMN")
+
+
+# ============================================================================ normalisation
+
+class _RowProblem(Exception):
+    """One row is unusable: `reason` says what is wrong, `fix` what to do. Becomes a DataError or a SkippedRow."""
+
+    def __init__(self, reason: str, fix: str, field: str | None = None):
+        super().__init__(reason)
+        self.reason, self.fix, self.field = reason, fix, field
+
+
+def normalize_rows(rows: list[dict], *, fmt: str = "auto", column_mapping: dict[str, str] | None = None,
+                   system_prompt: str | None = None, skip_invalid: bool = False,
+                   source: str = "<rows>") -> NormalizedData:
+    """Every row → `{"messages": [...]}` or `{"text": ...}`. A bad row raises a DataError naming the source, the
+    1-based row, the field and the fix; with `skip_invalid` it is dropped and recorded in `skipped` instead."""
+    fmt, columns = _resolve_columns(rows, fmt, column_mapping, source)
+    system_prompt = system_prompt if system_prompt and system_prompt.strip() else None
+    examples: list[dict] = []
+    skipped: list[SkippedRow] = []
+    first_problem = ""
+    for number, row in enumerate(rows, 1):
+        try:
+            examples.append(_normalize_row(row, fmt, columns, system_prompt))
+        except _RowProblem as p:
+            message = f"{source}, row {number}: {p.reason}; {p.fix}"
+            if not skip_invalid:
+                raise DataError(message + SKIP_HINT, source=source, row=number, field=p.field) from None
+            skipped.append(SkippedRow(number, p.reason))
+            first_problem = first_problem or message
+    if not examples:
+        raise DataError(f"{source}: all {len(rows)} rows are invalid, nothing is left to train on; the first "
+                        f"problem: {first_problem}", source=source)
+    return NormalizedData(examples=examples, format=fmt, skipped=skipped)
+
+
+def _normalize_row(row: Any, fmt: str, columns: dict[str, str], system_prompt: str | None) -> dict:
+    if not isinstance(row, dict):
+        raise _RowProblem(f"expected an object with named fields, got {_kind(row)}",
+                          'write each row as an object such as {"instruction": ..., "output": ...}')
+    if fmt == "text":
+        return {"text": _required_text(row, columns["text"], "every row needs non-empty text")}
+    if fmt in ("messages", "sharegpt"):
+        turns = _conversation_turns(row, columns, fmt)
+    elif fmt == "alpaca":
+        user = _required_text(row, columns["instruction"], "every row needs a non-empty instruction")
+        extra = _optional_text(row, columns.get("input"))
+        if extra:
+            user = f"{user}\n\n{extra}"
+        answer = _required_text(row, columns["output"], "every row needs a non-empty answer")
+        turns = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    else:  # prompt_completion
+        user = _required_text(row, columns["prompt"], "every row needs a non-empty prompt")
+        answer = _required_text(row, columns["completion"], "every row needs a non-empty answer")
+        turns = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    if turns[0]["role"] != "system":
+        system = _optional_text(row, columns.get("system")) or system_prompt
+        if system:
+            turns.insert(0, {"role": "system", "content": system})
+    return {"messages": turns}
+
+
+def _required_text(row: dict, column: str, fix: str) -> str:
+    if column not in row:
+        raise _RowProblem(f"field `{column}` is missing", fix, column)
+    value = row[column]
+    if value is not None and not isinstance(value, str):
+        raise _RowProblem(f"field `{column}` must be text, got {_kind(value)}", "write it as a JSON string", column)
+    if value is None or not value.strip():
+        raise _RowProblem(f"field `{column}` is empty", fix, column)
+    return value
+
+
+def _optional_text(row: dict, column: str | None) -> str | None:
+    """The column's text, or None when the column is absent, null or blank."""
+    value = row.get(column) if column else None
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _RowProblem(f"field `{column}` must be text, got {_kind(value)}", "write it as a JSON string "
+                          "(or leave it empty)", column)
+    return value if value.strip() else None
+
+
+def _parse_turns(value: Any) -> Any:
+    """A conversation column's value; a JSON string (conversations stored in a CSV cell) is parsed."""
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def _conversation_turns(row: dict, columns: dict[str, str], fmt: str) -> list[dict]:
+    column = columns["messages"]
+    example = ('{"from": "human", "value": "..."}' if fmt == "sharegpt"
+               else '{"role": "user", "content": "..."}')
+    shape_fix = f"write each turn as {example}"
+    if column not in row:
+        raise _RowProblem(f"field `{column}` is missing", f"every row needs a list of turns such as [{example}, ...]",
+                          column)
+    turns_in = _parse_turns(row[column])
+    if not isinstance(turns_in, list):
+        raise _RowProblem(f"field `{column}` must be a list of turns, got {_kind(turns_in)}",
+                          f"write it as [{example}, ...]", column)
+    if not turns_in:
+        raise _RowProblem(f"field `{column}` has no turns",
+                          "every conversation needs a user turn and an assistant answer", column)
+    # (turn number as the user counts it, turn): numbers stay right after blank system turns are dropped
+    numbered = [(n, _turn(t, n, column, shape_fix)) for n, t in enumerate(turns_in, 1)]
+    numbered = [(n, t) for n, t in numbered if t["role"] != "system" or t["content"].strip()]
+    if numbered and numbered[-1][1]["role"] == "user" and row.get(columns.get("chosen")) is not None:
+        numbered.append((len(turns_in) + 1, _chosen_turn(row[columns["chosen"]], columns["chosen"])))
+    _check_order(numbered, column)
+    return [t for _, t in numbered]
+
+
+def _turn(turn: Any, number: int, column: str, shape_fix: str) -> dict:
+    where = f"turn {number} of `{column}`"
+    if not isinstance(turn, dict):
+        raise _RowProblem(f"{where} is {_kind(turn)}, not an object", shape_fix, column)
+    role_key = "role" if "role" in turn else "from" if "from" in turn else None
+    content_key = "content" if "content" in turn else "value" if "value" in turn else None
+    if role_key is None:
+        raise _RowProblem(f"{where} has no `role` (or `from`) key", shape_fix, column)
+    if content_key is None:
+        raise _RowProblem(f"{where} has no `content` (or `value`) key", shape_fix, column)
+    raw_role = turn[role_key]
+    role = _ROLE_ALIASES.get(raw_role.strip().lower()) if isinstance(raw_role, str) else None
+    if role is None:
+        shown = f"`{raw_role}`" if isinstance(raw_role, str) else _kind(raw_role)
+        raise _RowProblem(f"{where} has unknown role {shown}", f"allowed roles: {_ALLOWED_ROLES_TEXT}", column)
+    content = turn[content_key]
+    if not isinstance(content, str):
+        raise _RowProblem(f"{where} ({role}) has content of type {_kind(content)}, not text",
+                          "write the content as a string", column)
+    if role != "system" and not content.strip():
+        raise _RowProblem(f"{where} ({role}) is empty", "every user and assistant turn needs content", column)
+    return {"role": role, "content": content}
+
+
+def _chosen_turn(value: Any, column: str) -> dict:
+    """The preferred reply of a preference row as an assistant turn: text, a turn, or a list ending in one."""
+    if isinstance(value, list) and value:
+        value = value[-1]
+    if isinstance(value, str) and value.strip():
+        return {"role": "assistant", "content": value}
+    if isinstance(value, dict):
+        turn = _turn(value, 1, column, 'write it as {"from": "gpt", "value": "..."} or as text')
+        if turn["role"] == "assistant":
+            return turn
+    raise _RowProblem(f"field `{column}` is not an assistant reply", 'write it as {"from": "gpt", "value": "..."} '
+                      "or as text", column)
+
+
+def _check_order(numbered: list[tuple[int, dict]], column: str) -> None:
+    """Optional leading system turn, then user/assistant alternating, starting with user, ending with assistant."""
+    for number, turn in numbered[1:]:
+        if turn["role"] == "system":
+            raise _RowProblem(f"turn {number} of `{column}` is a system turn, but only the first turn may be one",
+                              "move the system prompt to the start of the conversation", column)
+    chat = numbered[1:] if numbered and numbered[0][1]["role"] == "system" else numbered
+    if not any(turn["role"] == "assistant" for _, turn in chat):
+        raise _RowProblem(f"`{column}` has no assistant turn",
+                          "every conversation needs at least one assistant answer to learn from", column)
+    number, first = chat[0]
+    if first["role"] != "user":
+        raise _RowProblem(f"turn {number} of `{column}` is an assistant turn, but a conversation must start "
+                          "with the user", "add the user's message before it, or remove it", column)
+    for (before, previous), (number, turn) in zip(chat, chat[1:]):
+        if turn["role"] == previous["role"]:
+            raise _RowProblem(f"turns {before} and {number} of `{column}` are both {turn['role']} turns",
+                              "user and assistant turns must alternate; merge them or remove one", column)
+    if chat[-1][1]["role"] == "user":
+        raise _RowProblem(f"`{column}` ends with a user turn with no answer",
+                          "add the assistant's reply, or remove the last turn", column)
+
+
+# ============================================================================ splitting
+
+def split_examples(examples: list[dict], *, eval_fraction: float, test_fraction: float, seed: int) -> Splits:
+    """Drop exact duplicates (keep the first), shuffle with `seed`, then cut test, validation and train.
+
+    Sizes are round(n x fraction); a non-zero fraction gets at least 1 row once there are 3 or more examples, and
+    train always keeps at least 1.
+    """
+    unique: list[dict] = []
+    seen: set[str] = set()
+    for example in examples:
+        key = json.dumps(example, sort_keys=True, ensure_ascii=False)
+        if key not in seen:
+            seen.add(key)
+            unique.append(example)
+    if not unique:
+        raise DataError("no examples to split; the dataset needs at least one row")
+    shuffled = unique[:]
+    random.Random(seed).shuffle(shuffled)
+    n = len(shuffled)
+    n_test, n_eval = _split_size(n, test_fraction), _split_size(n, eval_fraction)
+    while n_test + n_eval > n - 1:  # train keeps at least one row: shrink the larger held-out split
+        if n_eval >= n_test:
+            n_eval -= 1
+        else:
+            n_test -= 1
+    return Splits(train=shuffled[n_test + n_eval:], validation=shuffled[n_test:n_test + n_eval],
+                  test=shuffled[:n_test], duplicates_removed=len(examples) - n)
+
+
+def _split_size(n: int, fraction: float) -> int:
+    size = round(n * fraction)
+    return max(size, 1) if fraction > 0 and n >= 3 else size
+
+
+# ============================================================================ length statistics
+
+def length_stats(lengths: list[int], max_seq_length: int) -> dict:
+    """rows, min, median, p95 (nearest rank), max (all in tokens) and how many are over `max_seq_length`."""
+    if not lengths:
+        return {"rows": 0, "min": None, "median": None, "p95": None, "max": None, "truncated": 0}
+    ordered = sorted(lengths)
+    return {"rows": len(ordered), "min": ordered[0], "median": float(statistics.median(ordered)),
+            "p95": ordered[math.ceil(0.95 * len(ordered)) - 1], "max": ordered[-1],
+            "truncated": sum(1 for n in ordered if n > max_seq_length)}
+
+
+def split_stats(splits: Splits, length_fn: Callable[[dict], int], max_seq_length: int) -> dict[str, dict]:
+    """`length_stats` of each split; `length_fn(example)` returns its length in tokens."""
+    return {name: length_stats([length_fn(ex) for ex in examples], max_seq_length)
+            for name, examples in splits.as_dict().items()}
+
+
+# ============================================================================ config-driven loading, split files
+
+def load_examples(config: RunConfig, rows: list[dict] | None = None) -> PreparedData:
+    """Read `config.dataset` (or the given rows), keep `max_rows`, normalise and split as the config says."""
+    if rows is None:
+        if not config.dataset.strip():
+            raise DataError("`dataset` is not set; give a file path, a Hub dataset id, or rows", field="dataset")
+        source = display_name(config.dataset)
+        rows = read_rows(config.dataset, dataset_config=config.dataset_config, split=config.dataset_split,
+                         max_rows=config.max_rows)
+    else:
+        source = "rows"
+        rows = rows[:config.max_rows] if config.max_rows else rows
+    normalized = normalize_rows(rows, fmt=config.data_format, column_mapping=config.column_mapping,
+                                system_prompt=config.system_prompt, skip_invalid=config.skip_invalid, source=source)
+    splits = split_examples(normalized.examples, eval_fraction=config.eval_fraction,
+                            test_fraction=config.test_fraction, seed=config.seed)
+    return PreparedData(splits=splits, format=normalized.format, skipped=normalized.skipped, source=source,
+                        rows_read=len(rows))
+
+
+def write_split_files(splits: Splits, folder: str | Path) -> dict[str, Path]:
+    """Write train.jsonl, validation.jsonl and test.jsonl (an empty split gives an empty file); return the paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, examples in splits.as_dict().items():
+        paths[name] = folder / f"{name}.jsonl"
+        paths[name].write_text("".join(json.dumps(ex, ensure_ascii=False) + "\n" for ex in examples),
+                               encoding="utf-8")
+    return paths
+
+
+def read_jsonl_examples(path: str | Path) -> list[dict]:
+    """Normalised examples written by `write_split_files`; an empty file is an empty split."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"file not found: {path}", source=str(path))
+    examples = _rows_from_json_lines(_decoded_lines(path, path.name), path.name, max_rows=None)
+    for number, example in enumerate(examples, 1):
+        if not (isinstance(example.get("messages"), list) or isinstance(example.get("text"), str)):
+            raise DataError(f'{path.name}, row {number}: not a normalised example; expected {{"messages": [...]}} '
+                            'or {"text": "..."}', source=path.name, row=number)
+    return examples
+
+
+__all__ = ["CANONICAL_FIELDS", "FORMATS", "SPLIT_NAMES", "SUPPORTED_EXTENSIONS", "NormalizedData", "PreparedData",
+           "SkippedRow", "Splits", "detect_format", "display_name", "hub_load_error", "length_stats",
+           "load_examples", "normalize_rows", "read_jsonl_examples", "read_rows", "rows_from_text",
+           "split_examples", "split_stats", "write_split_files"]

@@ -1,0 +1,154 @@
+"""Load the base model and tokenizer: full precision or 4-bit NF4 (QLoRA), with the demo fallback.
+
+`resolve_base_model` decides WHERE the weights come from (local folder, Hub id, or the offline
+demo model); `load_base_model` decides HOW they are loaded (dtype, quantisation).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from .config import DEMO_MODEL_ID, RunConfig
+from .errors import ModelError
+
+log = logging.getLogger(__name__)
+
+# `name` or `org/name`: anything else that doesn't exist on disk is a mistyped local path.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+@dataclass
+class BaseModelSource:
+    path: str            # what to pass to from_pretrained: a local folder or a Hub id
+    is_demo: bool        # the random-weight offline demo model
+    notice: str | None   # shown to the user when we fell back or changed something
+
+
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """One TCP connect to the Hub endpoint: avoids the client's ~25 s of retries when offline."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _in_local_cache(model_id: str, revision: str | None) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    hit = try_to_load_from_cache(model_id, "config.json", revision=revision)
+    return isinstance(hit, str)
+
+
+def resolve_base_model(config: RunConfig) -> BaseModelSource:
+    """Where the base weights come from. Offline and uncached → the demo model, if allowed."""
+    from .demo import DEMO_LABEL, demo_model_path
+
+    name = config.base_model.strip()
+    if name == DEMO_MODEL_ID:
+        return BaseModelSource(str(demo_model_path()), True, f"Using the {DEMO_LABEL}.")
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"`base_model` folder {path} has no config.json; point it at a folder saved with "
+                             "`save_pretrained` (or use a Hub id, or `demo`)")
+        return BaseModelSource(str(path), False, None)
+    if not HUB_ID.fullmatch(name):
+        raise ModelError(f"`base_model` folder not found: {name}; check the path, or give a Hub id such as "
+                         "`HuggingFaceTB/SmolLM2-135M-Instruct`, or `demo`")
+    if _in_local_cache(name, config.model_revision) or hub_reachable():
+        return BaseModelSource(name, False, None)
+    if config.offline_fallback:
+        notice = (f"The Hugging Face Hub can't be reached and `{name}` is not in the local cache; "
+                  f"using the {DEMO_LABEL} instead. Set `offline_fallback: false` to fail instead.")
+        log.warning(notice)
+        return BaseModelSource(str(demo_model_path()), True, notice)
+    raise ModelError(f"can't reach the Hugging Face Hub to download `{name}`, and it is not in the local cache; "
+                     "check your connection, or use `base_model: demo` to try the offline demo model")
+
+
+def resolve_precision(precision: str) -> str:
+    """`auto` → bf16 where the hardware has it (CUDA or a bf16 CPU), fp16 on older CUDA, else fp32."""
+    if precision != "auto":
+        if precision == "fp16" and not torch.cuda.is_available():
+            from .errors import ConfigError
+            raise ConfigError("`precision: fp16` needs a CUDA GPU; on CPU use `bf16` or `fp32` (or `auto`)")
+        return precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if _cpu_has_bf16():
+        return "bf16"
+    return "fp32"
+
+
+def _cpu_has_bf16() -> bool:
+    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None) or getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        return bool(check and check())
+    except Exception:  # older builds lack the probe: be conservative
+        return False
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def load_tokenizer(path: str, *, revision: str | None = None, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - reworded for people below
+        raise ModelError(_load_failure("tokenizer", path, e)) from None
+    if tok.pad_token is None:  # batching needs a pad token; its positions never carry loss
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base_model(path: str, *, load_in_4bit: bool = False, precision: str = "fp32",
+                    revision: str | None = None, trust_remote_code: bool = False):
+    """Weights stay fp32 for LoRA/full on CPU (autocast does bf16 math); 4-bit NF4 + double quant for QLoRA."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs = dict(revision=revision, trust_remote_code=trust_remote_code)
+    if load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype(precision), bnb_4bit_quant_storage=torch.uint8)
+        kwargs["dtype"] = compute_dtype(precision)
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
+    else:
+        # On CUDA, keep weights in the half type to halve memory; on CPU fp32 masters + autocast are faster & exact.
+        kwargs["dtype"] = compute_dtype(precision) if torch.cuda.is_available() else torch.float32
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except Exception as e:  # noqa: BLE001
+        raise ModelError(_load_failure("model", path, e)) from None
+    if torch.cuda.is_available() and not load_in_4bit:
+        model.to("cuda")
+    return model
+
+
+def _load_failure(what: str, path: str, exc: Exception) -> str:
+    try:
+        from .hub import hub_error_message  # distinct messages for not found / gated / offline / revision
+        msg = hub_error_message(exc, what, path)
+        if msg:
+            return msg
+    except ImportError:
+        pass
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"could not load the {what} from `{path}`: {first}"

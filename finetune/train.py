@@ -1,0 +1,394 @@
+"""`train(config, observer) -> RunResult`: TRL SFTTrainer + PEFT, writing a self-describing run folder.
+
+setup (folder, model, data) → train (with metrics, stop and early stopping) → finish (save, test, results).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import RunConfig
+from .errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+# Fields of metrics.jsonl, in order. Missing values are null, never absent.
+METRIC_FIELDS = ("step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm", "num_tokens", "elapsed_s")
+
+
+class TrainObserver:
+    """Receives each metrics record; may ask for a graceful stop. Subclass and override what you need."""
+
+    def on_log(self, record: dict[str, Any]) -> None:
+        pass
+
+    def should_stop(self) -> bool:
+        return False
+
+
+@dataclass
+class RunResult:
+    status: str                    # finished | stopped
+    output_dir: Path
+    final_dir: Path                # adapter/ (LoRA, QLoRA) or model/ (full)
+    results: dict[str, Any] = field(default_factory=dict)
+    model: Any = None              # the trained model, still in memory (for library users and tests)
+
+
+# ----------------------------------------------------------------------------- run folder
+def write_status(output_dir: Path, state: str, **extra: Any) -> None:
+    """status.json: what the app polls. Written atomically so a reader never sees half a file."""
+    data = {"state": state, "pid": os.getpid(), "time": time.time(), **extra}
+    tmp = output_dir / "status.json.tmp"
+    tmp.write_text(json.dumps(data), encoding="utf-8")
+    os.replace(tmp, output_dir / "status.json")
+
+
+def final_dir_for(config: RunConfig) -> Path:
+    return Path(config.output_dir) / ("model" if config.method == "full" else "adapter")
+
+
+def perplexity(loss: float | None) -> float | None:
+    if loss is None:
+        return None
+    return math.exp(loss) if loss < 50 else float("inf")  # exp(50) ≈ 5e21: report ∞ rather than overflow
+
+
+def library_versions() -> dict[str, str]:
+    import accelerate, datasets, peft, transformers, trl  # noqa: E401
+    versions = {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__,
+                "trl": trl.__version__, "peft": peft.__version__, "accelerate": accelerate.__version__,
+                "datasets": datasets.__version__}
+    try:
+        import bitsandbytes
+        versions["bitsandbytes"] = bitsandbytes.__version__
+    except Exception:  # noqa: BLE001 - optional at run time for LoRA/full
+        pass
+    return versions
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # ru_maxrss is KiB on Linux
+
+
+# ----------------------------------------------------------------------------- data → tokens
+def tokenize_split(examples: list[dict], tokenizer, config: RunConfig):
+    """Encode examples with our template and loss mask; drop ones left without any loss token."""
+    from datasets import Dataset
+
+    from .templates import encode_example
+
+    rows, dropped = [], 0
+    for ex in examples:
+        enc = encode_example(ex, tokenizer, max_seq_length=config.max_seq_length,
+                             train_on_prompt=config.train_on_prompt)
+        if any(label != -100 for label in enc["labels"]):
+            rows.append({"input_ids": enc["input_ids"], "labels": enc["labels"]})
+        else:  # a prompt alone filled max_seq_length: nothing to learn from it
+            dropped += 1
+    return (Dataset.from_list(rows) if rows else None), dropped
+
+
+# ----------------------------------------------------------------------------- callbacks
+def _make_callbacks(config: RunConfig, metrics_path: Path, observer: TrainObserver, stop_flag: dict):
+    from transformers import TrainerCallback
+
+    TerminalProgress = _terminal_progress_class()
+
+    class MetricsCallback(TrainerCallback):
+        """Turns Trainer logs into metrics.jsonl records and feeds the observer; honours stop requests."""
+
+        def __init__(self):
+            self.t0 = time.time()
+            self.num_tokens = None
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs = logs or {}
+            if not any(k in logs for k in ("loss", "eval_loss")):
+                return  # the final train summary and test evaluations are reported in results.json
+            if "num_tokens" in logs:
+                self.num_tokens = logs["num_tokens"]
+            record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4),
+                      "loss": logs.get("loss"), "eval_loss": logs.get("eval_loss"),
+                      "learning_rate": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"),
+                      "num_tokens": self.num_tokens, "elapsed_s": round(time.time() - self.t0, 3)}
+            if state.is_world_process_zero:
+                with metrics_path.open("a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+                observer.on_log(record)
+
+        def on_step_end(self, args, state, control, **kw):
+            if stop_flag["stop"] or observer.should_stop():
+                stop_flag["stop"] = True
+                control.should_training_stop = True
+                control.should_save = True  # keep a checkpoint of where we stopped
+
+    return [MetricsCallback(), TerminalProgress()]
+
+
+def _fmt_record(r: dict[str, Any]) -> str:
+    parts = [f"step {r['step']}", f"epoch {r['epoch']:.2f}"]
+    for key, label, spec in (("loss", "loss", ".4f"), ("eval_loss", "eval_loss", ".4f"),
+                             ("learning_rate", "lr", ".2e"), ("grad_norm", "grad_norm", ".3f")):
+        if r.get(key) is not None:
+            parts.append(f"{label} {r[key]:{spec}}")
+    return " | ".join(parts)
+
+
+def _terminal_progress_class():
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
+
+    class TerminalProgress(TrainerCallback):
+        """One progress bar for optimizer steps and one compact line per log (instead of raw dicts)."""
+
+        bar = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            if state.is_world_process_zero:
+                self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", unit="step",
+                                dynamic_ncols=True)
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs = logs or {}
+            if self.bar is not None and any(k in logs for k in ("loss", "eval_loss")):
+                rec = {"step": state.global_step, "epoch": state.epoch or 0.0, **logs}
+                self.bar.write(_fmt_record(rec))
+
+        def on_train_end(self, args, state, control, **kw):
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+    return TerminalProgress
+
+
+# ----------------------------------------------------------------------------- model
+def _peft_config(config: RunConfig):
+    if config.method == "full":
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=config.lora_target_modules, use_rslora=config.use_rslora,
+                      use_dora=config.use_dora, bias="none", task_type="CAUSAL_LM")
+
+
+def _load_model(config: RunConfig, path: str, precision: str):
+    from .models import load_base_model
+
+    model = load_base_model(path, load_in_4bit=config.load_in_4bit, precision=precision,
+                            revision=config.model_revision, trust_remote_code=config.trust_remote_code)
+    if config.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        # fp32 norms/embeddings and input grads so the frozen 4-bit base passes gradients to the adapters
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+    return model
+
+
+def _schedule(config: RunConfig, n_train: int) -> tuple[int, int, int]:
+    """(total optimizer steps, eval every, save every). Default: ~5 evaluations per run, a save at each."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    steps_per_epoch = max(1, math.ceil(n_train / (config.batch_size * world * config.gradient_accumulation_steps)))
+    total = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * steps_per_epoch)
+    eval_every = config.eval_steps or max(1, total // 5)
+    save_every = config.save_steps or eval_every
+    return total, eval_every, save_every
+
+
+def _sft_args(config: RunConfig, precision: str, total_steps: int, eval_every: int, save_every: int,
+              has_eval: bool):
+    from trl import SFTConfig
+
+    early = bool(config.early_stopping_patience) and has_eval
+    return SFTConfig(
+        output_dir=str(Path(config.output_dir) / "checkpoints"),
+        num_train_epochs=config.num_train_epochs, max_steps=config.max_steps,
+        learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler_type,
+        warmup_steps=math.ceil(config.warmup_ratio * total_steps),
+        weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm,
+        per_device_train_batch_size=config.batch_size, per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        activation_checkpointing=config.gradient_checkpointing,
+        bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=not torch.cuda.is_available(),
+        seed=config.seed, data_seed=config.seed,
+        max_length=config.max_seq_length,
+        logging_steps=config.logging_steps, logging_first_step=True,
+        eval_strategy="steps" if has_eval else "no", eval_steps=eval_every if has_eval else None,
+        save_strategy="steps", save_steps=save_every, save_total_limit=config.save_total_limit,
+        load_best_model_at_end=early, metric_for_best_model="eval_loss" if early else None,
+        greater_is_better=False if early else None,
+        report_to="none", dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False,
+        disable_tqdm=True,  # TerminalProgress draws one clean bar instead
+    )
+
+
+# ----------------------------------------------------------------------------- the recipe
+def train(config: RunConfig, observer: TrainObserver | None = None, *, rows: list[dict] | None = None) -> RunResult:
+    """Fine-tune `config.base_model` on `config.dataset` (or `rows`), writing everything to `config.output_dir`."""
+    observer = observer or TrainObserver()
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_status(out, "running")
+    try:
+        return _train(config, observer, out, rows)
+    except BaseException as e:
+        state = "stopped" if isinstance(e, KeyboardInterrupt) else "failed"
+        write_status(out, state, error=str(e) or type(e).__name__)
+        raise
+
+
+def _train(config: RunConfig, observer: TrainObserver, out: Path, rows: list[dict] | None) -> RunResult:
+    from trl import SFTTrainer
+    from transformers import EarlyStoppingCallback, PrinterCallback, set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from .data import load_examples, split_stats, write_split_files
+    from .models import load_tokenizer, resolve_base_model, resolve_precision
+    from .templates import apply_template_choice, encode_example
+
+    t_start = time.time()
+    set_seed(config.seed)
+    precision = resolve_precision(config.precision)
+
+    # --- setup: base model source, tokenizer + template, data
+    source = resolve_base_model(config)
+    if source.notice:
+        print(source.notice, file=sys.stderr)
+    tokenizer = load_tokenizer(source.path, revision=config.model_revision,
+                               trust_remote_code=config.trust_remote_code)
+    template_used = apply_template_choice(tokenizer, config.chat_template)
+    data = load_examples(config, rows)
+    write_split_files(data.splits, out / "data")
+    train_ds, dropped_train = tokenize_split(data.splits.train, tokenizer, config)
+    eval_ds, _ = tokenize_split(data.splits.validation, tokenizer, config)
+    test_ds, _ = tokenize_split(data.splits.test, tokenizer, config)
+    if train_ds is None:
+        raise DataError(f"no training example has any answer tokens left within `max_seq_length` "
+                        f"({config.max_seq_length}); raise `max_seq_length` or shorten the prompts")
+    stats = split_stats(data.splits, lambda ex: encode_example(ex, tokenizer, max_seq_length=config.max_seq_length,
+                                                                 train_on_prompt=config.train_on_prompt)["length"],
+                        config.max_seq_length)
+    config.to_yaml(out / "run.yaml")  # resolved config, written before the slow part
+
+    # --- model and trainer
+    model = _load_model(config, source.path, precision)
+    total_steps, eval_every, save_every = _schedule(config, len(train_ds))
+    args = _sft_args(config, precision, total_steps, eval_every, save_every, eval_ds is not None)
+    stop_flag = {"stop": False}
+    callbacks = _make_callbacks(config, out / "metrics.jsonl", observer, stop_flag)
+    if config.early_stopping_patience and eval_ds is not None:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tokenizer, peft_config=_peft_config(config), callbacks=callbacks)
+    trainer.remove_callback(PrinterCallback)  # raw log dicts; TerminalProgress prints compact lines instead
+
+    # --- train: test loss before, the loop (SIGTERM = graceful stop), test loss after
+    test_before = trainer.evaluate(test_ds, metric_key_prefix="test")["test_loss"] if test_ds is not None else None
+    resume = _resume_path(config, get_last_checkpoint)
+    if resume is None and not config.resume_from_checkpoint:
+        (out / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh curve
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop_flag.update(stop=True))
+    try:
+        train_out = trainer.train(resume_from_checkpoint=resume)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    status = "stopped" if stop_flag["stop"] else "finished"
+
+    # --- finish: save the final (best, with early stopping) weights with the tokenizer, measure, report
+    final = final_dir_for(config)
+    trainer.save_model(str(final))
+    tokenizer.save_pretrained(str(final))
+    for leftover in ("training_args.bin", "README.md"):  # a pickle nobody needs; the Hub card is ours to write
+        (final / leftover).unlink(missing_ok=True)
+    eval_loss = trainer.evaluate(eval_ds)["eval_loss"] if eval_ds is not None else None
+    test_after = trainer.evaluate(test_ds, metric_key_prefix="test")["test_loss"] if test_ds is not None else None
+    trainable, total_params = _param_counts(trainer.model)
+    m = train_out.metrics
+    results = {
+        "status": status, "method": config.method, "base_model": config.base_model,
+        "base_model_path": source.path, "is_demo_model": source.is_demo, "notice": source.notice,
+        "chat_template": template_used, "precision": precision,
+        "global_step": trainer.state.global_step, "epoch": trainer.state.epoch,
+        "train_runtime": m.get("train_runtime"), "train_samples_per_second": m.get("train_samples_per_second"),
+        "train_steps_per_second": m.get("train_steps_per_second"), "train_loss": m.get("train_loss"),
+        "train_perplexity": perplexity(m.get("train_loss")),
+        "eval_loss": eval_loss, "eval_perplexity": perplexity(eval_loss),
+        "test_loss_before": test_before, "test_perplexity_before": perplexity(test_before),
+        "test_loss_after": test_after, "test_perplexity_after": perplexity(test_after),
+        "num_tokens": _last_num_tokens(out / "metrics.jsonl"),
+        "trainable_params": trainable, "total_params": total_params,
+        "trainable_percent": 100.0 * trainable / total_params if total_params else 0.0,
+        "peak_memory_mb": peak_memory_mb(), "wall_seconds": time.time() - t_start,
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "data": {"format": data.format, "source": str(data.source), "dataset_source": _dataset_source(config, rows),
+                 "rows": {k: len(getattr(data.splits, k)) for k in ("train", "validation", "test")},
+                 "duplicates_removed": data.splits.duplicates_removed,
+                 "skipped": [{"row": s.row, "reason": s.reason} for s in data.skipped],
+                 "dropped_without_answer_tokens": dropped_train, "token_stats": stats},
+        "versions": library_versions(),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+    write_status(out, status)
+    return RunResult(status=status, output_dir=out, final_dir=final, results=results, model=trainer.model)
+
+
+def _resume_path(config: RunConfig, get_last_checkpoint) -> str | None:
+    want = config.resume_from_checkpoint
+    if not want:
+        return None
+    if want == "latest":
+        ckpts = Path(config.output_dir) / "checkpoints"
+        last = get_last_checkpoint(str(ckpts)) if ckpts.is_dir() else None
+        if last is None:
+            raise ConfigError(f"`resume_from_checkpoint: latest` but {ckpts} holds no checkpoint; "
+                              "start a fresh run or give a checkpoint folder")
+        return last
+    if not (Path(want) / "trainer_state.json").is_file():
+        raise ConfigError(f"`resume_from_checkpoint`: {want} is not a checkpoint folder (no trainer_state.json); "
+                          "use `latest` or a folder under <output_dir>/checkpoints/")
+    return want
+
+
+def _dataset_source(config: RunConfig, rows: list[dict] | None) -> str:
+    """rows | file | hub: the model card lists a dataset only when it came from the Hub."""
+    if rows is not None:
+        return "rows"
+    return "file" if Path(config.dataset).expanduser().exists() else "hub"
+
+
+def _param_counts(model) -> tuple[int, int]:
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def _last_num_tokens(metrics_path: Path) -> float | None:
+    if not metrics_path.is_file():
+        return None
+    last = None
+    for line in metrics_path.read_text(encoding="utf-8").splitlines():
+        rec = json.loads(line)
+        if rec.get("num_tokens") is not None:
+            last = rec["num_tokens"]
+    return last

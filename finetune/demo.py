@@ -27,7 +27,7 @@ from .templates import CHATML_TEMPLATE
 logger = logging.getLogger(__name__)
 
 # Bump when the build changes (architecture, corpus, tokenizer settings) so caches rebuild.
-DEMO_VERSION = 1
+DEMO_VERSION = 2  # bump whenever the built weights or tokenizer change, so caches rebuild
 DEMO_LABEL = "random-weight demo model (offline; answers are noise until trained)"
 CORPUS_PATH = Path(__file__).with_name("demo_corpus.txt")
 
@@ -70,6 +70,10 @@ def build_demo_model(out_dir: str | Path, *, seed: int = 0) -> Path:
         num_attention_heads=4,  # head_dim 32
         num_key_value_heads=2,  # grouped-query attention, as in Llama 3 and SmolLM2
         max_position_embeddings=2048,  # tokens; longer than any demo run's max_seq_length
+        # std of the random weights. The default 0.02 caps |logits| near 2.5 (tied 128-d embeddings after a
+        # unit RMSNorm), so LoRA, which can't rescale embeddings or norms, could never push the loss far below
+        # ln(vocab). At 0.1 logits span ~±13: adapters can memorise an answer and the loss curve shows it.
+        initializer_range=0.1,
         # Tied input/output embeddings, like the default real base (SmolLM2-135M): the demo then
         # exercises the same save/merge code paths for tied weights, and stays ~40% smaller.
         tie_word_embeddings=True,

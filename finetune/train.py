@@ -115,10 +115,17 @@ def _make_callbacks(config: RunConfig, metrics_path: Path, observer: TrainObserv
         def __init__(self):
             self.t0 = time.time()
             self.num_tokens = None
+            self.training = False  # evaluations before/after the loop go to results.json, not the curve
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.training = True
+
+        def on_train_end(self, args, state, control, **kw):
+            self.training = False
 
         def on_log(self, args, state, control, logs=None, **kw):
             logs = logs or {}
-            if not any(k in logs for k in ("loss", "eval_loss")):
+            if not self.training or not any(k in logs for k in ("loss", "eval_loss")):
                 return  # the final train summary and test evaluations are reported in results.json
             if "num_tokens" in logs:
                 self.num_tokens = logs["num_tokens"]
@@ -130,9 +137,10 @@ def _make_callbacks(config: RunConfig, metrics_path: Path, observer: TrainObserv
                 with metrics_path.open("a", encoding="utf-8") as f:
                     f.write(json.dumps(record) + "\n")
                 observer.on_log(record)
+            self.on_step_end(args, state, control)  # a stop decided on this record takes effect at this step
 
         def on_step_end(self, args, state, control, **kw):
-            if stop_flag["stop"] or observer.should_stop():
+            if self.training and (stop_flag["stop"] or observer.should_stop()):
                 stop_flag["stop"] = True
                 control.should_training_stop = True
                 control.should_save = True  # keep a checkpoint of where we stopped
@@ -296,8 +304,6 @@ def _train(config: RunConfig, observer: TrainObserver, out: Path, rows: list[dic
     args = _sft_args(config, precision, total_steps, eval_every, save_every, eval_ds is not None)
     stop_flag = {"stop": False}
     callbacks = _make_callbacks(config, out / "metrics.jsonl", observer, stop_flag)
-    if config.early_stopping_patience and eval_ds is not None:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, peft_config=_peft_config(config), callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # raw log dicts; TerminalProgress prints compact lines instead
@@ -307,11 +313,17 @@ def _train(config: RunConfig, observer: TrainObserver, out: Path, rows: list[dic
     resume = _resume_path(config, get_last_checkpoint)
     if resume is None and not config.resume_from_checkpoint:
         (out / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh curve
+    early = None
+    if config.early_stopping_patience and eval_ds is not None:  # only around the loop: it reads eval_loss only
+        early = EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience)
+        trainer.add_callback(early)
     previous = signal.signal(signal.SIGTERM, lambda *_: stop_flag.update(stop=True))
     try:
         train_out = trainer.train(resume_from_checkpoint=resume)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if early is not None:
+            trainer.remove_callback(early)
     status = "stopped" if stop_flag["stop"] else "finished"
 
     # --- finish: save the final (best, with early stopping) weights with the tokenizer, measure, report

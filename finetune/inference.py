@@ -1,0 +1,369 @@
+"""Chat with a trained run: one base copy in memory, the adapter switched on (fine-tuned) or off (base).
+
+`ChatModel.from_run(run_dir)` finds the base model and the adapter (or, for a full fine-tune, the
+`model/` folder) of a run, loads them once, and answers chat messages with `generate` (whole text)
+or `stream` (text chunks as they are produced). `adapter=False` answers as the base model by
+disabling the LoRA layers for that call (`PeftModel.disable_adapter`): no second copy of the base.
+
+A full fine-tune has no adapter to switch off, so `ChatModel` then holds two models (base and
+fine-tuned) and `has_adapter` is False; memory doubles. That is the only case with two copies.
+
+The prompt is built by `templates.prompt_ids` with the tokenizer saved next to the adapter, which
+carries the chat template used in training. Generation stops at the EOS ids of the generation
+config, the tokenizer's EOS token and `<|im_end|>`.
+
+Calls are serialised by a lock: switching the adapter off for one caller must not change what a
+concurrent caller's generation sees.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .config import RunConfig
+from .errors import ModelError
+
+END_OF_TURN = "<|im_end|>"  # ChatML's end of turn; also a stop token when the vocabulary has it
+
+Messages = list[dict[str, str]]
+
+
+# ----------------------------------------------------------------------------- where a run's pieces are
+@dataclass(frozen=True)
+class TrainedRun:
+    """The parts of a finished run that inference and merging need."""
+
+    run_dir: Path | None        # the run folder (None: a bare adapter folder given on its own)
+    base_path: str              # local folder or Hub id of the base model
+    adapter_dir: Path | None    # LoRA/QLoRA: the PEFT adapter (+ tokenizer)
+    model_dir: Path | None      # full fine-tune: the standalone model (+ tokenizer)
+    config: RunConfig | None    # run.yaml, when there is one
+
+    @property
+    def method(self) -> str:
+        if self.model_dir is not None:
+            return "full"
+        return self.config.method if self.config is not None else "lora"
+
+    @property
+    def trained_in_4bit(self) -> bool:
+        return bool(self.config and self.config.load_in_4bit)
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        """The folder whose tokenizer carries the chat template used in training (the base's if none was saved)."""
+        folder = self.adapter_dir or self.model_dir
+        return folder if (folder / "tokenizer_config.json").is_file() else Path(self.base_path)
+
+    @property
+    def chat_template_choice(self) -> str | None:
+        """None when the run saved its tokenizer (template included); else the `chat_template` to apply again."""
+        if self.tokenizer_dir != Path(self.base_path):
+            return None
+        return self.config.chat_template if self.config is not None else "auto"
+
+
+def locate_run(path: str | Path) -> TrainedRun:
+    """Find adapter or full model, run config and base model of a run folder (or of its adapter/ folder)."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise ModelError(f"run folder not found: {p}; give a run folder (with run.yaml and adapter/ or model/) "
+                         "or an adapter folder (with adapter_config.json)")
+    adapter_dir = model_dir = None
+    if (p / "adapter_config.json").is_file():
+        adapter_dir, run_dir = p, (p.parent if (p.parent / "run.yaml").is_file() else None)
+    elif (p / "adapter" / "adapter_config.json").is_file():
+        adapter_dir, run_dir = p / "adapter", p
+    elif (p / "model" / "config.json").is_file():
+        model_dir, run_dir = p / "model", p
+    elif p.name == "model" and (p / "config.json").is_file() and (p.parent / "run.yaml").is_file():
+        model_dir, run_dir = p, p.parent
+    elif (p / "run.yaml").is_file():
+        raise ModelError(f"{p} has run.yaml but neither adapter/ nor model/: the run hasn't finished training "
+                         "(see its status.json); wait for it, or resume it with `resume_from_checkpoint: latest`")
+    else:
+        raise ModelError(f"no adapter_config.json in {p}; point to a run folder or its adapter/ subfolder")
+    has_yaml = run_dir is not None and (run_dir / "run.yaml").is_file()
+    config = RunConfig.from_yaml(run_dir / "run.yaml") if has_yaml else None
+    results = _read_json(run_dir / "results.json") if run_dir is not None else {}
+    base = _base_model_path(adapter_dir or model_dir, adapter_dir is not None, config, results)
+    return TrainedRun(run_dir=run_dir, base_path=base, adapter_dir=adapter_dir, model_dir=model_dir, config=config)
+
+
+def _base_model_path(trained_dir: Path, is_adapter: bool, config: RunConfig | None, results: dict) -> str:
+    """Prefer a base that exists on this machine: results.json's resolved path, then the adapter's record,
+    then run.yaml's `base_model` (which may be `demo` or a Hub id)."""
+    from .demo import demo_model_path
+    from .models import HUB_ID, resolve_base_model
+
+    recorded = [results.get("base_model_path")]
+    if is_adapter:
+        recorded.append(_read_json(trained_dir / "adapter_config.json").get("base_model_name_or_path"))
+    for candidate in recorded:
+        if candidate and (Path(candidate) / "config.json").is_file():
+            return str(candidate)
+    if results.get("is_demo_model"):  # trained on the demo model, whose cache folder has moved since
+        return str(demo_model_path())
+    if config is not None:
+        # No silent fallback to the demo model: an adapter only fits the base it was trained on.
+        return resolve_base_model(config.replace(offline_fallback=False)).path
+    hub_ids = [c for c in recorded if c and HUB_ID.fullmatch(c)]
+    if hub_ids:
+        return hub_ids[0]
+    missing = [c for c in recorded if c]
+    why = f"{missing[0]} doesn't exist any more" if missing else "nothing records it"
+    raise ModelError(f"can't find the base model that {trained_dir} was trained from: {why}, and there is no "
+                     "run.yaml beside it; point to the run folder, or put the base model back in place")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
+    """Ids that end an answer: the generation config's EOS ids, the tokenizer's EOS and `<|im_end|>`."""
+    ids: list[int] = []
+    configured = getattr(generation_config, "eos_token_id", None)
+    if configured is not None:
+        ids.extend([configured] if isinstance(configured, int) else list(configured))
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    if END_OF_TURN in tokenizer.get_vocab():
+        ids.append(tokenizer.convert_tokens_to_ids(END_OF_TURN))
+    return list(dict.fromkeys(ids))  # unique, in order
+
+
+# ----------------------------------------------------------------------------- the chat model
+class ChatModel:
+    """A base model loaded once, with an optional LoRA adapter that each call switches on or off."""
+
+    def __init__(self, base_path: str, adapter_path: str | Path | None = None, *,
+                 finetuned_path: str | Path | None = None, tokenizer_path: str | Path | None = None,
+                 load_in_4bit: bool = False, precision: str = "auto", revision: str | None = None,
+                 trust_remote_code: bool = False, system_prompt: str | None = None, chat_template: str | None = None):
+        """`adapter_path`: a PEFT adapter folder; `finetuned_path`: a full fine-tune's model folder (then the
+        base is loaded a second time, for `adapter=False`). At most one of the two. `tokenizer_path`
+        defaults to the adapter/fine-tuned folder (it carries the training chat template), else the base.
+        `system_prompt` is added to conversations that have none (the run's `system_prompt`). `chat_template`
+        (auto | tokenizer | chatml | alpaca) replaces the tokenizer's template, as in training; None keeps it."""
+        from .models import load_base_model, load_tokenizer, resolve_precision
+
+        if adapter_path is not None and finetuned_path is not None:
+            raise ModelError("give either an adapter folder or a fully fine-tuned model folder, not both")
+        self.base_path = str(base_path)
+        self.default_system_prompt = system_prompt
+        precision = resolve_precision(precision)
+        load = dict(load_in_4bit=load_in_4bit, precision=precision, revision=revision,
+                    trust_remote_code=trust_remote_code)
+        tok_dir = tokenizer_path or adapter_path or finetuned_path or base_path
+        self.tokenizer = load_tokenizer(str(tok_dir), trust_remote_code=trust_remote_code)  # sets a pad token
+        if chat_template is not None:
+            from .templates import apply_template_choice
+
+            apply_template_choice(self.tokenizer, chat_template)
+        self.model = load_base_model(self.base_path, **load)
+        self._finetuned = None
+        if adapter_path is not None:
+            self.model = attach_adapter(self.model, Path(adapter_path))
+        elif finetuned_path is not None:
+            self._finetuned = load_base_model(str(finetuned_path), **{**load, "revision": None}).eval()
+        self.model.eval()
+        self.stop_ids = stop_token_ids(self.tokenizer, self.model.generation_config)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, *, load_in_4bit: bool | None = None) -> ChatModel:
+        """Load a run's base + adapter (or base + full fine-tune). `load_in_4bit=None`: as it was trained."""
+        run = locate_run(run_dir)
+        config = run.config
+        return cls(run.base_path, run.adapter_dir, finetuned_path=run.model_dir, tokenizer_path=run.tokenizer_dir,
+                   load_in_4bit=run.trained_in_4bit if load_in_4bit is None else load_in_4bit,
+                   precision=config.precision if config else "auto",
+                   revision=config.model_revision if config else None,
+                   trust_remote_code=bool(config and config.trust_remote_code),
+                   system_prompt=config.system_prompt if config else None,
+                   chat_template=run.chat_template_choice)
+
+    @property
+    def has_adapter(self) -> bool:
+        """True when base and fine-tuned answers come from one model copy with a LoRA adapter."""
+        from peft import PeftModel
+
+        return isinstance(self.model, PeftModel)
+
+    @property
+    def has_finetuned(self) -> bool:
+        """True when `adapter=True` answers differ from the base: an adapter or a full fine-tune is loaded."""
+        return self.has_adapter or self._finetuned is not None
+
+    @contextmanager
+    def selected_model(self, adapter: bool = True) -> Iterator[torch.nn.Module]:
+        """Hold the lock and yield the model answering as fine-tuned (`adapter=True`) or as the base.
+
+        Don't call `generate`/`stream` inside the block: the lock is not re-entrant.
+        """
+        with self._lock:
+            if self.has_adapter and not adapter:
+                with self.model.disable_adapter():
+                    yield self.model
+            elif self._finetuned is not None and adapter:
+                yield self._finetuned
+            else:
+                yield self.model
+
+    # --- generation
+    def generate(self, messages: Messages | str, *, adapter: bool = True, max_new_tokens: int = 256,
+                 temperature: float = 0.7, top_p: float = 0.9, top_k: int = 50, repetition_penalty: float = 1.0,
+                 seed: int | None = None, system_prompt: str | None = None) -> str:
+        """The assistant's answer to `messages` (a conversation ending with a user turn, or one user text).
+
+        `temperature` 0 means greedy decoding (then top_p, top_k and seed don't matter).
+        """
+        input_ids = self._prompt_tensor(messages, system_prompt)
+        settings = self._generation_settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
+        with self.selected_model(adapter) as model, torch.inference_mode():
+            _seed(seed)
+            out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **settings)
+        new_tokens = out[0, input_ids.shape[1]:]  # (T_new,)
+        return _cut_at_end_marker(self.tokenizer.decode(new_tokens, skip_special_tokens=True))
+
+    def stream(self, messages: Messages | str, *, adapter: bool = True, max_new_tokens: int = 256,
+               temperature: float = 0.7, top_p: float = 0.9, top_k: int = 50, repetition_penalty: float = 1.0,
+               seed: int | None = None, system_prompt: str | None = None) -> Iterator[str]:
+        """Like `generate`, yielding text chunks as tokens are produced; the chunks join to `generate`'s text.
+
+        Generation runs in a worker thread. Closing the iterator early (the user pressed Stop) stops
+        generation at the next token.
+        """
+        from transformers import StoppingCriteriaList, TextIteratorStreamer
+
+        input_ids = self._prompt_tensor(messages, system_prompt)
+        settings = self._generation_settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        cancelled = threading.Event()
+        failure: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                with self.selected_model(adapter) as model, torch.inference_mode():
+                    _seed(seed)
+                    model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                   streamer=streamer, stopping_criteria=StoppingCriteriaList([_Cancel(cancelled)]),
+                                   **settings)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread below
+                failure.append(e)
+                streamer.end()  # wake the consumer
+
+        worker = threading.Thread(target=work, name="chatmodel-stream", daemon=True)
+        worker.start()
+        try:
+            yield from _until_end_marker(streamer)
+        finally:
+            cancelled.set()
+            worker.join()
+        if failure:
+            raise failure[0]
+
+    # --- helpers
+    def _prompt_tensor(self, messages: Messages | str, system_prompt: str | None) -> torch.Tensor:
+        from .templates import prompt_ids
+
+        conversation = with_system_prompt(messages, system_prompt or self.default_system_prompt)
+        ids = prompt_ids(conversation, self.tokenizer)
+        return torch.tensor([ids], dtype=torch.long, device=self.model.device)  # (1, T_prompt)
+
+    def _generation_settings(self, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
+                             repetition_penalty: float) -> dict:
+        from transformers import GenerationConfig
+
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1 (got {max_new_tokens})")
+        sample = temperature > 0
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens, do_sample=sample,
+            temperature=temperature if sample else None, top_p=top_p if sample else None,
+            top_k=top_k if sample else None, repetition_penalty=repetition_penalty,
+            eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id,
+        )
+        return {"generation_config": config}
+
+
+def with_system_prompt(messages: Messages | str, system_prompt: str | None) -> Messages:
+    """`messages` as a list, with `system_prompt` as the first turn if given and there is no system turn."""
+    conversation = [{"role": "user", "content": messages}] if isinstance(messages, str) else list(messages)
+    if not conversation or conversation[-1].get("role") != "user":
+        raise ValueError("the conversation must end with a user turn (the one to answer)")
+    if system_prompt and conversation[0].get("role") != "system":
+        conversation.insert(0, {"role": "system", "content": system_prompt})
+    return conversation
+
+
+def attach_adapter(base, adapter_dir: Path):
+    """Wrap `base` (in place: no copy of its weights) with the PEFT adapter saved in `adapter_dir`."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+    except Exception as e:  # noqa: BLE001 - most often: the adapter was trained on another base model
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"could not load the adapter in {adapter_dir} onto its base model: {first}; check that "
+                         "the run's base model is the one it was trained on") from None
+
+
+def _seed(seed: int | None) -> None:
+    if seed is not None:
+        torch.manual_seed(seed)  # seeds CPU and all CUDA devices
+
+
+class _Cancel:
+    """Stopping criterion: stop every sequence once `event` is set (the stream's consumer went away)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def _cut_at_end_marker(text: str) -> str:
+    """Drop a literal `<|im_end|>` and what follows: built-in ChatML on a tokenizer without that token
+    writes it as plain text before the EOS token."""
+    cut = text.find(END_OF_TURN)
+    return text if cut < 0 else text[:cut]
+
+
+def _until_end_marker(chunks: Iterator[str]) -> Iterator[str]:
+    """Pass chunks through until a literal `<|im_end|>`; hold back a tail that could be its beginning."""
+    pending = ""
+    for chunk in chunks:
+        pending += chunk
+        cut = pending.find(END_OF_TURN)
+        if cut >= 0:
+            if pending[:cut]:
+                yield pending[:cut]
+            return
+        keep = _marker_prefix_len(pending)
+        if len(pending) > keep:
+            yield pending[: len(pending) - keep]
+            pending = pending[len(pending) - keep:]
+    if pending:
+        yield pending
+
+
+def _marker_prefix_len(text: str) -> int:
+    """Length of the longest end of `text` that is a proper beginning of END_OF_TURN."""
+    for n in range(min(len(text), len(END_OF_TURN) - 1), 0, -1):
+        if END_OF_TURN.startswith(text[-n:]):
+            return n
+    return 0

@@ -173,10 +173,7 @@ def _echo(chunks):
 def cmd_push(args) -> int:
     from .hub import push_run, resolve_token
 
-    token = resolve_token()
-    if token is None:
-        raise FinetuneError("no Hugging Face token: set the HF_TOKEN environment variable to a token with write "
-                            "access (https://huggingface.co/settings/tokens)")
+    token = resolve_token()  # HF_TOKEN, or the login saved by `hf auth login`; push_run explains when there is none
     merged_dir = None
     if args.what in ("merged", "both"):
         from .merge import merge_adapter

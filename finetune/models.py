@@ -52,9 +52,11 @@ def _in_local_cache(model_id: str, revision: str | None) -> bool:
     return isinstance(hit, str)
 
 
-def resolve_base_model(config: RunConfig) -> BaseModelSource:
-    """Where the base weights come from. Offline and uncached → the demo model, if allowed."""
+def resolve_base_model(config: RunConfig, progress=None) -> BaseModelSource:
+    """Where the base weights come from: a local folder, a Hub id downloaded (with progress) into the Hub
+    cache, or, offline and uncached, the demo model if `offline_fallback` allows."""
     from .demo import DEMO_LABEL, demo_model_path
+    from .hub import resolve_model_source
 
     name = config.base_model.strip()
     if name == DEMO_MODEL_ID:
@@ -69,7 +71,9 @@ def resolve_base_model(config: RunConfig) -> BaseModelSource:
         raise ModelError(f"`base_model` folder not found: {name}; check the path, or give a Hub id such as "
                          "`HuggingFaceTB/SmolLM2-135M-Instruct`, or `demo`")
     if _in_local_cache(name, config.model_revision) or hub_reachable():
-        return BaseModelSource(name, False, None)
+        # clear errors for a missing repo, a gated one or a bad revision come from here, before any weights load
+        folder = resolve_model_source(name, revision=config.model_revision, progress=progress)
+        return BaseModelSource(str(folder), False, None)
     if config.offline_fallback:
         notice = (f"The Hugging Face Hub can't be reached and `{name}` is not in the local cache; "
                   f"using the {DEMO_LABEL} instead. Set `offline_fallback: false` to fail instead.")

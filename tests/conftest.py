@@ -65,6 +65,7 @@ def make_adapter_run(demo_model_dir):
                 bnb_4bit_compute_dtype=torch.float32)
         model = AutoModelForCausalLM.from_pretrained(str(demo_model_dir), **kwargs)
         lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+        # run.yaml below records these same LoRA settings
         model = get_peft_model(model, lora)
         perturb_lora_b(model, seed)
         model.save_pretrained(str(run_dir / "adapter"))
@@ -75,8 +76,8 @@ def make_adapter_run(demo_model_dir):
         data.mkdir(parents=True, exist_ok=True)
         (data / "test.jsonl").write_text(
             "".join(json.dumps(ex) + "\n" for ex in (examples or CHAT_EXAMPLES)), encoding="utf-8")
-        RunConfig(base_model=str(demo_model_dir), method=method, output_dir=str(run_dir),
-                  dataset=str(data / "test.jsonl"), max_seq_length=256).to_yaml(run_dir / "run.yaml")
+        RunConfig(base_model=str(demo_model_dir), method=method, output_dir=str(run_dir), lora_r=8, lora_alpha=16,
+                  lora_dropout=0.0, dataset=str(data / "test.jsonl"), max_seq_length=256).to_yaml(run_dir / "run.yaml")
         return run_dir
 
     return make

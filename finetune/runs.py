@@ -1,0 +1,524 @@
+"""Run manager: run folders, a FIFO training queue, one training subprocess at a time, stop, status.
+
+The app (and anything else that wants to start runs in the background) goes through `RunManager`;
+it never imports gradio. A run is a folder `<workspace>/runs/<unguessable id>/` holding:
+
+    owner.json     who may see the run (a browser session id or a Hub user) and when it was created
+    run.yaml       the resolved RunConfig the subprocess trains from (no secrets)
+    input/         the dataset file, copied in under a sanitised name (uploads, pasted rows, examples)
+    log.txt        stdout + stderr of `python -m finetune train run.yaml`
+    status.json    queued | running | stopping | finished | stopped | failed (+ pid, error); the trainer
+                   writes running/finished/stopped/failed itself, the manager writes queued/stopping and
+                   the failure of a process that died without saying so
+    ...            everything `finetune.train.train` writes (metrics.jsonl, results.json, adapter/, ...)
+
+Training runs as a subprocess (argument list, never a shell) in its own session, so an out-of-memory
+error or a crash cannot take the app down, and a restarted app finds every run on disk again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import RunConfig
+from .errors import FinetuneError
+
+WORKSPACE_ENV = "FINETUNE_WORKSPACE"
+DEFAULT_WORKSPACE = "./workspace"
+SPACE_STORAGE = Path("/data")  # a Space's persistent storage, when it has some
+ACTIVE_STATES = ("queued", "running", "stopping")
+DONE_STATES = ("finished", "stopped", "failed")
+LOG_TAIL_LINES = 30
+# Seconds between SIGTERM (graceful: the trainer saves and marks the run "stopped") and SIGKILL.
+DEFAULT_STOP_TIMEOUT_S = 120.0
+_RUN_ID = re.compile(r"[A-Za-z0-9_-]{16,64}")
+_PROJECT_ROOT = Path(__file__).resolve().parents[1]  # where `python -m finetune` imports this package from
+
+
+class RunNotFound(FinetuneError):
+    """No run with this id belongs to the caller (the message never says whether it exists for someone else)."""
+
+
+def workspace_from_env() -> Path:
+    """`$FINETUNE_WORKSPACE`; else, in a Space with persistent storage, `/data/workspace`; else `./workspace`."""
+    if os.environ.get(WORKSPACE_ENV):
+        return Path(os.environ[WORKSPACE_ENV]).expanduser().resolve()
+    if os.environ.get("SPACE_ID") and os.access(SPACE_STORAGE, os.W_OK):
+        return SPACE_STORAGE / "workspace"
+    return Path(DEFAULT_WORKSPACE).resolve()
+
+
+def safe_filename(name: str, *, default: str = "upload") -> str:
+    """A file name that can only live inside the folder it is joined to.
+
+    Keeps the last path component (of `/` or `\\` paths), replaces anything but letters, digits, `.`,
+    `-` and `_`, drops leading dots (no hidden files, no `..`) and caps the length at 100 characters.
+    """
+    base = str(name).replace("\\", "/").rstrip("/").split("/")[-1]
+    base = re.sub(r"[^A-Za-z0-9._-]", "_", base).lstrip(".")
+    if len(base) > 100:
+        stem, dot, ext = base.rpartition(".")
+        base = (stem[: 100 - len(ext) - 1] + "." + ext) if dot and len(ext) <= 10 else base[:100]
+    return base if base.strip("_") else default
+
+
+def copy_into(folder: Path, source: Path, name: str | None = None) -> Path:
+    """Copy `source` into `folder` under `safe_filename(name or source.name)`; never writes outside `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    target = (folder / safe_filename(name or source.name)).resolve()
+    if target.parent != folder.resolve():  # belt and braces: safe_filename already rules this out
+        raise FinetuneError(f"refusing to write {name!r} outside {folder}")
+    shutil.copyfile(source, target)
+    return target
+
+
+# ============================================================================ what callers get back
+
+@dataclass
+class RunStatus:
+    run_id: str
+    run_dir: Path
+    state: str                          # queued | running | stopping | finished | stopped | failed
+    created: float                      # Unix time
+    queue_position: int | None = None   # 1 = next to start; None when not queued
+    error: str | None = None
+    log_tail: str = ""
+    metrics: list[dict] = field(default_factory=list)   # metrics.jsonl records
+    results: dict | None = None                         # results.json, once written
+    total_steps: int | None = None                      # optimizer steps the run will take (estimate)
+    config: RunConfig | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.state in DONE_STATES
+
+    @property
+    def step(self) -> int:
+        return max((m.get("step") or 0 for m in self.metrics), default=0)
+
+    @property
+    def final_dir(self) -> Path | None:
+        """adapter/ or model/, once the run saved one."""
+        for name in ("adapter", "model"):
+            if (self.run_dir / name).is_dir():
+                return self.run_dir / name
+        return None
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    state: str
+    created: float
+    base_model: str
+    method: str
+    dataset: str
+    train_loss: float | None
+    has_weights: bool  # adapter/ or model/ exists: usable in Compare and Export
+
+    @property
+    def label(self) -> str:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(self.created))
+        loss = f", loss {self.train_loss:.3f}" if self.train_loss is not None else ""
+        return f"{when} · {self.base_model} · {self.method} · {self.dataset} · {self.state}{loss} · {self.run_id[:6]}"
+
+
+# ============================================================================ small file helpers
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Atomic: a reader never sees half a file."""
+    tmp = path.with_name(path.name + f".{secrets.token_hex(4)}.tmp")
+    tmp.write_text(json.dumps(data), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """metrics.jsonl records; a half-written last line (the trainer is appending) is skipped."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def tail(path: Path, lines: int = LOG_TAIL_LINES, *, max_bytes: int = 64_000) -> str:
+    """The last `lines` lines of a text file (reads at most `max_bytes` from its end). Progress bars
+    redraw with carriage returns: only the last redraw of each line is kept."""
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            data = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    kept = [line.rsplit("\r", 1)[-1] if "\r" in line.rstrip("\r") else line.rstrip("\r")
+            for line in data.split("\n")]
+    return "\n".join(kept[-lines - 1:]).strip("\n") if kept else ""
+
+
+def estimate_total_steps(config: RunConfig, n_train: int) -> int:
+    """Optimizer steps of a run on `n_train` training examples (one process): what the progress bar counts to."""
+    if config.max_steps > 0:
+        return config.max_steps
+    per_epoch = max(1, math.ceil(n_train / (config.batch_size * config.gradient_accumulation_steps)))
+    return max(1, math.ceil(config.num_train_epochs * per_epoch))
+
+
+def _count_lines(path: Path) -> int | None:
+    try:
+        with path.open("rb") as f:
+            return sum(1 for line in f if line.strip())
+    except OSError:
+        return None
+
+
+def _pid_alive(pid: int | None, run_dir: Path) -> bool:
+    """Whether `pid` is a live (not zombie) process training this run (its command line names the run folder)."""
+    if not pid:
+        return False
+    try:
+        import psutil
+
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return any(run_dir.name in part for part in proc.cmdline())
+    except Exception:  # noqa: BLE001 - psutil.NoSuchProcess, AccessDenied, ...: not ours
+        return False
+
+
+# ============================================================================ the manager
+
+class RunManager:
+    """Creates run folders, queues runs (FIFO), trains one at a time in a subprocess, stops and reports them.
+
+    Thread-safe; one manager per workspace per process. A daemon thread starts the next queued run as
+    soon as the current one ends, and turns a process that died without a final status into `failed`
+    with the last log lines.
+    """
+
+    def __init__(self, workspace: str | Path, *, python: str = sys.executable,
+                 stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S, poll_interval_s: float = 0.5,
+                 start_worker: bool = True):
+        self.workspace = Path(workspace).expanduser().resolve()
+        self.runs_dir = self.workspace / "runs"
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        self.python = python
+        self.stop_timeout_s = stop_timeout_s
+        self.poll_interval_s = poll_interval_s
+        self._lock = threading.RLock()
+        self._queue: deque[str] = deque()
+        self._active: str | None = None           # the run whose process is (or may be) alive
+        self._proc: subprocess.Popen | None = None
+        self._kill_at: float | None = None        # time.time() when a stopping run gets SIGKILL
+        self._closed = threading.Event()
+        self._recover()
+        self._worker = None
+        if start_worker:
+            self._worker = threading.Thread(target=self._work, name="finetune-run-queue", daemon=True)
+            self._worker.start()
+
+    # ------------------------------------------------------------------ public API
+    def submit(self, config: RunConfig, owner: str, *, dataset_file: str | Path | None = None,
+               dataset_name: str | None = None) -> str:
+        """Create a run folder for `owner`, write its run.yaml and queue it; return the run id.
+
+        `dataset_file` (an upload, pasted rows saved to a file, a bundled example) is copied into the
+        run's `input/` folder under a sanitised `dataset_name` and the config points at the copy.
+        """
+        if not owner:
+            raise FinetuneError("a run needs an owner (the session or user that started it)")
+        run_id = secrets.token_urlsafe(18)  # 144 random bits: unguessable, URL- and path-safe
+        run_dir = self.runs_dir / run_id
+        run_dir.mkdir()
+        _write_json(run_dir / "owner.json", {"owner": owner, "created": time.time()})
+        if dataset_file is not None:
+            copied = copy_into(run_dir / "input", Path(dataset_file), dataset_name)
+            config = config.replace(dataset=str(copied))
+        config = config.replace(output_dir=str(run_dir))
+        config.to_yaml(run_dir / "run.yaml")
+        with self._lock:
+            _write_json(run_dir / "status.json", {"state": "queued", "time": time.time()})
+            self._queue.append(run_id)
+        self.pump()
+        return run_id
+
+    def status(self, run_id: str, owner: str) -> RunStatus:
+        run_dir = self.run_dir(run_id, owner)
+        self.pump()
+        with self._lock:
+            state, info = self._state(run_id, run_dir)
+            position = self._queue.index(run_id) + 1 if run_id in self._queue else None
+        config = self._config(run_dir)
+        metrics = read_metrics(run_dir)
+        results = _read_json(run_dir / "results.json")
+        total = info.get("total_steps") or self._total_steps(run_dir, config)
+        if results and results.get("global_step"):
+            total = results["global_step"] if state in DONE_STATES else total
+        return RunStatus(run_id=run_id, run_dir=run_dir, state=state, created=self._created(run_dir),
+                         queue_position=position, error=info.get("error"), log_tail=tail(run_dir / "log.txt"),
+                         metrics=metrics, results=results, total_steps=total, config=config)
+
+    def queue_position(self, run_id: str) -> int | None:
+        """1 when the run starts next, None when it is not waiting."""
+        with self._lock:
+            return self._queue.index(run_id) + 1 if run_id in self._queue else None
+
+    def stop(self, run_id: str, owner: str) -> str:
+        """Stop a run: a queued one is dropped from the queue; a running one gets SIGTERM (the trainer
+        saves a checkpoint and the adapter, then marks itself `stopped`), and SIGKILL after
+        `stop_timeout_s`. Returns the new state."""
+        run_dir = self.run_dir(run_id, owner)
+        with self._lock:
+            if run_id in self._queue:
+                self._queue.remove(run_id)
+                _write_json(run_dir / "status.json", {"state": "stopped", "time": time.time(),
+                                                      "error": "stopped before it started"})
+                return "stopped"
+            state, _ = self._state(run_id, run_dir)
+            if state not in ("running", "stopping") or run_id != self._active:
+                return state
+            (run_dir / "stop_requested").write_text(str(time.time()), encoding="utf-8")
+            self._signal(signal.SIGTERM)
+            self._kill_at = time.time() + self.stop_timeout_s
+            status = _read_json(run_dir / "status.json") or {}
+            if status.get("state") == "running":
+                status.update(state="stopping", time=time.time())
+                _write_json(run_dir / "status.json", status)
+            return "stopping"
+
+    def list_runs(self, owner: str) -> list[RunSummary]:
+        """The owner's runs, newest first, read from disk (so they survive an app restart)."""
+        summaries = []
+        for run_dir in self.runs_dir.iterdir():
+            if not _RUN_ID.fullmatch(run_dir.name) or self._owner(run_dir) != owner:
+                continue
+            with self._lock:
+                state, _ = self._state(run_dir.name, run_dir)
+            config = self._config(run_dir)
+            results = _read_json(run_dir / "results.json") or {}
+            summaries.append(RunSummary(
+                run_id=run_dir.name, state=state, created=self._created(run_dir),
+                base_model=config.base_model if config else "?", method=config.method if config else "?",
+                dataset=Path(config.dataset).name if config and config.dataset else "?",
+                train_loss=results.get("train_loss"),
+                has_weights=(run_dir / "adapter").is_dir() or (run_dir / "model").is_dir()))
+        return sorted(summaries, key=lambda s: s.created, reverse=True)
+
+    def run_dir(self, run_id: str, owner: str) -> Path:
+        """The folder of `owner`'s run `run_id`; RunNotFound for a malformed id or someone else's run."""
+        if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id):
+            raise RunNotFound(f"no run `{str(run_id)[:80]}`; pick one of your runs from the list")
+        run_dir = self.runs_dir / run_id
+        if not run_dir.is_dir() or not owner or self._owner(run_dir) != owner:
+            raise RunNotFound(f"no run `{run_id}` in this session; pick one of your runs from the list")
+        return run_dir
+
+    def active_run(self) -> str | None:
+        with self._lock:
+            return self._active
+
+    def pump(self) -> None:
+        """Reap a finished process, escalate an overdue stop, start the next queued run. Idempotent."""
+        with self._lock:
+            if self._active is not None:
+                self._check_active()
+            if self._active is None:
+                self._start_next()
+
+    def close(self) -> None:
+        """Stop the queue thread (running trainings continue; a new manager adopts them)."""
+        self._closed.set()
+        if self._worker is not None:
+            self._worker.join(timeout=5)
+
+    def cleanup(self, *, max_age_days: float | None = None, max_total_bytes: int | None = None) -> list[str]:
+        """Delete finished, stopped and failed runs older than `max_age_days`, then the oldest ones until the
+        runs folder fits in `max_total_bytes`. Queued and running runs are never touched. Returns deleted ids."""
+        with self._lock:
+            done = []
+            for run_dir in self.runs_dir.iterdir():
+                if _RUN_ID.fullmatch(run_dir.name) and self._state(run_dir.name, run_dir)[0] in DONE_STATES:
+                    done.append((self._created(run_dir), run_dir))
+            done.sort()
+            deleted = []
+            if max_age_days is not None:
+                cutoff = time.time() - max_age_days * 86400
+                for created, run_dir in list(done):
+                    if created < cutoff:
+                        shutil.rmtree(run_dir, ignore_errors=True)
+                        deleted.append(run_dir.name)
+                        done.remove((created, run_dir))
+            if max_total_bytes is not None:
+                total = _folder_bytes(self.runs_dir)
+                for created, run_dir in done:
+                    if total <= max_total_bytes:
+                        break
+                    total -= _folder_bytes(run_dir)
+                    shutil.rmtree(run_dir, ignore_errors=True)
+                    deleted.append(run_dir.name)
+            return deleted
+
+    # ------------------------------------------------------------------ state
+    def _state(self, run_id: str, run_dir: Path) -> tuple[str, dict]:
+        """The run's state from status.json, corrected by what we know about its process."""
+        info = _read_json(run_dir / "status.json") or {}
+        state = info.get("state")
+        if state in ("running", "stopping"):
+            alive = self._alive(run_id, run_dir, info)
+            if not alive:
+                info = self._record_death(run_dir, info)
+                state = info["state"]
+        elif state == "queued" and run_id not in self._queue and run_id != self._active:
+            state, info = "failed", {**info, "error": "the app restarted before this run could start; start it again"}
+        elif state not in ACTIVE_STATES + DONE_STATES:
+            state, info = "failed", {**info, "error": info.get("error") or "the run folder has no status"}
+        return state, info
+
+    def _alive(self, run_id: str, run_dir: Path, info: dict) -> bool:
+        if run_id == self._active and self._proc is not None:
+            return self._proc.poll() is None
+        return _pid_alive(info.get("pid"), run_dir)
+
+    def _record_death(self, run_dir: Path, info: dict) -> dict:
+        """A process that died while status.json said running: stopped if we asked it to, else failed."""
+        code = self._proc.returncode if self._proc is not None and self._active == run_dir.name else None
+        if (run_dir / "stop_requested").exists():
+            info = {**info, "state": "stopped", "error": "stopped before the trainer could save; "
+                    "the last checkpoint (if any) is in checkpoints/"}
+        else:
+            how = f" (exit code {code})" if code not in (None, 0) else ""
+            if code is not None and code < 0:
+                how = f" (killed by signal {-code}{', SIGKILL: often out of memory' if code == -9 else ''})"
+            last = tail(run_dir / "log.txt", 8)
+            info = {**info, "state": "failed",
+                    "error": f"the training process ended unexpectedly{how}." + (f" Last log lines:\n{last}"
+                                                                                 if last else "")}
+        info["time"] = time.time()
+        _write_json(run_dir / "status.json", info)
+        return info
+
+    def _owner(self, run_dir: Path) -> str | None:
+        data = _read_json(run_dir / "owner.json")
+        return data.get("owner") if data else None
+
+    def _created(self, run_dir: Path) -> float:
+        data = _read_json(run_dir / "owner.json") or {}
+        return float(data.get("created") or run_dir.stat().st_mtime)
+
+    def _config(self, run_dir: Path) -> RunConfig | None:
+        try:
+            return RunConfig.from_yaml(run_dir / "run.yaml")
+        except FinetuneError:
+            return None
+
+    def _total_steps(self, run_dir: Path, config: RunConfig | None) -> int | None:
+        """From data/train.jsonl, which the trainer writes before its first step."""
+        if config is None:
+            return None
+        if config.max_steps > 0:
+            return config.max_steps
+        n_train = _count_lines(run_dir / "data" / "train.jsonl")
+        return estimate_total_steps(config, n_train) if n_train else None
+
+    # ------------------------------------------------------------------ the queue and the process
+    def _recover(self) -> None:
+        """After an app restart: re-queue queued runs (oldest first) and adopt a training still alive."""
+        queued = []
+        for run_dir in self.runs_dir.iterdir():
+            if not _RUN_ID.fullmatch(run_dir.name):
+                continue
+            info = _read_json(run_dir / "status.json") or {}
+            if info.get("state") == "queued":
+                queued.append((self._created(run_dir), run_dir.name))
+            elif info.get("state") in ("running", "stopping") and self._active is None \
+                    and _pid_alive(info.get("pid"), run_dir):
+                self._active = run_dir.name
+        self._queue.extend(run_id for _, run_id in sorted(queued))
+
+    def _work(self) -> None:
+        while not self._closed.wait(self.poll_interval_s):
+            try:
+                self.pump()
+            except Exception as e:  # noqa: BLE001 - the queue must keep going; the error lands in the run
+                print(f"run queue: {type(e).__name__}: {e}", file=sys.stderr)
+
+    def _check_active(self) -> None:
+        run_id = self._active
+        run_dir = self.runs_dir / run_id
+        info = _read_json(run_dir / "status.json") or {}
+        if self._alive(run_id, run_dir, info):
+            if self._kill_at is not None and time.time() > self._kill_at:
+                self._signal(signal.SIGKILL)
+                self._kill_at = None
+            return
+        if info.get("state") in ("running", "stopping"):
+            self._record_death(run_dir, info)
+        self._active, self._proc, self._kill_at = None, None, None
+
+    def _start_next(self) -> None:
+        while self._queue:
+            run_id = self._queue.popleft()
+            run_dir = self.runs_dir / run_id
+            if (_read_json(run_dir / "status.json") or {}).get("state") != "queued":
+                continue  # stopped while waiting
+            self._launch(run_id, run_dir)
+            return
+
+    def _launch(self, run_id: str, run_dir: Path) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PROJECT_ROOT), env.get("PYTHONPATH")]))
+        with (run_dir / "log.txt").open("ab") as log:
+            # An argument list (no shell); a new session so signals to the app never reach the trainer.
+            self._proc = subprocess.Popen([self.python, "-m", "finetune", "train", str(run_dir / "run.yaml")],
+                                          cwd=str(run_dir), stdout=log, stderr=subprocess.STDOUT,
+                                          stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        self._active = run_id
+        _write_json(run_dir / "status.json", {"state": "running", "pid": self._proc.pid, "time": time.time()})
+
+    def _signal(self, sig: int) -> None:
+        pid = self._proc.pid if self._proc is not None else \
+            (_read_json(self.runs_dir / self._active / "status.json") or {}).get("pid")
+        if not pid:
+            return
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+__all__ = ["ACTIVE_STATES", "DONE_STATES", "RunManager", "RunNotFound", "RunStatus", "RunSummary", "copy_into",
+           "estimate_total_steps", "read_metrics", "safe_filename", "tail", "workspace_from_env"]

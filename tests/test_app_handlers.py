@@ -1,0 +1,344 @@
+"""The app's handlers called directly (no server): each turns widget values into a RunConfig, calls the
+library and returns what the widgets show. Every bad input ends as a readable inline message."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from finetune.config import RunConfig  # noqa: E402
+from finetune.errors import ConfigError  # noqa: E402
+from finetune.runs import RunStatus  # noqa: E402
+from ui import compare_tab, data_tab, export_tab, settings_tab, train_tab  # noqa: E402
+from ui.context import create_context, owner_of, session_owner  # noqa: E402
+from ui.forms import config_from_values  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = {"base_model": "demo", "method": "lora", "max_seq_length": 256}
+
+
+@pytest.fixture()
+def ctx(tmp_path):
+    context = create_context(tmp_path / "ws", start_worker=False)
+    yield context
+    context.runs.close()
+
+
+def load(ctx, **values):
+    base = {"source": "Example dataset", "example": "python_qa.jsonl", "data_format": "auto", "column_mapping": "",
+            "skip_invalid": False, "max_rows": None}
+    return data_tab.load_data(ctx, "s:owner", {**base, **values}, dict(SETTINGS))
+
+
+def message(markdown) -> str:
+    return markdown if isinstance(markdown, str) else markdown["value"]
+
+
+# ----------------------------------------------------------------------------- Data tab
+
+def test_example_dataset_shows_format_splits_preview_and_histogram(ctx):
+    status, preview, index, stats, histogram, state, _ = load(ctx)
+    assert "ft-ok" in status and "python_qa.jsonl" in status and "format **messages**" in status
+    assert "40 rows read → 32 train / 4 validation / 4 test" in status
+    labels = {label for _, label in preview}
+    assert labels == {None, data_tab.LOSS_LABEL}
+    trained = "".join(text for text, label in preview if label)
+    prompt = "".join(text for text, label in preview if not label)
+    assert "<|im_start|>user" in prompt and "<|im_start|>assistant" in prompt and "<|im_end|>" in trained
+    assert [row[0] for row in stats] == ["train", "validation", "test"] and [row[1] for row in stats] == [32, 4, 4]
+    assert histogram.axes[0].get_xlabel() == "tokens per example"
+    assert any(line.get_xdata()[0] == 256 for line in histogram.axes[0].get_lines())  # the cutoff line
+    assert state["rows"] == {"train": 32, "validation": 4, "test": 4} and state["format"] == "messages"
+    assert index["visible"] is True and index["maximum"] == data_tab.PREVIEW_EXAMPLES
+
+
+def test_show_example_renders_another_example(ctx):
+    *_, state, _ = load(ctx)
+    first = data_tab.show_example(ctx, state, 1, dict(SETTINGS))
+    second = data_tab.show_example(ctx, state, 2, dict(SETTINGS))
+    assert first != second and any(label for _, label in second)
+
+
+def test_pasted_rows_are_detected_and_saved_for_the_run(ctx):
+    rows = "\n".join(json.dumps({"instruction": f"Say {w}", "output": w.title()}) for w in
+                     ("hi", "bye", "yes", "no", "maybe", "never", "always", "soon", "later", "now"))
+    status, *_, state, _ = load(ctx, source="Paste rows", paste=rows)
+    assert "format **alpaca**" in status and "10 rows read" in status
+    saved = Path(state["file"])
+    assert saved.is_relative_to(ctx.workspace / "uploads") and len(saved.read_text().splitlines()) == 10
+
+
+@pytest.mark.parametrize("values, expected", [
+    ({"example": "nope.jsonl"}, "unknown example dataset 'nope.jsonl'"),
+    ({"source": "Upload a file", "upload": None}, "no file uploaded yet"),
+    ({"source": "Paste rows", "paste": "  "}, "nothing to read; paste a JSON array of rows"),
+    ({"source": "Paste rows", "paste": '{"instruction": "a", "output": "b"}\n{"instruction": "c", '},
+     "invalid JSON on line 2"),
+    ({"source": "Paste rows", "paste": '[{"instruction": "a", "output": ""}]'}, "row 1: field `output` is empty"),
+    ({"source": "Hub dataset id", "hub_id": ""}, "type a Hub dataset id"),
+    ({"source": "Paste rows", "paste": '[{"a": 1}]'},
+     "pasted_rows.jsonl: could not detect the data format; columns found: a"),
+])
+def test_bad_data_gives_a_readable_inline_message(ctx, values, expected):
+    status, preview, index, stats, histogram, state, accordion = load(ctx, **values)
+    assert "ft-error" in status and expected in status
+    assert "Traceback" not in status and preview is None and state == {}
+
+
+def test_undetectable_columns_open_the_column_mapping(ctx):
+    status, *_, accordion = load(ctx, source="Paste rows", paste='[{"question_text": "a", "reply": "b"}]')
+    assert "ft-error" in status and accordion["open"] is True
+    mapped, *_ = load(ctx, source="Paste rows", paste='[{"question_text": "a", "reply": "b"}]',
+                      column_mapping="prompt: question_text, completion: reply")
+    assert "format **prompt_completion**" in mapped
+
+
+def test_skip_invalid_reports_the_skipped_rows(ctx):
+    rows = json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "c", "output": ""},
+                       {"instruction": "d", "output": "e"}])
+    status, *_ = load(ctx, source="Paste rows", paste=rows, skip_invalid=True)
+    assert "1 invalid rows skipped (first: row 2: field `output` is empty)" in status
+
+
+def test_upload_over_the_limit_is_refused_before_reading(ctx, tmp_path):
+    big = tmp_path / "big.jsonl"
+    big.write_text('{"text": "x"}\n' * 1000)
+    ctx.max_upload_bytes = 1000
+    status, *_ = load(ctx, source="Upload a file", upload=str(big))
+    assert "big.jsonl is 0.0 MB; uploads here are limited to 0 MB" in status
+
+
+def test_offline_hub_dataset_says_so(ctx):
+    status, *_ = load(ctx, source="Hub dataset id", hub_id="tatsu-lab/alpaca")
+    assert "ft-error" in status and "tatsu-lab/alpaca" in status
+
+
+def test_bad_setting_names_the_field(ctx):
+    status, *_ = data_tab.load_data(ctx, "s:o", {"source": "Example dataset", "example": "python_qa.jsonl"},
+                                    {**SETTINGS, "batch_size": 0})
+    assert "`batch_size` must be at least 1 (got 0)" in status
+
+
+# ----------------------------------------------------------------------------- settings
+
+def test_config_from_values_converts_widget_values():
+    config = config_from_values({"base_model": "demo", "lora_r": 8.0, "learning_rate": None, "method": "full",
+                                 "column_mapping": "prompt: q, completion: a", "lora_target_modules": "q_proj, v_proj",
+                                 "early_stopping_patience": None, "system_prompt": "  Be brief. "})
+    assert config.lora_r == 8 and config.learning_rate == 2e-5  # re-derived for `full`
+    assert config.column_mapping == {"prompt": "q", "completion": "a"}
+    assert config.lora_target_modules == ["q_proj", "v_proj"] and config.early_stopping_patience is None
+    assert config.system_prompt == "  Be brief. "
+
+
+def test_an_emptied_number_box_names_the_field():
+    with pytest.raises(ConfigError, match=r"`batch_size` \(Batch size\) is empty; enter a value \(default: 4\)"):
+        config_from_values({"batch_size": None})
+
+
+def test_presets_follow_method_and_demo_model():
+    fields = settings_tab.PRESET_FIELDS
+    full = dict(zip(fields, settings_tab.apply_preset("full", "meta-llama/Llama-3.2-1B-Instruct")))
+    assert full["learning_rate"] == 2e-5 and full["gradient_checkpointing"] is True
+    demo = dict(zip(fields, settings_tab.apply_preset("lora", "demo")))
+    assert demo["learning_rate"] == 2e-3 and demo["max_seq_length"] == 512
+
+
+def test_model_choices_put_the_demo_first_when_offline():
+    assert settings_tab.model_choices(False)[0][1] == "demo"
+    assert settings_tab.model_choices(True)[0][1] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert len(settings_tab.model_choices(True)) == 10
+
+
+def test_memory_report_warns_before_a_run_that_cannot_fit():
+    big = RunConfig(base_model="meta-llama/Llama-3.1-8B-Instruct", method="full")
+    text, fits = settings_tab.memory_report(big, ("GPU test", 24 * 2**30, True))
+    assert not fits and "probably won't fit" in text and "try QLoRA" in text
+    qlora = RunConfig(base_model="meta-llama/Llama-3.1-8B-Instruct", method="qlora", batch_size=1,
+                      gradient_checkpointing=True, max_seq_length=1024)
+    text, fits = settings_tab.memory_report(qlora, ("GPU test", 24 * 2**30, True))
+    assert fits and "ft-ok" in text
+    text, fits = settings_tab.memory_report(qlora, ("CPU RAM", 64 * 2**30, False))
+    assert not fits and "needs a CUDA GPU" in text
+    text, fits = settings_tab.memory_report(RunConfig(base_model="someone/unknown-model"), ("CPU RAM", 2**30, False))
+    assert fits and "unknown" in text
+
+
+def test_show_yaml_is_exactly_what_the_cli_runs(tmp_path):
+    values = {"base_model": "demo", "method": "lora", "lora_r": 8, "batch_size": 2}
+    error, code, command = settings_tab.show_yaml(values, str(ROOT / "examples" / "data" / "python_qa.jsonl"))
+    assert error["visible"] is False and command["value"] == "python -m finetune train run.yaml"
+    assert code["value"].startswith("# python -m finetune train run.yaml\n")
+    path = tmp_path / "run.yaml"
+    path.write_text(code["value"])
+    config = RunConfig.from_yaml(path)
+    assert config == config_from_values(values, dataset="examples/data/python_qa.jsonl")
+    assert yaml.safe_load(code["value"])["dataset"] == "examples/data/python_qa.jsonl"
+    error, code, _ = settings_tab.show_yaml({"lora_r": 0})
+    assert "`lora_r` must be &gt; 0 (got 0)" in error["value"] and code["visible"] is False  # `>` escaped
+
+
+# ----------------------------------------------------------------------------- Train tab
+
+def test_start_without_data_says_to_load_it(ctx):
+    text, run_id = train_tab.start_training(ctx, "s:o", {}, {}, dict(SETTINGS))
+    assert run_id is None and "load one on the **Data** tab first" in text
+
+
+def test_start_refuses_a_run_that_cannot_fit_unless_forced(ctx):
+    *_, state, _ = load(ctx)
+    huge = {"base_model": "meta-llama/Llama-3.1-8B-Instruct", "method": "full", "batch_size": 64,
+            "max_seq_length": 4096}
+    text, run_id = train_tab.start_training(ctx, "s:o", state, {}, huge)
+    assert run_id is None and "Not started: the memory estimate says this run won't fit" in text
+    assert ctx.runs.list_runs("s:o") == []
+
+
+def test_start_queues_a_run_that_only_its_owner_sees(ctx):
+    *_, state, _ = load(ctx)
+    text, run_id = train_tab.start_training(ctx, "s:alice", state, {}, {**SETTINGS, "max_steps": 1})
+    assert run_id and f"Run `{run_id[:8]}` queued." in text
+    assert [r for _, r in train_tab.run_choices(ctx, "s:alice")] == [run_id]
+    assert train_tab.run_choices(ctx, "s:bob") == []
+    status, *_ = train_tab.poll(ctx, "s:bob", run_id, {})
+    assert "no run" in status and "in this session" in status
+    assert "Stopping" in train_tab.stop_run(ctx, "s:alice", run_id) or "stopped" in \
+        train_tab.stop_run(ctx, "s:alice", run_id)
+    copied = RunConfig.from_yaml(ctx.runs.run_dir(run_id, "s:alice") / "run.yaml").dataset
+    assert copied.endswith("input/python_qa.jsonl")
+
+
+def test_poll_without_a_run_and_with_a_bad_id(ctx):
+    status, *_ = train_tab.poll(ctx, "s:o", None, {})
+    assert "No run selected" in status
+    status, *_ = train_tab.poll(ctx, "s:o", "../../etc", {})
+    assert "no run `../../etc`" in status
+
+
+def status_of(state: str, metrics: list[dict], total: int | None = 10, results=None) -> RunStatus:
+    return RunStatus(run_id="abcdefgh12345678", run_dir=Path("/nonexistent"), state=state, created=0.0,
+                     metrics=metrics, total_steps=total, results=results)
+
+
+def test_progress_shows_step_epoch_and_eta():
+    metrics = [{"step": 2, "epoch": 0.5, "loss": 3.0, "elapsed_s": 10.0},
+               {"step": 4, "epoch": 1.0, "eval_loss": 2.5, "elapsed_s": 20.0}]
+    numbers = train_tab.progress_numbers(status_of("running", metrics))
+    assert numbers["step"] == 4 and numbers["fraction"] == 0.4 and numbers["eta"] == 30.0  # 5 s/step x 6 steps
+    html = train_tab.progress_html(status_of("running", metrics))
+    assert "step 4/10 · epoch 1.00 · 40% · elapsed 0:20 · ETA 0:30" in html and 'aria-valuenow="40"' in html
+    assert "100%" in train_tab.progress_html(status_of("finished", metrics))
+
+
+def test_loss_and_lr_frames_for_the_plots():
+    metrics = [{"step": 1, "loss": 3.0, "learning_rate": 1e-4}, {"step": 2, "eval_loss": 2.0}]
+    loss = train_tab.loss_frame(metrics)
+    assert loss.dropna().values.tolist() == [[1, 3.0, "train"], [2, 2.0, "validation"]]
+    assert set(loss["split"]) == {"train", "validation"}  # both series exist from the first frame on
+    assert str(loss["loss"].dtype) == "float64" and str(train_tab.loss_frame([])["step"].dtype) == "int64"
+    assert train_tab.lr_frame(metrics).values.tolist() == [[1, 1e-4]]
+
+
+def test_metrics_table_has_the_promised_rows():
+    results = {"train_loss": 1.5, "eval_loss": 1.2, "train_perplexity": 4.48, "eval_perplexity": 3.32,
+               "test_perplexity_before": 30.0, "test_perplexity_after": float("inf"), "train_runtime": 75.0,
+               "train_samples_per_second": 2.5, "num_tokens": 15000, "trainable_params": 1234567,
+               "trainable_percent": 0.91, "peak_memory_mb": 800.0, "global_step": 20, "is_demo_model": True}
+    table = dict(train_tab.metrics_table(results))
+    assert table["test perplexity before → after"] == "30 → ∞"
+    assert table["tokens / s"] == "200" and table["runtime"] == "1:15"
+    assert table["trainable parameters"] == "1,234,567 (0.91%)"
+    assert "demo model" in table["base model"]
+
+
+@pytest.mark.parametrize("state, position, expected", [
+    ("queued", 2, "waiting in the queue: position 2 (1 run ahead of it"),
+    ("stopping", None, "is stopping"),
+    ("failed", None, "failed: out of memory"),
+    ("finished", None, "finished. Try it in **Compare**"),
+])
+def test_status_markdown(state, position, expected):
+    status = status_of(state, [{"step": 1}])
+    status.queue_position, status.error = position, "out of memory"
+    assert expected in train_tab.status_markdown(status)
+
+
+# ----------------------------------------------------------------------------- Compare and Export
+
+def test_chat_needs_a_message_and_a_loaded_run(ctx):
+    out = list(compare_tab.chat_both(ctx, "s:o", None, "hi", [], [], {}))
+    assert "Load a run first" in out[-1][2]
+    out = list(compare_tab.chat_both(ctx, "s:o", "/tmp", "   ", [], [], {}))
+    assert "Type a message first" in out[-1][2]
+
+
+def test_compare_cannot_reach_other_sessions_or_disallowed_folders(ctx, tmp_path):
+    *_, state, _ = load(ctx)
+    _, run_id = train_tab.start_training(ctx, "s:alice", state, {}, {**SETTINGS, "max_steps": 1})
+    ctx.runs.stop(run_id, "s:alice")
+    text, folder = compare_tab.load_model(ctx, "s:bob", run_id, "")
+    assert folder is None and "no run" in text
+    text, folder = compare_tab.load_model(ctx, "s:bob", None, str(ctx.runs.run_dir(run_id, "s:alice")))
+    assert folder is None and "in this session" in text
+    text, folder = compare_tab.load_model(ctx, "s:bob", None, str(ctx.uploads_dir("s:alice").parent))
+    assert folder is None and "other sessions' files" in text
+    ctx.allow_local_paths = False
+    text, folder = compare_tab.load_model(ctx, "s:bob", None, str(tmp_path))
+    assert folder is None and "loading folders from this machine is turned off here" in text
+
+
+def test_generation_settings_fill_defaults():
+    settings = compare_tab.generation_settings({"max_new_tokens": 12.0, "temperature": None, "system_prompt": " "})
+    assert settings == {**compare_tab.GEN_DEFAULTS, "max_new_tokens": 12, "system_prompt": None}
+
+
+def test_export_needs_a_finished_run(ctx):
+    with pytest.raises(Exception, match="pick a run first"):
+        export_tab.export_zip(ctx, "s:o", None)
+    *_, state, _ = load(ctx)
+    _, run_id = train_tab.start_training(ctx, "s:alice", state, {}, {**SETTINGS, "max_steps": 1})
+    ctx.runs.stop(run_id, "s:alice")
+    with pytest.raises(Exception, match="this run has no adapter or model yet"):
+        export_tab.export_zip(ctx, "s:alice", run_id)
+    with pytest.raises(Exception, match="in this session"):
+        export_tab.export_zip(ctx, "s:bob", run_id)
+
+
+def test_zip_folder_puts_weights_at_the_root(tmp_path):
+    (tmp_path / "adapter" / "sub").mkdir(parents=True)
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    (tmp_path / "adapter" / "sub" / "x.txt").write_text("x")
+    (tmp_path / "run.yaml").write_text("base_model: demo\n")
+    import zipfile
+
+    out = export_tab.zip_folder(tmp_path / "adapter", tmp_path / "out" / "a.zip", [tmp_path / "run.yaml"])
+    assert sorted(zipfile.ZipFile(out).namelist()) == ["adapter_config.json", "run.yaml", "sub/x.txt"]
+
+
+def test_push_without_a_token_says_how_to_get_one(ctx, monkeypatch, tmp_path):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "hf" / "token"))
+    *_, state, _ = load(ctx)
+    _, run_id = train_tab.start_training(ctx, "s:alice", state, {}, {**SETTINGS, "max_steps": 1})
+    ctx.runs.stop(run_id, "s:alice")
+    text = export_tab.push(ctx, "s:alice", run_id, "my-adapter", "adapter", True, None, "")
+    assert "no Hugging Face token: sign in with Hugging Face, or paste a token" in text
+    text = export_tab.push(ctx, "s:alice", run_id, "", "adapter", True, None, "hf_secret_planted_token_123")
+    assert "type a repo name" in text and "hf_secret_planted_token_123" not in text
+
+
+# ----------------------------------------------------------------------------- sessions
+
+def test_session_owner_ignores_forged_browser_values():
+    assert session_owner(None, "alice") == "hf:alice"
+    assert session_owner({"owner": "hf:alice"}, None).startswith("s:")  # can't claim a Hub user from storage
+    assert session_owner({"owner": "s:" + "a" * 32}, None) == "s:" + "a" * 32
+    assert session_owner({"owner": "../etc"}, None) != "../etc"
+    assert owner_of("", "abc123") == "api:abc123" and owner_of("s:x", "abc") == "s:x"

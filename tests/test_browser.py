@@ -1,0 +1,167 @@
+"""A real browser (Debian's chromium, driven by Playwright) clicks through the whole app on the demo model:
+data preview → live training → side-by-side streamed chat → adapter zip download.
+
+Screenshots go to tests/artifacts/ (gitignored). Needs `/usr/bin/chromium`:
+    apt-get update && apt-get install -y chromium
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from app_server import running_app
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--no-first-run", "--disable-quic"]
+TRAIN_TIMEOUT_S = 180
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("browser-app")
+    with running_app(folder / "workspace", folder / "app.log") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: the browser test needs Debian's chromium. Install it with "
+                    "`apt-get update && apt-get install -y chromium` (CI does this in .ci/run).")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS)
+        yield b
+        b.close()
+
+
+def shot(page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def open_tab(page, name: str) -> None:
+    page.get_by_role("tab", name=re.compile(name)).click()
+    page.wait_for_timeout(300)
+
+
+def test_whole_flow_in_a_browser(app_url, browser):
+    page = browser.new_page(viewport={"width": 1280, "height": 1000}, accept_downloads=True)
+    page.set_default_timeout(60_000)
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+
+    # 1. open the page
+    page.goto(app_url)
+    page.wait_for_selector("#data-load")
+    shot(page, "01-opened")
+
+    # 2. pick the bundled example and see the preview, with the loss-carrying text highlighted
+    page.click("#data-load")
+    page.wait_for_selector("#data-status .ft-ok")
+    assert "python_qa.jsonl" in page.inner_text("#data-status")
+    assert "format messages" in page.inner_text("#data-status")
+    preview = page.inner_text("#data-preview")
+    assert "trained on (carries loss)" in preview and "<|im_start|>assistant" in preview
+    assert page.locator("#data-stats").get_by_text("train", exact=True).count() == 1
+    shot(page, "02-data-preview")
+
+    # 3. settings: the demo model (the Hub is offline) with few steps; then train and watch it live
+    open_tab(page, "Model & settings")
+    assert "demo" in page.input_value("#field-base_model input")
+    page.fill("#field-num_train_epochs input", "2")
+    page.fill("#field-max_seq_length input", "256")
+    page.click("#settings-show-yaml")
+    page.wait_for_selector("#settings-command")
+    assert "python -m finetune train run.yaml" in page.inner_text("#settings-command")
+    shot(page, "03-settings")
+
+    open_tab(page, "Train")
+    page.click("#train-start")
+    seen_steps: set[int] = set()
+    seen_curves: set[str] = set()  # the train loss line's SVG path, as it grows
+    train_line = page.locator('#train-loss-plot path[aria-roledescription="line mark"]').first
+    deadline = time.time() + TRAIN_TIMEOUT_S
+    while time.time() < deadline:
+        if page.locator("#train-status .ft-ok, #train-status .ft-error").count():
+            break
+        text = page.inner_text("#train-progress") if page.locator("#train-progress-text").count() else ""
+        match = re.search(r"step (\d+)/(\d+)", text)
+        curve = train_line.get_attribute("d") if train_line.count() else None
+        if match and int(match.group(1)) > 0:
+            seen_steps.add(int(match.group(1)))
+            if curve:
+                if not seen_curves:
+                    shot(page, "04-training-live")
+                seen_curves.add(curve)
+        page.wait_for_timeout(500)
+    status = page.inner_text("#train-status")
+    assert "finished" in status, f"training did not finish: {status}\n{page.inner_text('#train-log')}"
+    assert len(seen_steps) >= 2, f"the progress bar did not move while training: steps seen {seen_steps}"
+    assert len(seen_curves) >= 2, f"the loss plot did not update while training ({len(seen_curves)} curves)"
+    page.wait_for_selector("#train-metrics")
+    assert "test perplexity before → after" in page.inner_text("#train-metrics")
+    shot(page, "05-training-finished")
+    run_name = re.search(r"Run (\S{8}) finished", status).group(1)
+
+    # reloading the page reattaches to the session and its last run
+    page.reload()
+    page.wait_for_selector("#data-load")
+    open_tab(page, "Train")
+    page.wait_for_selector("#train-status .ft-ok")
+    assert f"Run {run_name} finished" in page.inner_text("#train-status")
+    assert "100%" in page.inner_text("#train-progress")
+
+    # 4. compare: one message, two different streamed answers
+    open_tab(page, "Compare")
+    page.click("#compare-load")
+    page.wait_for_selector("#compare-status .ft-ok", timeout=90_000)
+    page.fill("#chat-message textarea", "How do I reverse a list in Python?")
+    page.click("#chat-send")
+    page.wait_for_function(
+        "() => document.querySelectorAll('#chat-tuned .message-row, #chat-tuned [data-testid=\"bot\"]').length > 0",
+        timeout=90_000)
+    _wait_until_idle(page)
+    base_answer = _last_bot_text(page, "#chat-base")
+    tuned_answer = _last_bot_text(page, "#chat-tuned")
+    assert base_answer and tuned_answer, (base_answer, tuned_answer)
+    assert base_answer != tuned_answer
+    shot(page, "06-compare")
+
+    # 5. export: download the adapter zip
+    open_tab(page, "Export")
+    page.click("#export-zip")
+    page.wait_for_selector("#export-download", state="visible")
+    with page.expect_download() as download_info:
+        page.click("#export-download")
+    target = ARTIFACTS / "adapter.zip"
+    download_info.value.save_as(str(target))
+    names = zipfile.ZipFile(target).namelist()
+    assert "adapter_config.json" in names and "adapter_model.safetensors" in names and "run.yaml" in names
+    shot(page, "07-export")
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def _last_bot_text(page, chat: str) -> str:
+    bots = page.locator(f"{chat} [data-testid='bot']")
+    return bots.nth(bots.count() - 1).inner_text().strip() if bots.count() else ""
+
+
+def _wait_until_idle(page, timeout_s: float = 90) -> None:
+    """Until the tuned pane's answer stops changing for 2 s (streaming has ended)."""
+    deadline, last, stable_since = time.time() + timeout_s, None, time.time()
+    while time.time() < deadline:
+        now = _last_bot_text(page, "#chat-tuned")
+        if now != last:
+            last, stable_since = now, time.time()
+        elif now and time.time() - stable_since > 2:
+            return
+        page.wait_for_timeout(300)

@@ -1,0 +1,318 @@
+"""Data tab: pick a dataset (bundled example, upload, pasted rows, Hub id), see its format, a preview of
+examples exactly as the model sees them (loss-carrying text highlighted), rows per split and token lengths."""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from finetune.data import FORMATS, SUPPORTED_EXTENSIONS, load_examples, read_rows, rows_from_text, split_stats
+from finetune.errors import DataError, FinetuneError
+from finetune.runs import safe_filename
+
+from .context import AppContext, owner_of
+from .forms import config_from_values, field_widget
+from .messages import error_md, notice_md, ok_md
+
+log = logging.getLogger(__name__)
+
+EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples" / "data"
+DEFAULT_EXAMPLE = "python_qa.jsonl"
+SOURCES = ("Example dataset", "Upload a file", "Paste rows", "Hub dataset id")
+PREVIEW_EXAMPLES = 20     # examples kept for the preview slider
+STATS_SAMPLE = 2000       # examples per split whose token length is measured (a sample beyond that)
+LOSS_LABEL = "trained on (carries loss)"
+
+
+def example_datasets() -> list[str]:
+    if not EXAMPLES_DIR.is_dir():
+        return []
+    names = sorted(p.name for p in EXAMPLES_DIR.iterdir() if p.suffix.lower() in SUPPORTED_EXTENSIONS)
+    return sorted(names, key=lambda n: n != DEFAULT_EXAMPLE)  # the chat example first
+
+
+@dataclass
+class DataSource:
+    dataset: str            # what run.yaml's `dataset` says before the run manager copies the file in
+    file: Path | None       # a local file to copy into the run folder (None for Hub ids)
+    name: str               # shown to people, and the copied file's name
+
+
+def resolve_source(ctx: AppContext, owner: str, values: dict[str, Any]) -> DataSource:
+    """The dataset the Data tab's widgets point at; DataError says what to fix."""
+    source = values.get("source") or SOURCES[0]
+    if source == "Example dataset":
+        name = values.get("example") or ""
+        if name not in example_datasets():
+            raise DataError(f"unknown example dataset {name!r}; pick one of: {', '.join(example_datasets())}")
+        return DataSource(str(EXAMPLES_DIR / name), EXAMPLES_DIR / name, name)
+    if source == "Upload a file":
+        upload = values.get("upload")
+        if not upload:
+            raise DataError(f"no file uploaded yet; drop a {', '.join(SUPPORTED_EXTENSIONS)} file on the upload box")
+        path = Path(upload if isinstance(upload, str) else getattr(upload, "path", upload["path"]))
+        size = path.stat().st_size
+        if size > ctx.max_upload_bytes:
+            raise DataError(f"{path.name} is {size / 1e6:.1f} MB; uploads here are limited to "
+                            f"{ctx.max_upload_bytes / 1e6:.0f} MB. Use a smaller file, or train from the command "
+                            "line (`python -m finetune train`)", source=path.name)
+        return DataSource(str(path), path, safe_filename(path.name))
+    if source == "Paste rows":
+        rows = rows_from_text(values.get("paste") or "")
+        folder = ctx.uploads_dir(owner) / secrets.token_hex(6)  # one folder per paste: errors name the file
+        folder.mkdir()
+        path = folder / "pasted_rows.jsonl"
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        return DataSource(str(path), path, "pasted_rows.jsonl")
+    if source == "Hub dataset id":
+        hub_id = (values.get("hub_id") or "").strip()
+        if not hub_id:
+            raise DataError("type a Hub dataset id such as `tatsu-lab/alpaca`")
+        return DataSource(hub_id, None, hub_id)
+    raise DataError(f"unknown data source {source!r}; pick one of: {', '.join(SOURCES)}")
+
+
+def data_config(values: dict[str, Any], settings: dict[str, Any], source: DataSource):
+    """The RunConfig that the Data tab's widgets and the settings describe, for `source`."""
+    data_fields = {k: values.get(k) for k in ("data_format", "column_mapping", "skip_invalid", "max_rows",
+                                               "dataset_config", "dataset_split") if k in values}
+    if source.file is None:  # Hub-only fields
+        data_fields["dataset_split"] = data_fields.get("dataset_split") or "train"
+    else:
+        data_fields.pop("dataset_config", None)
+        data_fields.pop("dataset_split", None)
+    return config_from_values({**settings, **data_fields}, dataset=source.dataset)
+
+
+def preview_segments(example: dict, tokenizer, config) -> list[tuple[str, str | None]]:
+    """`render_preview` in HighlightedText's format: loss-carrying text labelled, the rest unlabelled."""
+    from finetune.templates import render_preview
+
+    segments = render_preview(example, tokenizer, max_seq_length=config.max_seq_length,
+                              train_on_prompt=config.train_on_prompt)
+    return [(text, LOSS_LABEL if loss else None) for text, loss in segments]
+
+
+def load_tokenizer_for(ctx: AppContext, config) -> tuple[Any, str | None]:
+    """The (cached) tokenizer of the configured base model with its chat template, and a fallback notice."""
+    from finetune.models import load_tokenizer, resolve_base_model
+    from finetune.templates import apply_template_choice
+
+    source = resolve_base_model(config)
+    key = (source.path, config.chat_template, config.model_revision)
+    with ctx.tokenizer_lock:
+        if key not in ctx.tokenizers:
+            tok = load_tokenizer(source.path, revision=config.model_revision,
+                                 trust_remote_code=config.trust_remote_code)
+            apply_template_choice(tok, config.chat_template)
+            ctx.tokenizers[key] = tok
+        return ctx.tokenizers[key], source.notice if not config.base_model == "demo" else None
+
+
+def analyse(ctx: AppContext, owner: str, values: dict[str, Any], settings: dict[str, Any]) -> dict:
+    """Load and split the dataset; return what the tab shows (raises FinetuneError for people)."""
+    source = resolve_source(ctx, owner, values)
+    config = data_config(values, settings, source)
+    if source.file is not None:
+        read_rows(source.file, max_rows=1, max_bytes=ctx.max_upload_bytes)  # size and type check first
+    prepared = load_examples(config)
+    tokenizer, notice = load_tokenizer_for(ctx, config)
+    from finetune.templates import encode_example
+
+    def length(example: dict) -> int:
+        return encode_example(example, tokenizer, max_seq_length=config.max_seq_length,
+                              train_on_prompt=config.train_on_prompt)["length"]
+
+    sampled = type(prepared.splits)(train=prepared.splits.train[:STATS_SAMPLE],
+                                    validation=prepared.splits.validation[:STATS_SAMPLE],
+                                    test=prepared.splits.test[:STATS_SAMPLE])
+    lengths = {name: [length(ex) for ex in examples] for name, examples in sampled.as_dict().items()}
+    stats = split_stats(sampled, length, config.max_seq_length)
+    preview = prepared.splits.train[:PREVIEW_EXAMPLES]
+    return {"source": source, "config": config, "prepared": prepared, "lengths": lengths, "stats": stats,
+            "preview": preview, "segments": preview_segments(preview[0], tokenizer, config), "notice": notice}
+
+
+def summary_markdown(result: dict) -> str:
+    prepared, config = result["prepared"], result["config"]
+    rows = {k: len(v) for k, v in prepared.splits.as_dict().items()}
+    lines = [f"**{result['source'].name}** · format **{prepared.format}** · {prepared.rows_read} rows read → "
+             f"{rows['train']} train / {rows['validation']} validation / {rows['test']} test"]
+    if prepared.splits.duplicates_removed:
+        lines.append(f"{prepared.splits.duplicates_removed} exact duplicate rows removed.")
+    if prepared.skipped:
+        first = prepared.skipped[0]
+        lines.append(f"{len(prepared.skipped)} invalid rows skipped (first: row {first.row}: {first.reason}).")
+    truncated = sum(s["truncated"] for s in result["stats"].values())
+    if truncated:
+        lines.append(f"⚠️ {truncated} examples are longer than `max_seq_length` ({config.max_seq_length} tokens) "
+                     "and will be truncated; raise it in Model & settings if answers get cut.")
+    if result.get("notice"):
+        lines.append(result["notice"])
+    return ok_md("  \n".join(lines))
+
+
+def stats_table(stats: dict[str, dict]) -> list[list]:
+    def show(v):
+        return "-" if v is None else (f"{v:g}" if isinstance(v, float) else v)
+
+    return [[split, s["rows"], show(s["min"]), show(s["median"]), show(s["p95"]), show(s["max"]), s["truncated"]]
+            for split, s in stats.items()]
+
+
+STATS_HEADERS = ["split", "rows", "min tokens", "median", "p95", "max", "over max length"]
+
+
+def length_histogram(lengths: dict[str, list[int]], max_seq_length: int):
+    """Token lengths per split, stacked, with the max_seq_length cutoff drawn as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 2.8), dpi=100)
+    data = [v for v in lengths.values() if v]
+    labels = [k for k, v in lengths.items() if v]
+    top = max([max(v) for v in data] + [max_seq_length])
+    ax.hist(data, bins=30, range=(0, top * 1.05), stacked=True, label=labels,
+            color=["#6366f1", "#f59e0b", "#10b981"][: len(data)])
+    ax.axvline(max_seq_length, color="#dc2626", linestyle="--", linewidth=1.5)
+    ax.text(max_seq_length, ax.get_ylim()[1] * 0.92, f" max_seq_length = {max_seq_length}", color="#dc2626",
+            fontsize=8, ha="right" if max_seq_length > top * 0.6 else "left")
+    ax.set_xlabel("tokens per example")
+    ax.set_ylabel("examples")
+    ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+# ============================================================================ layout
+
+def create_data_tab(ctx: AppContext) -> dict[str, Any]:
+    examples = example_datasets()
+    c: dict[str, Any] = {}
+    gr.Markdown("Choose training data. Chat data (`messages`, ShareGPT), instructions (Alpaca), "
+                "prompt/completion pairs and plain text are detected automatically.", elem_classes="ft-help")
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=2, min_width=320):
+            c["source"] = gr.Radio(list(SOURCES), value=SOURCES[0], label="Source", elem_id="data-source")
+            with gr.Group(visible=True) as c["example_group"]:
+                c["example"] = gr.Dropdown(examples, value=examples[0] if examples else None,
+                                           label="Bundled example", elem_id="data-example",
+                                           info="Small datasets shipped with the app; work offline.")
+            with gr.Group(visible=False) as c["upload_group"]:
+                c["upload"] = gr.File(label="Dataset file", file_types=list(SUPPORTED_EXTENSIONS), type="filepath",
+                                      elem_id="data-upload")
+            with gr.Group(visible=False) as c["paste_group"]:
+                c["paste"] = gr.Textbox(label="Rows (a JSON array, or one JSON object per line)", lines=8,
+                                        max_lines=20, elem_id="data-paste",
+                                        placeholder='{"instruction": "Say hi", "output": "Hi!"}\n'
+                                                    '{"instruction": "Say bye", "output": "Bye!"}')
+            with gr.Group(visible=False) as c["hub_group"]:
+                c["hub_id"] = gr.Textbox(label="Hub dataset id", placeholder="tatsu-lab/alpaca", elem_id="data-hub")
+                with gr.Row():
+                    c["dataset_config"] = field_widget("dataset_config")
+                    c["dataset_split"] = field_widget("dataset_split")
+            with gr.Accordion("Format and columns", open=False) as c["format_accordion"]:
+                c["data_format"] = gr.Dropdown(["auto", *FORMATS], value="auto", label="Format",
+                                               info="`auto` detects it from the column names.",
+                                               elem_id="data-format")
+                c["column_mapping"] = field_widget("column_mapping", placeholder="prompt: question, completion: answer")
+                with gr.Row():
+                    c["skip_invalid"] = field_widget("skip_invalid")
+                    c["max_rows"] = field_widget("max_rows")
+            c["load"] = gr.Button("Load and preview", variant="primary", elem_id="data-load")
+        with gr.Column(scale=3, min_width=420):
+            c["status"] = gr.Markdown(notice_md("Pick a dataset and press **Load and preview**."),
+                                      elem_id="data-status")
+            c["preview_index"] = gr.Slider(1, PREVIEW_EXAMPLES, value=1, step=1, label="Example", visible=False,
+                                           elem_id="data-preview-index")
+            c["preview"] = gr.HighlightedText(label="As the model sees it (highlighted: the tokens it learns to "
+                                                    "write)", color_map={LOSS_LABEL: "green"}, show_legend=True,
+                                              combine_adjacent=True, elem_id="data-preview",
+                                              show_inline_category=False)
+            c["stats"] = gr.Dataframe(headers=STATS_HEADERS, label="Rows and token lengths per split",
+                                      interactive=False, elem_id="data-stats")
+            c["histogram"] = gr.Plot(label="Token lengths", elem_id="data-histogram")
+    c["data_state"] = gr.State({})
+    return c
+
+
+def wire_data_tab(ctx: AppContext, c: dict, settings_form: dict, owner: gr.State) -> None:
+    groups = [c["example_group"], c["upload_group"], c["paste_group"], c["hub_group"]]
+
+    def show_source(source: str):
+        return [gr.update(visible=source == name) for name in SOURCES]
+
+    c["source"].change(show_source, c["source"], groups, queue=False, show_progress="hidden",
+                       api_visibility="private")
+
+    form = data_form(c)
+    outputs = [c["status"], c["preview"], c["preview_index"], c["stats"], c["histogram"], c["data_state"],
+               c["format_accordion"]]
+
+    def on_load(who: str, request: gr.Request, **values):
+        data_values = {k: values.pop(k) for k in form}
+        return load_data(ctx, owner_of(who, request.session_hash), data_values, values)
+
+    kwargs = {**form, **settings_form}
+    c["load"].click(on_load, owner, outputs, inputs_kwargs=kwargs, concurrency_limit=4, api_name="load_data")
+    c["example"].change(on_load, owner, outputs, inputs_kwargs=kwargs, concurrency_limit=4,
+                        api_visibility="private")
+    c["upload"].upload(on_load, owner, outputs, inputs_kwargs=kwargs, concurrency_limit=4,
+                       api_visibility="private")
+
+    def on_index(index: float, state: dict, **settings):
+        return show_example(ctx, state, int(index), settings)
+
+    c["preview_index"].release(on_index, [c["preview_index"], c["data_state"]], c["preview"],
+                               inputs_kwargs=settings_form, show_progress="hidden", api_visibility="private")
+
+
+def data_form(c: dict) -> dict[str, Any]:
+    """The Data tab's inputs by name (the handler's keyword arguments and the API's parameter names)."""
+    return {k: c[k] for k in ("source", "example", "upload", "paste", "hub_id", "dataset_config", "dataset_split",
+                              "data_format", "column_mapping", "skip_invalid", "max_rows")}
+
+
+def load_data(ctx: AppContext, owner: str, values: dict[str, Any], settings: dict[str, Any]) -> tuple:
+    """The Load button: (status, preview, slider, stats, histogram, data state, format accordion)."""
+    try:
+        result = analyse(ctx, owner, values, settings)
+    except FinetuneError as e:
+        return (error_md(str(e)), None, gr.update(visible=False), None, None, {},
+                gr.update(open=isinstance(e, DataError) and "column" in str(e).lower()))
+    except Exception as e:  # noqa: BLE001 - a bug: say so inline, keep the traceback in the server log
+        log.exception("loading data failed")
+        return (error_md(f"Unexpected error while loading the data ({type(e).__name__}: {e})."), None,
+                gr.update(visible=False), None, None, {}, gr.update())
+    source, config = result["source"], result["config"]
+    state = {"dataset": source.dataset, "file": str(source.file) if source.file else None, "name": source.name,
+             "format": result["prepared"].format, "preview": result["preview"],
+             "rows": {k: len(v) for k, v in result["prepared"].splits.as_dict().items()}}
+    n = len(result["preview"])
+    return (summary_markdown(result), result["segments"],
+            gr.update(visible=n > 1, maximum=max(n, 2), value=1), stats_table(result["stats"]),
+            length_histogram(result["lengths"], config.max_seq_length), state, gr.update())
+
+
+def show_example(ctx: AppContext, state: dict, index: int, settings: dict[str, Any]):
+    """The preview of example `index` (1-based) of the loaded data."""
+    preview = (state or {}).get("preview") or []
+    if not preview:
+        return None
+    example = preview[min(max(index, 1), len(preview)) - 1]
+    try:
+        config = config_from_values(settings, dataset=state["dataset"])
+        tokenizer, _ = load_tokenizer_for(ctx, config)
+        return preview_segments(example, tokenizer, config)
+    except FinetuneError as e:
+        return [(str(e), None)]

@@ -1,0 +1,197 @@
+"""Export & share tab: download the adapter (or full model) as a zip, merge the adapter into its base and
+download or push that, and push to the Hugging Face Hub (token: Sign in with HF → HF_TOKEN → typed)."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Optional
+
+import gradio as gr
+
+from finetune.errors import FinetuneError
+
+from .context import AppContext, owner_of
+from .messages import error_md, ok_md
+
+log = logging.getLogger(__name__)
+
+EXPORT_ROOT = Path(tempfile.gettempdir()) / "finetune-exports"  # Gradio serves files from the temp dir
+PROVENANCE_FILES = ("run.yaml", "results.json")  # added to the zip beside the weights
+
+
+def zip_folder(folder: Path, out_zip: Path, extra: list[Path] = ()) -> Path:
+    """Zip `folder`'s files (paths relative to it) plus `extra` files at the zip's root."""
+    out_zip.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(out_zip, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                z.write(path, path.relative_to(folder).as_posix())
+        for path in extra:
+            if path.is_file():
+                z.write(path, path.name)
+    return out_zip
+
+
+def export_zip(ctx: AppContext, owner: str, run_id: str | None, which: str = "weights") -> Path:
+    """A zip of the run's adapter/ (or model/) — or of merged/ with `which="merged"` — in a fresh temp folder."""
+    if not run_id:
+        raise FinetuneError("pick a run first")
+    run_dir = ctx.runs.run_dir(run_id, owner)
+    if which == "merged":
+        folder, label = run_dir / "merged", "merged"
+        if not folder.is_dir():
+            raise FinetuneError("this run has no merged model yet; press **Merge** first")
+    else:
+        folder = next((run_dir / n for n in ("adapter", "model") if (run_dir / n).is_dir()), None)
+        if folder is None:
+            raise FinetuneError("this run has no adapter or model yet: wait until it finishes (or stop it; a "
+                                "stopped run saves its adapter)")
+        label = folder.name
+    out = EXPORT_ROOT / secrets.token_urlsafe(12) / f"{label}-{run_id[:8]}.zip"
+    return zip_folder(folder, out, [run_dir / name for name in PROVENANCE_FILES])
+
+
+def download_update(path: Path, what: str) -> dict:
+    size_mb = path.stat().st_size / 1e6
+    return gr.update(value=str(path), label=f"⬇ Download {what} ({size_mb:.1f} MB)", visible=True)
+
+
+def merge_run(ctx: AppContext, owner: str, run_id: str | None, dtype: str, progress=None) -> str:
+    from finetune.merge import merge_adapter
+
+    if not run_id:
+        raise FinetuneError("pick a run first")
+    run_dir = ctx.runs.run_dir(run_id, owner)
+    if progress:
+        progress(0.1, desc="Loading base and adapter")
+    report = merge_adapter(run_dir, run_dir / "merged", dtype=dtype)
+    check = f" (max |logit difference| vs base + adapter: {report.max_abs_logit_diff:.1e})" \
+        if report.max_abs_logit_diff is not None else ""
+    return ok_md(f"Merged into a standalone {report.dtype} model{check}.")
+
+
+def push(ctx: AppContext, owner: str, run_id: str | None, repo: str, what: str, private: bool,
+         oauth_token: Any, typed_token: str | None, progress=None) -> str:
+    """Push to the Hub; every error is scrubbed of the token before it is shown."""
+    from finetune.hub import push_run, resolve_token, scrub
+
+    token = resolve_token(oauth_token=oauth_token, typed_token=typed_token)
+    try:
+        if not run_id:
+            raise FinetuneError("pick a run first")
+        if not (repo or "").strip():
+            raise FinetuneError("type a repo name, e.g. `my-adapter` (under your user) or `org/my-adapter`")
+        run_dir = ctx.runs.run_dir(run_id, owner)
+        if token is None:
+            raise FinetuneError("no Hugging Face token: sign in with Hugging Face, or paste a token with write "
+                                "access (https://huggingface.co/settings/tokens)")
+        merged = None
+        if what in ("merged", "both") and not (run_dir / "model").is_dir():
+            if not (run_dir / "merged").is_dir():
+                raise FinetuneError("merge the adapter first (press **Merge**), then push the merged model")
+            merged = run_dir / "merged"
+        report = (lambda f, msg: progress(f, desc=msg)) if progress else None
+        result = push_run(run_dir, repo.strip(), what=what, token=token, private=private, merged_dir=merged,
+                          progress=report)
+    except FinetuneError as e:
+        return error_md(scrub(str(e), token))
+    except Exception as e:  # noqa: BLE001 - unexpected: still never echo the token
+        log.error("push failed: %s", scrub(f"{type(e).__name__}: {e}", token))
+        return error_md(scrub(f"Push failed ({type(e).__name__}: {e})", token))
+    links = ", ".join(f"[{r.repo_id}]({r.url})" for r in result.repos)
+    return ok_md(f"Pushed: {links}")
+
+
+def login_available(ctx: AppContext) -> bool:
+    """Sign in with Hugging Face works in a Space with OAuth's libraries installed."""
+    if not ctx.on_space:
+        return False
+    try:
+        import authlib  # noqa: F401
+        import itsdangerous  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ============================================================================ layout and wiring
+
+def create_export_tab(ctx: AppContext) -> dict[str, Any]:
+    c: dict[str, Any] = {}
+    c["run"] = gr.Dropdown([], value=None, label="Run", allow_custom_value=True, elem_id="export-run",
+                           info="Your finished (or stopped) runs.")
+    c["message"] = gr.Markdown(elem_id="export-message")
+    with gr.Row(equal_height=False):
+        with gr.Column():
+            gr.Markdown("### Download", elem_classes="ft-subhead")
+            c["zip"] = gr.Button("Prepare adapter zip", variant="primary", elem_id="export-zip")
+            c["download"] = gr.DownloadButton("Download", visible=False, elem_id="export-download")
+            gr.Markdown("### Merge", elem_classes="ft-subhead")
+            gr.Markdown("Fold the LoRA adapter into the base weights: a standalone model that loads without PEFT.",
+                        elem_classes="ft-help")
+            c["dtype"] = gr.Dropdown(["fp32", "bf16", "fp16"], value="bf16", label="Merged weights dtype",
+                                     info="bf16 halves the size; fp32 is exact.")
+            c["merge"] = gr.Button("Merge", elem_id="export-merge")
+            c["merge_zip"] = gr.Button("Prepare merged model zip", elem_id="export-merged-zip")
+            c["merged_download"] = gr.DownloadButton("Download merged", visible=False, elem_id="export-merged-download")
+        with gr.Column():
+            gr.Markdown("### Push to the Hugging Face Hub", elem_classes="ft-subhead")
+            if login_available(ctx):
+                c["login"] = gr.LoginButton()
+            c["token"] = gr.Textbox(label="Hugging Face token (write access)", type="password",
+                                    placeholder="hf_… (not needed when signed in or when HF_TOKEN is set)",
+                                    info="Used for this push only; never stored or shown.", elem_id="export-token")
+            c["repo"] = gr.Textbox(label="Repo name", placeholder="my-adapter or org/my-adapter", elem_id="export-repo")
+            with gr.Row():
+                c["what"] = gr.Radio([("Adapter", "adapter"), ("Merged model", "merged"), ("Both", "both")],
+                                     value="adapter", label="What")
+                c["private"] = gr.Checkbox(value=True, label="Private repo", info="Applies when the repo is created.")
+            c["push"] = gr.Button("Push", variant="primary", elem_id="export-push")
+            c["push_status"] = gr.Markdown(elem_id="export-push-status")
+    return c
+
+
+def wire_export_tab(ctx: AppContext, c: dict, *, owner: gr.State) -> None:
+    def on_zip(who: str, run_id: str | None, request: gr.Request):
+        try:
+            path = export_zip(ctx, owner_of(who, request.session_hash), run_id)
+        except FinetuneError as e:
+            return error_md(str(e)), gr.update(visible=False)
+        return ok_md(f"`{path.name}` is ready."), download_update(path, path.name)
+
+    c["zip"].click(on_zip, [owner, c["run"]], [c["message"], c["download"]], concurrency_limit=2,
+                   api_name="export_zip")
+
+    def on_merge(who: str, run_id: str | None, dtype: str, request: gr.Request, progress=gr.Progress()):
+        try:
+            return merge_run(ctx, owner_of(who, request.session_hash), run_id, dtype, progress)
+        except FinetuneError as e:
+            return error_md(str(e))
+
+    c["merge"].click(on_merge, [owner, c["run"], c["dtype"]], c["message"], concurrency_limit=1,
+                     concurrency_id="model", api_name="merge")
+
+    def on_merged_zip(who: str, run_id: str | None, request: gr.Request):
+        try:
+            path = export_zip(ctx, owner_of(who, request.session_hash), run_id, "merged")
+        except FinetuneError as e:
+            return error_md(str(e)), gr.update(visible=False)
+        return ok_md(f"`{path.name}` is ready."), download_update(path, path.name)
+
+    c["merge_zip"].click(on_merged_zip, [owner, c["run"]], [c["message"], c["merged_download"]],
+                         concurrency_limit=2, api_name="export_merged_zip")
+
+    def on_push(who: str, run_id: str | None, repo: str, what: str, private: bool, typed: str,
+                request: gr.Request, oauth_token: Optional[gr.OAuthToken], progress=gr.Progress()):
+        return push(ctx, owner_of(who, request.session_hash), run_id, repo, what, private, oauth_token, typed,
+                    progress)
+
+    c["push"].click(on_push, [owner, c["run"], c["repo"], c["what"], c["private"], c["token"]], c["push_status"],
+                    concurrency_limit=1, api_name="push")
+    c["run"].change(lambda: (gr.update(visible=False), gr.update(visible=False), ""), None,
+                    [c["download"], c["merged_download"], c["message"]], queue=False, api_visibility="private")
+

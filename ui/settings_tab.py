@@ -1,0 +1,198 @@
+"""Model & settings tab: base model, method with presets, basic settings, an Advanced accordion of every other
+field (each with its help text as tooltip), a memory estimate against this machine, and the exact YAML and
+CLI command the Train button will run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from finetune.config import DEFAULT_BASE_MODEL, DEMO_MODEL_ID, RunConfig
+from finetune.errors import FinetuneError
+from finetune.memory import available_memory, estimate_memory, model_shape
+
+from .forms import (BASIC_FIELDS, DEMO_PRESET, METHOD_LABELS, METHOD_PRESETS, advanced_fields, config_from_values,
+                    field_widget)
+from .messages import error_md, notice_md, ok_md, warning_md
+
+# Sensible small-to-8B instruct models (any other Hub id or local folder can be typed in).
+MODEL_CHOICES = [
+    "HuggingFaceTB/SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-360M-Instruct",
+    "HuggingFaceTB/SmolLM2-1.7B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-1.5B-Instruct",
+    "meta-llama/Llama-3.2-1B-Instruct", "meta-llama/Llama-3.2-3B-Instruct", "meta-llama/Llama-3.1-8B-Instruct",
+    "mistralai/Mistral-7B-Instruct-v0.3",
+]
+DEMO_CHOICE = ("demo: offline random-weight model (for trying the app)", DEMO_MODEL_ID)
+GIB = 2**30
+_PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def model_choices(hub_ok: bool) -> list[tuple[str, str]]:
+    """Dropdown choices: the demo model first when the Hub can't be reached, last otherwise."""
+    real = [(name, name) for name in MODEL_CHOICES]
+    return [DEMO_CHOICE, *real] if not hub_ok else [*real, DEMO_CHOICE]
+
+
+def default_model(hub_ok: bool) -> str:
+    return DEFAULT_BASE_MODEL if hub_ok else DEMO_MODEL_ID
+
+
+def hub_notice(hub_ok: bool) -> str:
+    if hub_ok:
+        return ""
+    return notice_md("The Hugging Face Hub can't be reached from here, so the **offline demo model** is selected. "
+                     "Models that are not in the local cache fall back to it (labelled in the results). "
+                     "Its answers are noise until trained: use it to try the whole flow.")
+
+
+def apply_preset(method: str, base_model: str) -> list:
+    """New values for the preset fields (PRESET_FIELDS order) when the method or model changes."""
+    preset = dict(METHOD_PRESETS.get(method, METHOD_PRESETS["lora"]))
+    if (base_model or "").strip() == DEMO_MODEL_ID:
+        preset.update(DEMO_PRESET)
+    return [preset.get(name, gr.skip()) for name in PRESET_FIELDS]
+
+
+PRESET_FIELDS = ("learning_rate", "lora_r", "lora_alpha", "lora_dropout", "batch_size", "gradient_accumulation_steps",
+                 "gradient_checkpointing", "num_train_epochs", "max_seq_length", "logging_steps")
+
+
+def memory_report(config: RunConfig, available: tuple[str, int, bool] | None = None) -> tuple[str, bool]:
+    """(markdown, fits) for the memory estimate of `config` on this machine (or on `available`)."""
+    shape = model_shape(config.base_model)
+    device, free, on_gpu = available or available_memory()
+    if shape is None:
+        return notice_md(f"Memory estimate: unknown for `{config.base_model}` (its config.json isn't cached here). "
+                         f"{device}: {free / GIB:.1f} GiB free."), True
+    est = estimate_memory(config, shape, on_gpu=on_gpu)
+    parts = (f"weights {_size(est.weights)} + gradients & optimizer {_size(est.training)} + "
+             f"activations {_size(est.activations)} + overhead {_size(est.overhead)}")
+    trainable = f"{_count(est.trainable_params)} trainable parameters of {_count(shape.n_params)}"
+    text = f"Estimated memory: **{_size(est.total)}** ({parts}); {device}: {_size(free)} free. {trainable}."
+    if config.method == "qlora" and not on_gpu:
+        return warning_md(text + " QLoRA's 4-bit base needs a CUDA GPU; on this CPU choose LoRA."), False
+    if est.total > free:
+        tips = "try QLoRA, a smaller batch, a shorter max sequence length or gradient checkpointing"
+        return warning_md(text + f" This run probably won't fit: {tips}."), False
+    return ok_md(text), True
+
+
+def _size(n_bytes: float) -> str:
+    return f"{n_bytes / GIB:.1f} GiB" if n_bytes >= GIB else f"{n_bytes / 2**20:.0f} MiB"
+
+
+def _count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return str(n)
+
+
+def yaml_and_command(config: RunConfig) -> tuple[str, str]:
+    """What the Train button writes and runs: the YAML (saved as run.yaml) and the command. In the app the
+    run manager points `output_dir` at the run's own folder and copies the dataset file into it."""
+    dataset = Path(config.dataset)
+    if dataset.is_absolute() and dataset.is_relative_to(_PROJECT_ROOT):  # bundled examples: a portable path
+        config = config.replace(dataset=str(dataset.relative_to(_PROJECT_ROOT)))
+    text = f"# python -m finetune train run.yaml\n{config.to_yaml()}"
+    return text, "python -m finetune train run.yaml"
+
+
+# ============================================================================ layout
+
+def create_settings_tab(hub_ok: bool) -> dict[str, Any]:
+    c: dict[str, Any] = {}
+    c["hub_notice"] = gr.Markdown(hub_notice(hub_ok), visible=not hub_ok)
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3, min_width=360):
+            c["base_model"] = gr.Dropdown(model_choices(hub_ok), value=default_model(hub_ok), allow_custom_value=True,
+                                          label="Base model", elem_id="field-base_model", filterable=True,
+                                          info="Pick one, or type any Hub id (`org/name`) or a local folder. "
+                                               "`demo` is the offline random-weight model.")
+            c["method"] = gr.Radio(METHOD_LABELS, value="lora", label="Method", elem_id="field-method",
+                                   info=RunConfig.field_help()["method"])
+            with gr.Row():
+                for name in BASIC_FIELDS[:3]:
+                    c[name] = field_widget(name)
+            with gr.Row():
+                for name in BASIC_FIELDS[3:]:
+                    c[name] = field_widget(name)
+            with gr.Accordion("Advanced", open=False, elem_id="settings-advanced"):
+                groups = RunConfig.field_groups()
+                for group in ("model", "data", "method", "training"):
+                    names = [n for n in advanced_fields() if n in groups[group]]
+                    if not names:
+                        continue
+                    gr.Markdown(f"**{group.capitalize()}**", elem_classes="ft-subhead")
+                    for start in range(0, len(names), 3):
+                        with gr.Row():
+                            for name in names[start:start + 3]:
+                                c[name] = field_widget(name)
+        with gr.Column(scale=2, min_width=300):
+            c["memory"] = gr.Markdown(elem_id="settings-memory")
+            c["show_yaml"] = gr.Button("Show as YAML / CLI command", elem_id="settings-show-yaml")
+            c["config_error"] = gr.Markdown(visible=False)
+            c["yaml"] = gr.Code(language="yaml", label="run.yaml", visible=False, elem_id="settings-yaml")
+            c["command"] = gr.Code(language="shell", label="Command", visible=False, interactive=False,
+                                   elem_id="settings-command")
+    _apply_demo_defaults(c, default_model(hub_ok))
+    return c
+
+
+def _apply_demo_defaults(c: dict, base_model: str) -> None:
+    """Start the widgets at the preset for the initially selected model."""
+    for name, value in zip(PRESET_FIELDS, apply_preset("lora", base_model)):
+        if name in c and not isinstance(value, dict):
+            c[name].value = value
+
+
+def settings_form(c: dict) -> dict[str, Any]:
+    """The widgets whose values make up a RunConfig (the data fields come from the Data tab)."""
+    names = ["base_model", "method", *BASIC_FIELDS, *advanced_fields()]
+    return {name: c[name] for name in names}
+
+
+def wire_settings_tab(c: dict, data_state: gr.State) -> None:
+    form = settings_form(c)
+    presets = [c[name] for name in PRESET_FIELDS]
+    for trigger in (c["method"], c["base_model"]):
+        trigger.change(apply_preset, [c["method"], c["base_model"]], presets, show_progress="hidden",
+                       api_visibility="private")
+
+    def on_change(**values):
+        return update_memory(values)
+
+    for name in ("base_model", "method", "batch_size", "max_seq_length", "lora_r", "gradient_checkpointing",
+                 "precision"):
+        c[name].change(on_change, None, c["memory"], inputs_kwargs=form, show_progress="hidden",
+                       api_name="memory_estimate" if name == "base_model" else None,
+                       api_visibility="public" if name == "base_model" else "private")
+
+    def on_show(state: dict, **values):
+        return show_yaml(values, (state or {}).get("dataset"))
+
+    c["show_yaml"].click(on_show, data_state, [c["config_error"], c["yaml"], c["command"]], inputs_kwargs=form,
+                         api_name="show_yaml")
+
+
+def update_memory(values: dict[str, Any]) -> str:
+    try:
+        config = config_from_values(values)
+    except FinetuneError as e:
+        return error_md(str(e))
+    return memory_report(config)[0]
+
+
+def show_yaml(values: dict[str, Any], dataset: str | None = None) -> tuple:
+    try:
+        config = config_from_values(values, **({"dataset": dataset} if dataset else {}))
+    except FinetuneError as e:
+        return gr.update(value=error_md(str(e)), visible=True), gr.update(visible=False), gr.update(visible=False)
+    text, command = yaml_and_command(config)
+    return gr.update(visible=False), gr.update(value=text, visible=True), gr.update(value=command, visible=True)
+
+
+__all__ = ["MODEL_CHOICES", "create_settings_tab", "default_model", "memory_report", "model_choices",
+           "settings_form", "show_yaml", "update_memory", "wire_settings_tab", "yaml_and_command"]

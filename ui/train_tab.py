@@ -1,0 +1,294 @@
+"""Train tab: Start (queued, one training at a time), Stop, and a live view polled from the run folder: progress
+with step, epoch and ETA, train/validation loss, learning rate, the log tail, and the final metrics table."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from finetune.errors import FinetuneError
+from finetune.runs import RunStatus
+
+from .context import AppContext, owner_of
+from .data_tab import DataSource, data_config
+from .messages import error_md, notice_md, ok_md, warning_md
+from .settings_tab import memory_report
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL_S = 1.0
+LOSS_COLUMNS = {"step": "int64", "loss": "float64", "split": "str"}  # column → dtype
+LR_COLUMNS = {"step": "int64", "learning_rate": "float64"}
+METRICS_HEADERS = ["metric", "value"]
+
+
+# ============================================================================ pure views of a run's status
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None or seconds != seconds or seconds < 0:  # None or NaN
+        return "-"
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def progress_numbers(status: RunStatus) -> dict[str, Any]:
+    """step, total, fraction (0..1), epoch, elapsed and ETA (seconds) from the metrics so far."""
+    records = [m for m in status.metrics if m.get("step") is not None]
+    step = max((m["step"] for m in records), default=0)
+    total = status.total_steps or 0
+    if status.state == "finished" and total:
+        step = total
+    last = max(records, key=lambda m: (m["step"], m.get("elapsed_s") or 0), default={})
+    elapsed = last.get("elapsed_s")
+    eta = None
+    if elapsed and step and total and step < total:
+        eta = elapsed / step * (total - step)  # seconds, at the average pace so far
+    fraction = min(1.0, step / total) if total else 0.0
+    return {"step": step, "total": total, "fraction": fraction, "epoch": last.get("epoch"), "elapsed": elapsed,
+            "eta": eta}
+
+
+def progress_html(status: RunStatus) -> str:
+    p = progress_numbers(status)
+    percent = 100 * p["fraction"]
+    parts = [f"step {p['step']}/{p['total'] or '?'}"]
+    if p["epoch"] is not None:
+        parts.append(f"epoch {p['epoch']:.2f}")
+    parts.append(f"{percent:.0f}%")
+    parts.append(f"elapsed {format_duration(p['elapsed'])}")
+    if status.state in ("running", "stopping"):
+        parts.append(f"ETA {format_duration(p['eta'])}")
+    kind = {"failed": "failed", "stopped": "stopped", "finished": "finished"}.get(status.state, "running")
+    return (f'<div class="ft-progress ft-{kind}" role="progressbar" aria-valuenow="{percent:.0f}" '
+            f'aria-valuemin="0" aria-valuemax="100"><div class="ft-bar" style="width:{percent:.1f}%"></div></div>'
+            f'<div class="ft-progress-text" id="train-progress-text">{" · ".join(parts)}</div>')
+
+
+def _typed_frame(rows: list[list], columns: dict[str, str]) -> pd.DataFrame:
+    """A DataFrame with fixed dtypes even when empty: the plot takes its axis types (numeric or category)
+    from the dtypes, and an empty frame's default `object` would make every axis a category."""
+    frame = pd.DataFrame(rows, columns=list(columns))
+    return frame.astype(columns)
+
+
+def loss_frame(metrics: list[dict]) -> pd.DataFrame:
+    # One point without a value per series first: the plot fixes its colour legend from the first data it
+    # gets, so both series must be in it from the start (points without a y value are not drawn).
+    rows = [[0, float("nan"), "train"], [0, float("nan"), "validation"]]
+    rows += [[m["step"], m["loss"], "train"] for m in metrics if m.get("loss") is not None]
+    rows += [[m["step"], m["eval_loss"], "validation"] for m in metrics if m.get("eval_loss") is not None]
+    return _typed_frame(rows, LOSS_COLUMNS)
+
+
+def lr_frame(metrics: list[dict]) -> pd.DataFrame:
+    rows = [[m["step"], m["learning_rate"]] for m in metrics if m.get("learning_rate") is not None]
+    return _typed_frame(rows, LR_COLUMNS)
+
+
+def _fmt(value: Any, spec: str = ".4g") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and value == float("inf"):
+        return "∞"
+    return format(value, spec) if isinstance(value, (int, float)) else str(value)
+
+
+def metrics_table(results: dict) -> list[list[str]]:
+    """The end-of-run table: losses, perplexities, test perplexity before → after, speed, trainable share."""
+    r = results
+    runtime = r.get("train_runtime")
+    tokens_per_s = (r["num_tokens"] / runtime) if r.get("num_tokens") and runtime else None
+    rows = [
+        ["train loss", _fmt(r.get("train_loss"))],
+        ["validation loss", _fmt(r.get("eval_loss"))],
+        ["train perplexity", _fmt(r.get("train_perplexity"))],
+        ["validation perplexity", _fmt(r.get("eval_perplexity"))],
+        ["test perplexity before → after",
+         f"{_fmt(r.get('test_perplexity_before'))} → {_fmt(r.get('test_perplexity_after'))}"],
+        ["runtime", format_duration(runtime)],
+        ["samples / s", _fmt(r.get("train_samples_per_second"), ".3g")],
+        ["tokens / s", _fmt(tokens_per_s, ".4g")],
+        ["trainable parameters", f"{_fmt(r.get('trainable_params'), ',')} ({_fmt(r.get('trainable_percent'), '.3g')}%)"],
+        ["peak memory", f"{_fmt(r.get('peak_memory_mb'), '.0f')} MB"],
+        ["steps", _fmt(r.get("global_step"), "d")],
+    ]
+    if r.get("is_demo_model"):
+        rows.append(["base model", "random-weight demo model (answers are only meaningful on trained prompts)"])
+    return rows
+
+
+def status_markdown(status: RunStatus) -> str:
+    name = f"Run `{status.run_id[:8]}`"
+    if status.state == "queued":
+        ahead = (status.queue_position or 1) - 1
+        return notice_md(f"{name} is waiting in the queue: position {status.queue_position} "
+                         f"({ahead} run{'s' if ahead != 1 else ''} ahead of it, plus the training in progress). "
+                         "One training runs at a time on this machine; it starts by itself.")
+    if status.state == "running":
+        if not status.metrics:
+            return notice_md(f"{name} is starting: loading the model and tokenising the data…")
+        return notice_md(f"{name} is training.")
+    if status.state == "stopping":
+        return warning_md(f"{name} is stopping: saving a checkpoint and the adapter…")
+    if status.state == "finished":
+        return ok_md(f"{name} finished. Try it in **Compare**, or download it in **Export**.")
+    if status.state == "stopped":
+        usable = " The adapter saved at the stop is usable in Compare and Export." if status.final_dir else ""
+        return warning_md(f"{name} was stopped.{usable}")
+    return error_md(f"{name} failed: {status.error or 'see the log below'}")
+
+
+# ============================================================================ handlers
+
+def run_choices(ctx: AppContext, owner: str, *, with_weights: bool = False) -> list[tuple[str, str]]:
+    return [(s.label, s.run_id) for s in ctx.runs.list_runs(owner) if s.has_weights or not with_weights]
+
+
+def start_training(ctx: AppContext, owner: str, data_state: dict, data_values: dict, settings: dict,
+                   force: bool = False) -> tuple[str, str | None]:
+    """Validate, check memory, queue the run. Returns (status markdown, run id or None)."""
+    if not data_state or not data_state.get("dataset"):
+        return error_md("No dataset yet: load one on the **Data** tab first."), None
+    file = data_state.get("file")
+    source = DataSource(data_state["dataset"], None if file is None else Path(file),
+                        data_state.get("name") or "dataset")
+    try:
+        config = data_config(data_values, settings, source)
+        report, fits = memory_report(config)
+        if not fits and not force:
+            return report + "\n\n" + error_md("Not started: the memory estimate says this run won't fit. Change the "
+                                              "settings, or tick “Start anyway”."), None
+        run_id = ctx.runs.submit(config, owner, dataset_file=source.file, dataset_name=source.name)
+    except FinetuneError as e:
+        return error_md(str(e)), None
+    position = ctx.runs.queue_position(run_id)
+    where = f" It is number {position} in the queue." if position else ""
+    return ok_md(f"Run `{run_id[:8]}` queued.{where}"), run_id
+
+
+def poll(ctx: AppContext, owner: str, run_id: str | None, view: dict) -> tuple:
+    """The live view of `run_id`: (status, progress, loss plot, lr plot, log, metrics table, timer, view state).
+
+    Plots are re-sent only when new metrics arrived (`view` remembers how many were shown)."""
+    if not run_id:
+        return (notice_md("No run selected. Start one with **Start training**."), "", gr.skip(), gr.skip(), "",
+                gr.update(visible=False), gr.Timer(active=False), {})
+    try:
+        status = ctx.runs.status(run_id, owner)
+    except FinetuneError as e:
+        return (error_md(str(e)), "", None, None, "", gr.update(visible=False), gr.Timer(active=False), {})
+    n = len(status.metrics)
+    fresh = view.get("run_id") != run_id or view.get("n") != n or view.get("state") != status.state
+    loss = loss_frame(status.metrics) if fresh else gr.skip()
+    lr = lr_frame(status.metrics) if fresh else gr.skip()
+    table = gr.update(value=metrics_table(status.results), visible=True) if status.results and status.done \
+        else gr.update(visible=False)
+    return (status_markdown(status), progress_html(status), loss, lr, status.log_tail, table,
+            gr.Timer(active=not status.done), {"run_id": run_id, "n": n, "state": status.state})
+
+
+def stop_run(ctx: AppContext, owner: str, run_id: str | None) -> str:
+    if not run_id:
+        return error_md("No run selected.")
+    try:
+        state = ctx.runs.stop(run_id, owner)
+    except FinetuneError as e:
+        return error_md(str(e))
+    if state == "stopping":
+        return warning_md("Stopping: the trainer saves a checkpoint and the adapter, then ends.")
+    return notice_md(f"The run is {state}.")
+
+
+# ============================================================================ layout and wiring
+
+def create_train_tab() -> dict[str, Any]:
+    c: dict[str, Any] = {}
+    with gr.Row(equal_height=True):
+        c["start"] = gr.Button("Start training", variant="primary", scale=2, elem_id="train-start")
+        c["stop"] = gr.Button("Stop", variant="stop", scale=1, elem_id="train-stop")
+        c["force"] = gr.Checkbox(label="Start anyway when the memory estimate says it won't fit", value=False,
+                                 scale=2, elem_id="train-force")
+    c["message"] = gr.Markdown(elem_id="train-message")
+    with gr.Row():
+        c["run"] = gr.Dropdown([], value=None, label="Run", allow_custom_value=True, scale=4, elem_id="train-run",
+                               info="Your runs on this machine, newest first.")
+        c["refresh"] = gr.Button("↻ Refresh list", scale=1, size="sm")
+    c["status"] = gr.Markdown(elem_id="train-status")
+    c["progress"] = gr.HTML(elem_id="train-progress")
+    with gr.Row():
+        c["loss_plot"] = gr.LinePlot(loss_frame([]), x="step", y="loss", color="split",
+                                     title="Loss", color_map={"train": "#6366f1", "validation": "#f59e0b"},
+                                     height=280, elem_id="train-loss-plot", x_title="step", y_title="loss")
+        c["lr_plot"] = gr.LinePlot(lr_frame([]), x="step", y="learning_rate",
+                                   title="Learning rate", height=280, elem_id="train-lr-plot", y_axis_format=".1e")
+    c["metrics"] = gr.Dataframe(headers=METRICS_HEADERS, label="Results", interactive=False, visible=False,
+                                elem_id="train-metrics")
+    c["log"] = gr.Textbox(label="Log (last lines)", lines=10, max_lines=10, autoscroll=True, interactive=False,
+                          elem_id="train-log", elem_classes="ft-log")
+    c["timer"] = gr.Timer(POLL_INTERVAL_S, active=False)
+    c["view"] = gr.State({})
+    return c
+
+
+def wire_train_tab(ctx: AppContext, c: dict, *, owner: gr.State, saved: gr.BrowserState, data_state: gr.State,
+                   data_form: dict, settings_form: dict, run_lists: list) -> None:
+    view_outputs = [c["status"], c["progress"], c["loss_plot"], c["lr_plot"], c["log"], c["metrics"], c["timer"],
+                    c["view"]]
+
+    def on_start(who: str, stored: dict, state: dict, force: bool, request: gr.Request, **values):
+        me = owner_of(who, request.session_hash)
+        data_values = {k: values.pop(k) for k in data_form}
+        message, run_id = start_training(ctx, me, state, data_values, values, bool(force))
+        stored = dict(stored or {})
+        if run_id:
+            stored["last_run"] = run_id
+        with_weights = run_choices(ctx, me, with_weights=True)
+        runs = gr.update(choices=run_choices(ctx, me), value=run_id) if run_id else gr.update()
+        return (message, runs, stored,
+                gr.Timer(active=bool(run_id)), *[gr.update(choices=with_weights) for _ in run_lists])
+
+    c["start"].click(on_start, [owner, saved, data_state, c["force"]],
+                     [c["message"], c["run"], saved, c["timer"], *run_lists],
+                     inputs_kwargs={**data_form, **settings_form}, concurrency_limit=2, api_name="start_training")
+
+    def on_poll(who: str, run_id: str | None, view: dict, request: gr.Request):
+        return poll(ctx, owner_of(who, request.session_hash), run_id, view or {})
+
+    c["timer"].tick(on_poll, [owner, c["run"], c["view"]], view_outputs, show_progress="hidden",
+                    concurrency_limit=16, api_name="poll")
+    c["run"].change(lambda: {}, None, c["view"], show_progress="hidden", api_visibility="private") \
+        .then(on_poll, [owner, c["run"], c["view"]], view_outputs, show_progress="hidden", api_visibility="private")
+
+    def on_stop(who: str, run_id: str | None, request: gr.Request):
+        return stop_run(ctx, owner_of(who, request.session_hash), run_id), gr.Timer(active=True)
+
+    c["stop"].click(on_stop, [owner, c["run"]], [c["message"], c["timer"]], concurrency_limit=4, api_name="stop")
+
+    def on_refresh(who: str, run_id: str | None, request: gr.Request):
+        me = owner_of(who, request.session_hash)
+        return (gr.update(choices=run_choices(ctx, me), value=run_id),
+                *[gr.update(choices=run_choices(ctx, me, with_weights=True)) for _ in run_lists])
+
+    c["refresh"].click(on_refresh, [owner, c["run"]], [c["run"], *run_lists], show_progress="hidden",
+                       api_name="list_runs")
+
+    # When a run ends, the Compare and Export lists gain it.
+    def on_state_change(who: str, view: dict, request: gr.Request):
+        """A run ended: relabel it in the Train list and offer it in Compare and Export."""
+        if (view or {}).get("state") not in ("finished", "stopped", "failed"):
+            return [gr.skip() for _ in range(1 + len(run_lists))]
+        me = owner_of(who, request.session_hash)
+        with_weights = run_choices(ctx, me, with_weights=True)
+        pick = {"value": view["run_id"]} if view["run_id"] in {r for _, r in with_weights} else {}
+        return (gr.update(choices=run_choices(ctx, me)),
+                *[gr.update(choices=with_weights, **pick) for _ in run_lists])
+
+    c["view"].change(on_state_change, [owner, c["view"]], [c["run"], *run_lists], show_progress="hidden",
+                     api_visibility="private")
+

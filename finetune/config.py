@@ -100,6 +100,10 @@ class RunConfig:
     seed: int = _f(42, "Seed for data split, shuffling, adapter init and sampling.", "training")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward: less memory, ~30% slower.",
                                       "training")
+    padding_free: bool = _f(True, "Train on padding-free batches: a micro-batch's examples end to end in one "
+                            "row, each attending only to itself (same loss and gradients as padded batches, "
+                            "no compute spent on padding). Models where that can't be verified use padded "
+                            "batches.", "training")
     precision: Precision = _f("auto", "`auto` picks bf16 where supported (CUDA or a bf16 CPU), else fp16 on "
                               "CUDA, else fp32.", "training")
     early_stopping_patience: int | None = _f(None, "Stop after this many evaluations without a better "

@@ -49,7 +49,12 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         if key.startswith("cfg_"):
             name = key[4:]
             data[name] = parse_value(name, raw)
-    return RunConfig.from_dict(data, source=getattr(args, "config", None) or "command line")
+    config = RunConfig.from_dict(data, source=getattr(args, "config", None) or "command line")
+    if config.trust_remote_code:
+        from .models import TRUST_REMOTE_CODE_WARNING
+
+        print(f"warning: {TRUST_REMOTE_CODE_WARNING}", file=sys.stderr)
+    return config
 
 
 def _yaml_keys(path: str) -> set[str]:
@@ -61,9 +66,12 @@ def _yaml_keys(path: str) -> set[str]:
 def cmd_train(args) -> int:
     from .train import train
 
+    from .distributed import is_main_process
+
     config = config_from_args(args)
     result = train(config)
-    _print_results(result.results, result.final_dir)
+    if is_main_process():  # under torchrun/accelerate, one summary, not one per process
+        _print_results(result.results, result.final_dir)
     return 0
 
 

@@ -12,6 +12,7 @@ import os
 import resource
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,8 @@ from typing import Any
 import torch
 
 from .config import RunConfig
+from .distributed import (ShardRecorder, allow_training_wrap, any_process, debug_shards_enabled, is_main_process,
+                          prepare_process, validate_launch)
 from .errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -49,7 +52,10 @@ class RunResult:
 
 # ----------------------------------------------------------------------------- run folder
 def write_status(output_dir: Path, state: str, **extra: Any) -> None:
-    """status.json: what the app polls. Written atomically so a reader never sees half a file."""
+    """status.json: what the app polls. Written atomically so a reader never sees half a file, and by the main
+    process only under a multi-process launcher (one writer per run folder)."""
+    if not is_main_process():
+        return
     data = {"state": state, "pid": os.getpid(), "time": time.time(), **extra}
     tmp = output_dir / "status.json.tmp"
     tmp.write_text(json.dumps(data), encoding="utf-8")
@@ -140,7 +146,8 @@ def _make_callbacks(config: RunConfig, metrics_path: Path, observer: TrainObserv
             self.on_step_end(args, state, control)  # a stop decided on this record takes effect at this step
 
         def on_step_end(self, args, state, control, **kw):
-            if self.training and (stop_flag["stop"] or observer.should_stop()):
+            # every process decides together: a rank that left the loop alone would leave the others waiting
+            if self.training and any_process(stop_flag["stop"] or observer.should_stop()):
                 stop_flag["stop"] = True
                 control.should_training_stop = True
                 control.should_save = True  # keep a checkpoint of where we stopped
@@ -246,6 +253,8 @@ def _sft_args(config: RunConfig, precision: str, total_steps: int, eval_every: i
         load_best_model_at_end=early, metric_for_best_model="eval_loss" if early else None,
         greater_is_better=False if early else None,
         report_to="none", dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False,
+        # DDP: every adapter weight takes part in every forward, so skip the per-step search for unused ones
+        ddp_find_unused_parameters=False if config.method != "full" else None,
         disable_tqdm=True,  # TerminalProgress draws one clean bar instead
     )
 
@@ -254,39 +263,60 @@ def _sft_args(config: RunConfig, precision: str, total_steps: int, eval_every: i
 def train(config: RunConfig, observer: TrainObserver | None = None, *, rows: list[dict] | None = None) -> RunResult:
     """Fine-tune `config.base_model` on `config.dataset` (or `rows`), writing everything to `config.output_dir`."""
     observer = observer or TrainObserver()
+    prepare_process()
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_status(out, "running")
+    # SIGTERM (the app's Stop) = graceful stop, from now until the run is written: a stop during the final
+    # save or evaluation lets them finish instead of killing the process halfway through writing the adapter
+    stop_flag = {"stop": False}
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signals can only be set there
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop_flag.update(stop=True)) if in_main_thread else None
     try:
-        return _train(config, observer, out, rows)
+        return _train(config, observer, out, rows, stop_flag)
     except BaseException as e:
+        # out of memory / disk full become errors for people, with what to change (and no traceback in the CLI)
+        from .models import resource_error
+
+        friendly = resource_error(e, config, out)
         state = "stopped" if isinstance(e, KeyboardInterrupt) else "failed"
-        write_status(out, state, error=str(e) or type(e).__name__)
+        try:
+            write_status(out, state, error=str(friendly or e) or type(e).__name__)
+        except OSError:  # the disk is full: the run manager reports the death with the log's last lines
+            pass
+        if friendly is not None:
+            raise friendly from e
         raise
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
-def _train(config: RunConfig, observer: TrainObserver, out: Path, rows: list[dict] | None) -> RunResult:
-    from trl import SFTTrainer
+def _train(config: RunConfig, observer: TrainObserver, out: Path, rows: list[dict] | None,
+           stop_flag: dict) -> RunResult:
     from transformers import EarlyStoppingCallback, PrinterCallback, set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
     from .data import load_examples, split_stats, write_split_files
+    from .fast_trainer import FastSFTTrainer
     from .models import load_tokenizer, resolve_base_model, resolve_precision
     from .templates import apply_template_choice, encode_example
 
+    validate_launch(config)  # launcher (FSDP, DeepSpeed) + method combinations that can't work
     t_start = time.time()
     set_seed(config.seed)
     precision = resolve_precision(config.precision)
 
     # --- setup: base model source, tokenizer + template, data
     source = resolve_base_model(config)
-    if source.notice:
+    if source.notice and is_main_process():
         print(source.notice, file=sys.stderr)
     tokenizer = load_tokenizer(source.path, revision=config.model_revision,
                                trust_remote_code=config.trust_remote_code)
     template_used = apply_template_choice(tokenizer, config.chat_template)
     data = load_examples(config, rows)
-    write_split_files(data.splits, out / "data")
+    if is_main_process():  # every process splits the same way (seeded); one writes
+        write_split_files(data.splits, out / "data")
     train_ds, dropped_train = tokenize_split(data.splits.train, tokenizer, config)
     eval_ds, _ = tokenize_split(data.splits.validation, tokenizer, config)
     test_ds, _ = tokenize_split(data.splits.test, tokenizer, config)
@@ -296,42 +326,52 @@ def _train(config: RunConfig, observer: TrainObserver, out: Path, rows: list[dic
     stats = split_stats(data.splits, lambda ex: encode_example(ex, tokenizer, max_seq_length=config.max_seq_length,
                                                                  train_on_prompt=config.train_on_prompt)["length"],
                         config.max_seq_length)
-    config.to_yaml(out / "run.yaml")  # resolved config, written before the slow part
+    if is_main_process():
+        config.to_yaml(out / "run.yaml")  # resolved config, written before the slow part
 
     # --- model and trainer
     model = _load_model(config, source.path, precision)
     total_steps, eval_every, save_every = _schedule(config, len(train_ds))
     args = _sft_args(config, precision, total_steps, eval_every, save_every, eval_ds is not None)
-    stop_flag = {"stop": False}
+    write_status(out, "running", total_steps=total_steps)  # lets the app draw progress and an ETA
     callbacks = _make_callbacks(config, out / "metrics.jsonl", observer, stop_flag)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tokenizer, peft_config=_peft_config(config), callbacks=callbacks)
+    # TRL's SFTTrainer with the same loss, computed faster: padding-free batches, LM head on target tokens only
+    trainer = FastSFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                             processing_class=tokenizer, peft_config=_peft_config(config), callbacks=callbacks,
+                             padding_free=config.padding_free)
     trainer.remove_callback(PrinterCallback)  # raw log dicts; TerminalProgress prints compact lines instead
+    shards = None
+    if debug_shards_enabled():  # diagnostic: which training rows this process batches (see finetune/distributed.py)
+        shards = trainer.data_collator = ShardRecorder(trainer.data_collator, [
+            encode_example(ex, tokenizer, max_seq_length=config.max_seq_length,
+                           train_on_prompt=config.train_on_prompt)["input_ids"] for ex in data.splits.train])
 
     # --- train: test loss before, the loop (SIGTERM = graceful stop), test loss after
     test_before = trainer.evaluate(test_ds, metric_key_prefix="test")["test_loss"] if test_ds is not None else None
+    allow_training_wrap(trainer)  # else an evaluation before train() leaves DDP processes training unsynced
     resume = _resume_path(config, get_last_checkpoint)
-    if resume is None and not config.resume_from_checkpoint:
+    if resume is None and not config.resume_from_checkpoint and is_main_process():
         (out / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh curve
     early = None
     if config.early_stopping_patience and eval_ds is not None:  # only around the loop: it reads eval_loss only
         early = EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience)
         trainer.add_callback(early)
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop_flag.update(stop=True))
     try:
         train_out = trainer.train(resume_from_checkpoint=resume)
     finally:
-        signal.signal(signal.SIGTERM, previous)
         if early is not None:
             trainer.remove_callback(early)
     status = "stopped" if stop_flag["stop"] else "finished"
+    if shards is not None:
+        shards.write(out / "data")
 
     # --- finish: save the final (best, with early stopping) weights with the tokenizer, measure, report
     final = final_dir_for(config)
-    trainer.save_model(str(final))
-    tokenizer.save_pretrained(str(final))
-    for leftover in ("training_args.bin", "README.md"):  # a pickle nobody needs; the Hub card is ours to write
-        (final / leftover).unlink(missing_ok=True)
+    trainer.save_model(str(final))  # every process: FSDP/DeepSpeed gather the weights; the main one writes
+    if is_main_process():
+        tokenizer.save_pretrained(str(final))
+        for leftover in ("training_args.bin", "README.md"):  # a pickle nobody needs; the Hub card is ours to write
+            (final / leftover).unlink(missing_ok=True)
     eval_loss = trainer.evaluate(eval_ds)["eval_loss"] if eval_ds is not None else None
     test_after = trainer.evaluate(test_ds, metric_key_prefix="test")["test_loss"] if test_ds is not None else None
     trainable, total_params = _param_counts(trainer.model)
@@ -359,7 +399,8 @@ def _train(config: RunConfig, observer: TrainObserver, out: Path, rows: list[dic
                  "dropped_without_answer_tokens": dropped_train, "token_stats": stats},
         "versions": library_versions(),
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+    if is_main_process():
+        (out / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
     write_status(out, status)
     return RunResult(status=status, output_dir=out, final_dir=final, results=results, model=trainer.model)
 

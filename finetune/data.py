@@ -134,7 +134,9 @@ def rows_from_text(text: str, *, source: str = "pasted rows") -> list[dict]:
         raise DataError(f"{source}: expected a JSON array of rows (starting with `[`) or one JSON object per "
                         f"line (starting with `{{`), got text starting with {body[:20]!r}", source=source)
     try:
-        doc = json.loads(body)
+        doc = _loads(body)
+    except _JsonLimit as e:
+        raise DataError(f"{source}: the JSON {e}", source=source) from None
     except json.JSONDecodeError as e:
         if body[0] == "{":  # several objects: JSON lines
             return _rows_from_json_lines(enumerate(body.splitlines(), 1), source, max_rows=None)
@@ -253,7 +255,9 @@ def _read_json_file(path: Path, name: str, max_rows: int | None) -> list[dict]:
     if not text.strip():
         return []
     try:
-        doc = json.loads(text)
+        doc = _loads(text)
+    except _JsonLimit as e:
+        raise DataError(f"{name}: the JSON {e}", source=name) from None
     except json.JSONDecodeError as e:
         if e.msg == "Extra data" and text.lstrip().startswith("{"):  # JSON lines saved as .json: read it anyway
             return _rows_from_json_lines(enumerate(text.splitlines(), 1), name, max_rows)
@@ -277,7 +281,9 @@ def _rows_from_json_lines(lines: Iterable[tuple[int, str]], name: str, max_rows:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = _loads(line)
+        except _JsonLimit as e:
+            raise DataError(f"{name}: the JSON on line {number} {e}", source=name, row=number) from None
         except json.JSONDecodeError as e:
             raise DataError(f"{name}: invalid JSON on line {number}: {e.msg} (column {e.colno}); each line must "
                             "hold one complete JSON object", source=name) from None
@@ -288,6 +294,24 @@ def _rows_from_json_lines(lines: Iterable[tuple[int, str]], name: str, max_rows:
         if max_rows and len(rows) >= max_rows:
             break
     return rows
+
+
+class _JsonLimit(ValueError):
+    """Hostile JSON that `json.loads` refuses with something other than a JSONDecodeError; says why."""
+
+
+def _loads(text: str) -> Any:
+    """`json.loads`, with its two non-JSONDecodeError failures (Python's recursion limit, ~1000 levels, and
+    its 4300-digit limit on integers) turned into `_JsonLimit`, so that no input escapes as a crash."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise _JsonLimit("is nested too deeply (about 1000 levels of brackets or more); rows need only a few "
+                         "levels: a list of turns, each an object") from None
+    except ValueError as e:
+        if isinstance(e, json.JSONDecodeError):
+            raise
+        raise _JsonLimit("holds a number with too many digits (more than 4300); write it as a string") from None
 
 
 def _json_document_error(e: json.JSONDecodeError, name: str) -> DataError:
@@ -666,6 +690,7 @@ def _required_text(row: dict, column: str, fix: str) -> str:
         raise _RowProblem(f"field `{column}` must be text, got {_kind(value)}", "write it as a JSON string", column)
     if value is None or not value.strip():
         raise _RowProblem(f"field `{column}` is empty", fix, column)
+    _check_encodable(value, f"field `{column}`", column)
     return value
 
 
@@ -677,15 +702,25 @@ def _optional_text(row: dict, column: str | None) -> str | None:
     if not isinstance(value, str):
         raise _RowProblem(f"field `{column}` must be text, got {_kind(value)}", "write it as a JSON string "
                           "(or leave it empty)", column)
+    _check_encodable(value, f"field `{column}`", column)
     return value if value.strip() else None
+
+
+def _check_encodable(text: str, where: str, column: str) -> None:
+    """Refuse text that can't be written as UTF-8: a lone UTF-16 surrogate, e.g. JSON's `"\\ud800"` escape."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise _RowProblem(f"{where} contains a character that is not valid Unicode (U+{ord(text[e.start]):04X})",
+                          "remove it (it is half of a broken emoji or accented letter)", column) from None
 
 
 def _parse_turns(value: Any) -> Any:
     """A conversation column's value; a JSON string (conversations stored in a CSV cell) is parsed."""
     if isinstance(value, str) and value.lstrip().startswith("["):
         try:
-            return json.loads(value)
-        except json.JSONDecodeError:
+            return _loads(value)
+        except ValueError:  # JSONDecodeError or _JsonLimit: not a list of turns; reported as text below
             return value
     return value
 
@@ -735,6 +770,7 @@ def _turn(turn: Any, number: int, column: str, shape_fix: str) -> dict:
                           "write the content as a string", column)
     if role != "system" and not content.strip():
         raise _RowProblem(f"{where} ({role}) is empty", "every user and assistant turn needs content", column)
+    _check_encodable(content, where, column)
     return {"role": role, "content": content}
 
 

@@ -29,3 +29,11 @@ class ModelError(FinetuneError):
 
 class HubError(FinetuneError):
     """The Hub refused or couldn't be reached. Never carries a token."""
+
+
+class OutOfMemory(FinetuneError):
+    """Training ran out of GPU or CPU memory. The message lists settings that need less."""
+
+
+class DiskFull(FinetuneError):
+    """A write failed because the disk (or a size quota) is full. The message names the folder."""

@@ -80,17 +80,24 @@ def _api(token: str | None = None):
 
 
 # ----------------------------------------------------------------------------- tokens
-def resolve_token(oauth_token: Any = None, typed_token: str | None = None) -> str | None:
+def resolve_token(oauth_token: Any = None, typed_token: str | None = None, *,
+                  machine_tokens: bool = True) -> str | None:
     """The token to use, first found: the Space's "Sign in with HF" token (a string or an object with
     `.token`, e.g. `gr.OAuthToken`), then `HF_TOKEN`, then one typed by the user, then the token saved
     by `hf auth login` (read only; never written). None when there is none.
+
+    `machine_tokens=False` skips the machine's own tokens (`HF_TOKEN` and the saved login): a public
+    Space must never push a visitor's request with its owner's token.
     """
     from huggingface_hub import constants
 
     oauth = getattr(oauth_token, "token", oauth_token)
-    for candidate in (oauth, os.environ.get("HF_TOKEN"), typed_token):
+    env = os.environ.get("HF_TOKEN") if machine_tokens else None
+    for candidate in (oauth, env, typed_token):
         if isinstance(candidate, str) and candidate.strip():
             return candidate.strip()
+    if not machine_tokens:
+        return None
     try:
         saved = Path(constants.HF_TOKEN_PATH).read_text(encoding="utf-8").strip()
     except OSError:

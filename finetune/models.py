@@ -6,9 +6,11 @@ demo model); `load_base_model` decides HOW they are loaded (dtype, quantisation)
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
+import shutil
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +19,14 @@ from urllib.parse import urlparse
 import torch
 
 from .config import DEMO_MODEL_ID, RunConfig
-from .errors import ModelError
+from .errors import DiskFull, FinetuneError, ModelError, OutOfMemory
 
 log = logging.getLogger(__name__)
+
+# Shown by the CLI and the app whenever `trust_remote_code` is on (it is off unless the user turns it on).
+TRUST_REMOTE_CODE_WARNING = ("`trust_remote_code` is on: Python files shipped inside the model repo will run on this "
+                             "machine with your permissions. Only use it for repos you trust, pinned with "
+                             "`model_revision` to a commit you have read.")
 
 # `name` or `org/name`: anything else that doesn't exist on disk is a mistyped local path.
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
@@ -144,6 +151,48 @@ def load_base_model(path: str, *, load_in_4bit: bool = False, precision: str = "
     if torch.cuda.is_available() and not load_in_4bit:
         model.to("cuda")
     return model
+
+
+# ----------------------------------------------------------------------------- running out of memory or disk
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, quota exceeded, file size limit
+_OOM_TEXT = ("out of memory", "can't allocate memory", "cannot allocate memory")
+
+
+def resource_error(exc: BaseException, config: RunConfig, folder: Path) -> FinetuneError | None:
+    """`OutOfMemory` or `DiskFull` for an exception that means one of them (None for anything else), with
+    concrete next steps for this run's `config`; `folder` is the run folder being written."""
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or (
+            isinstance(exc, RuntimeError) and any(t in str(exc).lower() for t in _OOM_TEXT)):
+        return OutOfMemory(out_of_memory_message(config, on_gpu=torch.cuda.is_available()))
+    if isinstance(exc, OSError) and exc.errno in _DISK_FULL_ERRNOS:
+        return DiskFull(disk_full_message(exc, folder))
+    return None
+
+
+def out_of_memory_message(config: RunConfig, *, on_gpu: bool) -> str:
+    where = "GPU" if on_gpu else "CPU RAM"
+    tips = []
+    if config.batch_size > 1:
+        tips.append(f"a smaller `batch_size` ({config.batch_size} → {max(1, config.batch_size // 2)}; double "
+                    "`gradient_accumulation_steps` to keep the effective batch)")
+    if config.max_seq_length > 256:
+        tips.append(f"a shorter `max_seq_length` ({config.max_seq_length} → {config.max_seq_length // 2})")
+    if config.method != "qlora":
+        tips.append("`method: qlora` (a 4-bit base needs about a quarter of the weight memory; CUDA GPU)")
+    if not config.gradient_checkpointing:
+        tips.append("`gradient_checkpointing: true` (recomputes activations: less memory, ~30% slower)")
+    advice = "; ".join(tips) if tips else "a smaller base model"
+    return f"training ran out of memory ({where}). Try: {advice}"
+
+
+def disk_full_message(exc: OSError, folder: Path) -> str:
+    try:
+        free = f"; {shutil.disk_usage(folder).free / 1e9:.2f} GB free there now"
+    except OSError:
+        free = ""
+    what = os.strerror(exc.errno) if exc.errno else type(exc).__name__
+    return (f"the disk is full: writing to {folder} failed ({what}{free}). Free space there (delete old runs or "
+            "checkpoints), lower `save_total_limit`, or set `output_dir` on a bigger disk")
 
 
 def _load_failure(what: str, path: str, exc: Exception) -> str:

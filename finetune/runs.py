@@ -37,6 +37,10 @@ from .config import RunConfig
 from .errors import FinetuneError
 
 WORKSPACE_ENV = "FINETUNE_WORKSPACE"
+# Disk hygiene: finished/stopped/failed runs older than this many days, then the oldest ones while the runs
+# folder is over this many GB (1 GB = 1e9 bytes), are deleted at start and after each run. Unset: keep all.
+MAX_RUN_AGE_ENV = "FINETUNE_MAX_RUN_AGE_DAYS"
+MAX_WORKSPACE_ENV = "FINETUNE_MAX_WORKSPACE_GB"
 DEFAULT_WORKSPACE = "./workspace"
 SPACE_STORAGE = Path("/data")  # a Space's persistent storage, when it has some
 ACTIVE_STATES = ("queued", "running", "stopping")
@@ -59,6 +63,36 @@ def workspace_from_env() -> Path:
     if os.environ.get("SPACE_ID") and os.access(SPACE_STORAGE, os.W_OK):
         return SPACE_STORAGE / "workspace"
     return Path(DEFAULT_WORKSPACE).resolve()
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How long finished runs are kept: by age (days) and by the runs folder's total size (bytes)."""
+    max_age_days: float | None = None
+    max_total_bytes: int | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.max_age_days is not None or self.max_total_bytes is not None
+
+    @classmethod
+    def from_env(cls) -> Retention:
+        """From $FINETUNE_MAX_RUN_AGE_DAYS and $FINETUNE_MAX_WORKSPACE_GB; a bad value is a FinetuneError."""
+        age, size = (_positive_env(name) for name in (MAX_RUN_AGE_ENV, MAX_WORKSPACE_ENV))
+        return cls(max_age_days=age, max_total_bytes=None if size is None else int(size * 1e9))
+
+
+def _positive_env(name: str) -> float | None:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise FinetuneError(f"${name} must be a positive number (got {raw!r}); unset it to keep every run")
+    return value
 
 
 def safe_filename(name: str, *, default: str = "upload") -> str:
@@ -228,7 +262,7 @@ class RunManager:
 
     def __init__(self, workspace: str | Path, *, python: str = sys.executable,
                  stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S, poll_interval_s: float = 0.5,
-                 start_worker: bool = True):
+                 start_worker: bool = True, retention: Retention | None = None):
         self.workspace = Path(workspace).expanduser().resolve()
         self.runs_dir = self.workspace / "runs"
         self.runs_dir.mkdir(parents=True, exist_ok=True)
@@ -241,7 +275,9 @@ class RunManager:
         self._proc: subprocess.Popen | None = None
         self._kill_at: float | None = None        # time.time() when a stopping run gets SIGKILL
         self._closed = threading.Event()
+        self.retention = retention or Retention()
         self._recover()
+        self.apply_retention()
         self._worker = None
         if start_worker:
             self._worker = threading.Thread(target=self._work, name="finetune-run-queue", daemon=True)
@@ -287,6 +323,30 @@ class RunManager:
         return RunStatus(run_id=run_id, run_dir=run_dir, state=state, created=self._created(run_dir),
                          queue_position=position, error=info.get("error"), log_tail=tail(run_dir / "log.txt"),
                          metrics=metrics, results=results, total_steps=total, config=config)
+
+    def resume(self, run_id: str, owner: str) -> str:
+        """Queue a failed or stopped run again in its own folder, continuing from its newest complete checkpoint
+        (`resume_from_checkpoint`) with the same config; without a checkpoint it starts over. Returns the state."""
+        run_dir = self.run_dir(run_id, owner)
+        with self._lock:
+            state, _ = self._state(run_id, run_dir)
+            if state not in ("failed", "stopped"):
+                raise FinetuneError(f"run `{run_id[:8]}` is {state}; only a failed or stopped run can be resumed")
+            config = self._config(run_dir)
+            if config is None:
+                raise FinetuneError(f"run `{run_id[:8]}` has no readable run.yaml, so it can't be resumed; "
+                                    "start a new run")
+            checkpoint = latest_complete_checkpoint(run_dir)
+            config = config.replace(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+            config.to_yaml(run_dir / "run.yaml")
+            (run_dir / "stop_requested").unlink(missing_ok=True)
+            note = f"resuming from {checkpoint.name}" if checkpoint else "no complete checkpoint: starting over"
+            with (run_dir / "log.txt").open("a", encoding="utf-8") as log:
+                log.write(f"\n=== {note} ===\n")
+            _write_json(run_dir / "status.json", {"state": "queued", "time": time.time()})
+            self._queue.append(run_id)
+        self.pump()
+        return self.status(run_id, owner).state
 
     def queue_position(self, run_id: str) -> int | None:
         """1 when the run starts next, None when it is not waiting."""
@@ -360,6 +420,14 @@ class RunManager:
         self._closed.set()
         if self._worker is not None:
             self._worker.join(timeout=5)
+
+    def apply_retention(self) -> list[str]:
+        """`cleanup` with this manager's retention (from the environment in the app); run at start and after
+        each run ends."""
+        if not self.retention.active:
+            return []
+        return self.cleanup(max_age_days=self.retention.max_age_days,
+                            max_total_bytes=self.retention.max_total_bytes)
 
     def cleanup(self, *, max_age_days: float | None = None, max_total_bytes: int | None = None) -> list[str]:
         """Delete finished, stopped and failed runs older than `max_age_days`, then the oldest ones until the
@@ -484,6 +552,7 @@ class RunManager:
         if info.get("state") in ("running", "stopping"):
             self._record_death(run_dir, info)
         self._active, self._proc, self._kill_at = None, None, None
+        self.apply_retention()  # the run that just ended is the newest, so never the one deleted by age
 
     def _start_next(self) -> None:
         while self._queue:
@@ -516,9 +585,22 @@ class RunManager:
             pass
 
 
+def latest_complete_checkpoint(run_dir: Path) -> Path | None:
+    """The newest `checkpoints/checkpoint-N` that was written completely (the Trainer writes trainer_state.json
+    last), or None. A process killed while saving leaves a partial folder, which resuming must skip."""
+    folder = run_dir / "checkpoints"
+    found = []
+    for path in folder.glob("checkpoint-*") if folder.is_dir() else ():
+        step = path.name.rpartition("-")[2]
+        if step.isdigit() and _read_json(path / "trainer_state.json") is not None:
+            found.append((int(step), path))
+    return max(found)[1] if found else None
+
+
 def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-__all__ = ["ACTIVE_STATES", "DONE_STATES", "RunManager", "RunNotFound", "RunStatus", "RunSummary", "copy_into",
-           "estimate_total_steps", "read_metrics", "safe_filename", "tail", "workspace_from_env"]
+__all__ = ["ACTIVE_STATES", "DONE_STATES", "Retention", "RunManager", "RunNotFound", "RunStatus", "RunSummary",
+           "copy_into", "estimate_total_steps", "latest_complete_checkpoint", "read_metrics", "safe_filename", "tail",
+           "workspace_from_env"]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune.errors import FinetuneError
-from finetune.runs import RunManager, workspace_from_env
+from finetune.runs import Retention, RunManager, workspace_from_env
 
 # Session owners we mint ourselves look like this; anything else arriving from a browser is ignored,
 # so nobody can claim another user's runs (e.g. an `hf:` owner) by editing localStorage.
@@ -50,7 +50,10 @@ def create_context(workspace: str | Path | None = None, *, start_worker: bool = 
     on_space = bool(os.environ.get("SPACE_ID"))
     allow_local = os.environ.get("FINETUNE_ALLOW_LOCAL_PATHS", "0" if on_space else "1").lower() in _TRUE
     max_mb = float(os.environ.get("FINETUNE_MAX_UPLOAD_MB", "200"))
-    return AppContext(workspace=workspace, runs=RunManager(workspace, start_worker=start_worker),
+    # old runs are deleted by age / quota ($FINETUNE_MAX_RUN_AGE_DAYS, $FINETUNE_MAX_WORKSPACE_GB) at start
+    # and after each run; never a queued or running one
+    runs = RunManager(workspace, start_worker=start_worker, retention=Retention.from_env())
+    return AppContext(workspace=workspace, runs=runs,
                       secret=_browser_secret(workspace), allow_local_paths=allow_local, on_space=on_space,
                       max_upload_bytes=int(max_mb * 1_000_000))
 

@@ -68,7 +68,9 @@ def resolve_source(ctx: AppContext, owner: str, values: dict[str, Any]) -> DataS
         folder = ctx.uploads_dir(owner) / secrets.token_hex(6)  # one folder per paste: errors name the file
         folder.mkdir()
         path = folder / "pasted_rows.jsonl"
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        # ASCII escapes: a lone surrogate (`\ud800`) in pasted JSON can't be written as UTF-8; normalisation
+        # then reports its row and field instead of the write failing
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
         return DataSource(str(path), path, "pasted_rows.jsonl")
     if source == "Hub dataset id":
         hub_id = (values.get("hub_id") or "").strip()

@@ -79,7 +79,8 @@ def push(ctx: AppContext, owner: str, run_id: str | None, repo: str, what: str, 
     """Push to the Hub; every error is scrubbed of the token before it is shown."""
     from finetune.hub import push_run, resolve_token, scrub
 
-    token = resolve_token(oauth_token=oauth_token, typed_token=typed_token)
+    # In a Space, HF_TOKEN is the owner's secret: visitors push with their own sign-in or a pasted token only.
+    token = resolve_token(oauth_token=oauth_token, typed_token=typed_token, machine_tokens=not ctx.on_space)
     try:
         if not run_id:
             raise FinetuneError("pick a run first")

@@ -132,6 +132,7 @@ def create_settings_tab(hub_ok: bool) -> dict[str, Any]:
                                 c[name] = field_widget(name)
         with gr.Column(scale=2, min_width=300):
             c["memory"] = gr.Markdown(elem_id="settings-memory")
+            c["trust_warning"] = gr.Markdown(visible=False, elem_id="settings-trust-warning")
             c["show_yaml"] = gr.Button("Show as YAML / CLI command", elem_id="settings-show-yaml")
             c["config_error"] = gr.Markdown(visible=False)
             c["yaml"] = gr.Code(language="yaml", label="run.yaml", visible=False, elem_id="settings-yaml")
@@ -170,11 +171,21 @@ def wire_settings_tab(c: dict, data_state: gr.State) -> None:
                        api_name="memory_estimate" if name == "base_model" else None,
                        api_visibility="public" if name == "base_model" else "private")
 
+    c["trust_remote_code"].change(trust_remote_code_warning, c["trust_remote_code"], c["trust_warning"],
+                                  show_progress="hidden", api_visibility="private")
+
     def on_show(state: dict, **values):
         return show_yaml(values, (state or {}).get("dataset"))
 
     c["show_yaml"].click(on_show, data_state, [c["config_error"], c["yaml"], c["command"]], inputs_kwargs=form,
                          api_name="show_yaml")
+
+
+def trust_remote_code_warning(on: bool) -> dict:
+    """The warning shown (only) while the Trust remote code box is ticked."""
+    from finetune.models import TRUST_REMOTE_CODE_WARNING
+
+    return gr.update(value=warning_md(TRUST_REMOTE_CODE_WARNING) if on else "", visible=bool(on))
 
 
 def update_memory(values: dict[str, Any]) -> str:
@@ -195,4 +206,5 @@ def show_yaml(values: dict[str, Any], dataset: str | None = None) -> tuple:
 
 
 __all__ = ["MODEL_CHOICES", "create_settings_tab", "default_model", "memory_report", "model_choices",
-           "settings_form", "show_yaml", "update_memory", "wire_settings_tab", "yaml_and_command"]
+           "settings_form", "show_yaml", "trust_remote_code_warning", "update_memory", "wire_settings_tab",
+           "yaml_and_command"]

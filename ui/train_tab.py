@@ -205,6 +205,22 @@ def stop_run(ctx: AppContext, owner: str, run_id: str | None) -> str:
     return notice_md(f"The run is {state}.")
 
 
+def resume_run(ctx: AppContext, owner: str, run_id: str | None) -> str:
+    """Queue a failed or stopped run again; it continues from its last complete checkpoint."""
+    if not run_id:
+        return error_md("No run selected.")
+    try:
+        state = ctx.runs.resume(run_id, owner)
+    except FinetuneError as e:
+        return error_md(str(e))
+    config = ctx.runs.status(run_id, owner).config
+    where = (f"from `{Path(config.resume_from_checkpoint).name}`" if config and config.resume_from_checkpoint
+             else "from the start (it had no complete checkpoint)")
+    position = ctx.runs.queue_position(run_id)
+    queued = f" It is number {position} in the queue." if position else ""
+    return ok_md(f"Run `{run_id[:8]}` resumes {where}; it is {state}.{queued}")
+
+
 # ============================================================================ layout and wiring
 
 def create_train_tab() -> dict[str, Any]:
@@ -212,6 +228,7 @@ def create_train_tab() -> dict[str, Any]:
     with gr.Row(equal_height=True):
         c["start"] = gr.Button("Start training", variant="primary", scale=2, elem_id="train-start")
         c["stop"] = gr.Button("Stop", variant="stop", scale=1, elem_id="train-stop")
+        c["resume"] = gr.Button("Resume", scale=1, elem_id="train-resume")
         c["force"] = gr.Checkbox(label="Start anyway when the memory estimate says it won't fit", value=False,
                                  scale=2, elem_id="train-force")
     c["message"] = gr.Markdown(elem_id="train-message")
@@ -269,6 +286,13 @@ def wire_train_tab(ctx: AppContext, c: dict, *, owner: gr.State, saved: gr.Brows
         return stop_run(ctx, owner_of(who, request.session_hash), run_id), gr.Timer(active=True)
 
     c["stop"].click(on_stop, [owner, c["run"]], [c["message"], c["timer"]], concurrency_limit=4, api_name="stop")
+
+    def on_resume(who: str, run_id: str | None, request: gr.Request):
+        """A failed or stopped run continues from its last checkpoint (same folder, same settings)."""
+        return resume_run(ctx, owner_of(who, request.session_hash), run_id), {}, gr.Timer(active=True)
+
+    c["resume"].click(on_resume, [owner, c["run"]], [c["message"], c["view"], c["timer"]], concurrency_limit=4,
+                      api_name="resume")
 
     def on_refresh(who: str, run_id: str | None, request: gr.Request):
         me = owner_of(who, request.session_hash)

@@ -66,10 +66,13 @@ def _yaml_keys(path: str) -> set[str]:
 def cmd_train(args) -> int:
     from .train import train
 
-    from .distributed import is_main_process
+    from .distributed import finish_process, is_main_process
 
     config = config_from_args(args)
-    result = train(config)
+    try:
+        result = train(config)
+    finally:
+        finish_process()
     if is_main_process():  # under torchrun/accelerate, one summary, not one per process
         _print_results(result.results, result.final_dir)
     return 0

@@ -63,6 +63,15 @@ def prepare_process() -> None:
         datasets.utils.logging.disable_progress_bar()
 
 
+def finish_process() -> None:
+    """Tear the process group down before exit: gloo's worker threads still running when Python exits
+    abort the process ("terminate called without an active exception"), failing a finished run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def any_process(flag: bool) -> bool:
     """True on every process if `flag` is true on any of them (a MAX all-reduce; every process must call it
     at the same point). Used for stop requests: a SIGTERM or an observer may reach one rank a step earlier

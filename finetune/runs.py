@@ -219,6 +219,15 @@ def tail(path: Path, lines: int = LOG_TAIL_LINES, *, max_bytes: int = 64_000) ->
     return "\n".join(kept[-lines - 1:]).strip("\n") if kept else ""
 
 
+def train_command(python: str, run_yaml: str | Path, num_processes: int = 1) -> list[str]:
+    """The argument list that trains `run_yaml`: the CLI itself, or through `accelerate launch` (data parallel
+    over `num_processes` GPUs; only its main process writes the run folder)."""
+    if num_processes > 1:
+        return [python, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
+                "-m", "finetune", "train", str(run_yaml)]
+    return [python, "-m", "finetune", "train", str(run_yaml)]
+
+
 def estimate_total_steps(config: RunConfig, n_train: int) -> int:
     """Optimizer steps of a run on `n_train` training examples (one process): what the progress bar counts to."""
     if config.max_steps > 0:
@@ -285,18 +294,23 @@ class RunManager:
 
     # ------------------------------------------------------------------ public API
     def submit(self, config: RunConfig, owner: str, *, dataset_file: str | Path | None = None,
-               dataset_name: str | None = None) -> str:
+               dataset_name: str | None = None, num_processes: int = 1) -> str:
         """Create a run folder for `owner`, write its run.yaml and queue it; return the run id.
 
         `dataset_file` (an upload, pasted rows saved to a file, a bundled example) is copied into the
         run's `input/` folder under a sanitised `dataset_name` and the config points at the copy.
+        `num_processes` > 1 trains data-parallel through `accelerate launch` (recorded in launch.json, so a
+        resumed run launches the same way).
         """
+        if num_processes < 1:
+            raise FinetuneError(f"the number of processes must be at least 1 (got {num_processes})")
         if not owner:
             raise FinetuneError("a run needs an owner (the session or user that started it)")
         run_id = secrets.token_urlsafe(18)  # 144 random bits: unguessable, URL- and path-safe
         run_dir = self.runs_dir / run_id
         run_dir.mkdir()
         _write_json(run_dir / "owner.json", {"owner": owner, "created": time.time()})
+        _write_json(run_dir / "launch.json", {"num_processes": int(num_processes)})
         if dataset_file is not None:
             copied = copy_into(run_dir / "input", Path(dataset_file), dataset_name)
             config = config.replace(dataset=str(copied))
@@ -568,7 +582,8 @@ class RunManager:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PROJECT_ROOT), env.get("PYTHONPATH")]))
         with (run_dir / "log.txt").open("ab") as log:
             # An argument list (no shell); a new session so signals to the app never reach the trainer.
-            self._proc = subprocess.Popen([self.python, "-m", "finetune", "train", str(run_dir / "run.yaml")],
+            processes = int((_read_json(run_dir / "launch.json") or {}).get("num_processes", 1))
+            self._proc = subprocess.Popen(train_command(self.python, run_dir / "run.yaml", processes),
                                           cwd=str(run_dir), stdout=log, stderr=subprocess.STDOUT,
                                           stdin=subprocess.DEVNULL, env=env, start_new_session=True)
         self._active = run_id

@@ -342,3 +342,47 @@ def test_session_owner_ignores_forged_browser_values():
     assert session_owner({"owner": "s:" + "a" * 32}, None) == "s:" + "a" * 32
     assert session_owner({"owner": "../etc"}, None) != "../etc"
     assert owner_of("", "abc123") == "api:abc123" and owner_of("s:x", "abc") == "s:x"
+
+
+# ----------------------------------------------------------------------------- scaling out (issue: multi-GPU option)
+def test_processes_option_is_hidden_without_several_gpus():
+    import gradio as gr
+
+    with gr.Blocks():
+        widget = settings_tab.processes_widget()
+    assert settings_tab.gpu_count() <= 1, "this test runs on CPU machines"
+    assert widget.visible is False and widget.value == 1
+
+
+def test_more_than_one_process_launches_through_accelerate(tmp_path):
+    from finetune.runs import train_command
+
+    assert train_command("py", "run.yaml") == ["py", "-m", "finetune", "train", "run.yaml"]
+    assert train_command("py", "run.yaml", 4) == ["py", "-m", "accelerate.commands.launch", "--multi_gpu",
+                                                   "--num_processes", "4", "-m", "finetune", "train", "run.yaml"]
+    text, command = settings_tab.yaml_and_command(RunConfig(base_model="demo", dataset="d.jsonl"), 2)
+    assert command == "accelerate launch --multi_gpu --num_processes 2 -m finetune train run.yaml"
+    assert text.startswith(f"# {command}\n")
+    _, single = settings_tab.yaml_and_command(RunConfig(base_model="demo", dataset="d.jsonl"))
+    assert single == "python -m finetune train run.yaml"
+
+
+def test_submit_records_the_process_count_and_launches_with_it(tmp_path):
+    """`echo` stands in for the interpreter, so the launched argument list lands in the run's log.txt."""
+    import shutil
+    import time
+
+    from finetune.errors import FinetuneError
+    from finetune.runs import RunManager
+
+    runs = RunManager(tmp_path / "ws", python=shutil.which("echo"), start_worker=False)
+    run_id = runs.submit(RunConfig(base_model="demo", dataset="d.jsonl"), "alice", num_processes=2)
+    run_dir = runs.runs_dir / run_id
+    assert json.loads((run_dir / "launch.json").read_text()) == {"num_processes": 2}
+    deadline = time.monotonic() + 10
+    while not (run_dir / "log.txt").read_text().strip() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (run_dir / "log.txt").read_text().strip() == \
+        f"-m accelerate.commands.launch --multi_gpu --num_processes 2 -m finetune train {run_dir / 'run.yaml'}"
+    with pytest.raises(FinetuneError, match=r"the number of processes must be at least 1 \(got 0\)"):
+        runs.submit(RunConfig(base_model="demo", dataset="d.jsonl"), "alice", num_processes=0)

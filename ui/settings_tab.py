@@ -12,6 +12,7 @@ import gradio as gr
 from finetune.config import DEFAULT_BASE_MODEL, DEMO_MODEL_ID, RunConfig
 from finetune.errors import FinetuneError
 from finetune.memory import available_memory, estimate_memory, model_shape
+from finetune.runs import train_command
 
 from .forms import (BASIC_FIELDS, DEMO_PRESET, METHOD_LABELS, METHOD_PRESETS, advanced_fields, config_from_values,
                     field_widget)
@@ -90,14 +91,30 @@ def _count(n: int) -> str:
     return str(n)
 
 
-def yaml_and_command(config: RunConfig) -> tuple[str, str]:
+def yaml_and_command(config: RunConfig, num_processes: int = 1) -> tuple[str, str]:
     """What the Train button writes and runs: the YAML (saved as run.yaml) and the command. In the app the
     run manager points `output_dir` at the run's own folder and copies the dataset file into it."""
     dataset = Path(config.dataset)
     if dataset.is_absolute() and dataset.is_relative_to(_PROJECT_ROOT):  # bundled examples: a portable path
         config = config.replace(dataset=str(dataset.relative_to(_PROJECT_ROOT)))
-    text = f"# python -m finetune train run.yaml\n{config.to_yaml()}"
-    return text, "python -m finetune train run.yaml"
+    command = " ".join(train_command("python", "run.yaml", num_processes)).replace(
+        "python -m accelerate.commands.launch", "accelerate launch")
+    return f"# {command}\n{config.to_yaml()}", command
+
+
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def processes_widget() -> gr.Number:
+    """Data-parallel processes: shown only where there is more than one GPU to spread a run over."""
+    gpus = gpu_count()
+    return gr.Number(value=1, precision=0, minimum=1, maximum=max(gpus, 1), label="Processes / GPUs",
+                     visible=gpus > 1, elem_id="field-num_processes",
+                     info=f"Train data-parallel on up to {gpus} GPUs through `accelerate launch` (effective batch = "
+                          "batch size x gradient accumulation x processes).")
 
 
 # ============================================================================ layout
@@ -130,6 +147,7 @@ def create_settings_tab(hub_ok: bool) -> dict[str, Any]:
                         with gr.Row():
                             for name in names[start:start + 3]:
                                 c[name] = field_widget(name)
+                c["num_processes"] = processes_widget()
         with gr.Column(scale=2, min_width=300):
             c["memory"] = gr.Markdown(elem_id="settings-memory")
             c["trust_warning"] = gr.Markdown(visible=False, elem_id="settings-trust-warning")
@@ -151,7 +169,7 @@ def _apply_demo_defaults(c: dict, base_model: str) -> None:
 
 def settings_form(c: dict) -> dict[str, Any]:
     """The widgets whose values make up a RunConfig (the data fields come from the Data tab)."""
-    names = ["base_model", "method", *BASIC_FIELDS, *advanced_fields()]
+    names = ["base_model", "method", *BASIC_FIELDS, *advanced_fields(), "num_processes"]
     return {name: c[name] for name in names}
 
 
@@ -201,10 +219,10 @@ def show_yaml(values: dict[str, Any], dataset: str | None = None) -> tuple:
         config = config_from_values(values, **({"dataset": dataset} if dataset else {}))
     except FinetuneError as e:
         return gr.update(value=error_md(str(e)), visible=True), gr.update(visible=False), gr.update(visible=False)
-    text, command = yaml_and_command(config)
+    text, command = yaml_and_command(config, int(values.get("num_processes") or 1))
     return gr.update(visible=False), gr.update(value=text, visible=True), gr.update(value=command, visible=True)
 
 
-__all__ = ["MODEL_CHOICES", "create_settings_tab", "default_model", "memory_report", "model_choices",
-           "settings_form", "show_yaml", "trust_remote_code_warning", "update_memory", "wire_settings_tab",
+__all__ = ["MODEL_CHOICES", "create_settings_tab", "default_model", "gpu_count", "memory_report", "model_choices",
+           "processes_widget", "settings_form", "show_yaml", "trust_remote_code_warning", "update_memory", "wire_settings_tab",
            "yaml_and_command"]

@@ -164,7 +164,8 @@ def start_training(ctx: AppContext, owner: str, data_state: dict, data_values: d
         if not fits and not force:
             return report + "\n\n" + error_md("Not started: the memory estimate says this run won't fit. Change the "
                                               "settings, or tick “Start anyway”."), None
-        run_id = ctx.runs.submit(config, owner, dataset_file=source.file, dataset_name=source.name)
+        run_id = ctx.runs.submit(config, owner, dataset_file=source.file, dataset_name=source.name,
+                                 num_processes=int(settings.get("num_processes") or 1))
     except FinetuneError as e:
         return error_md(str(e)), None
     position = ctx.runs.queue_position(run_id)

@@ -583,7 +583,8 @@ class RunManager:
         with (run_dir / "log.txt").open("ab") as log:
             # An argument list (no shell); a new session so signals to the app never reach the trainer.
             processes = int((_read_json(run_dir / "launch.json") or {}).get("num_processes", 1))
-            self._proc = subprocess.Popen(train_command(self.python, run_dir / "run.yaml", processes),
+            command = train_command(self.python, run_dir / "run.yaml", processes)  # a list: no shell
+            self._proc = subprocess.Popen(command,
                                           cwd=str(run_dir), stdout=log, stderr=subprocess.STDOUT,
                                           stdin=subprocess.DEVNULL, env=env, start_new_session=True)
         self._active = run_id

@@ -192,6 +192,22 @@ def worker_ours(model_dir: Path, rows: int, out: Path, variant: str) -> dict:
         fast_trainer.accepts_logits_to_keep = lambda model: False
     if variant == "lever_baseline":  # nothing of ours: padded batches, full logits
         changes = {"padding_free": False}
+    if variant == "plain_ce":  # the cross-entropy as before: an fp32 copy of the logits + autograd's log-softmax
+        import torch.nn.functional as F
+
+        fast_trainer.target_cross_entropy = lambda logits, targets, divisor, **_: (
+            F.cross_entropy(logits.float(), targets, reduction="sum") / divisor)
+    if variant == "bf16_weights":  # frozen base stored in bf16 (as on CUDA) instead of fp32 + per-forward casts
+        import torch
+
+        from finetune import models
+
+        load = models.load_base_model
+        models.load_base_model = lambda *a, **kw: load(*a, **kw).to(torch.bfloat16)
+    if variant == "threads1":  # one intra-op thread: on a shared 2-core box, 2 OpenMP threads can stall each other
+        import torch
+
+        torch.set_num_threads(1)
     result = train(run_config(model_dir, rows, out, **changes))
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {"train_runtime": result.results["train_runtime"], "losses": [x for x in losses if x is not None]}
@@ -275,6 +291,33 @@ def compare(rows: int, repeat: int, plan: list[tuple[str, str, str]]) -> dict[st
     return results
 
 
+N_PARAMS = 134_515_008  # the benchmark model's parameters (SmolLM2-135M's count)
+
+
+def matmul_peak_gflops(dtype_name: str, size: int = 2048, reps: int = 8) -> float:
+    """Best of `reps` square (size x size) matmuls in GFLOP/s, with every thread torch uses: this machine's ceiling."""
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+    for _ in range(2):  # warm-up: thread pool, kernel selection
+        a @ b
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def ceiling(results: dict[str, dict], peaks: dict[str, float]) -> dict:
+    """Achieved GFLOP/s of ours (LoRA: ~4 x params FLOPs per token processed: forward 2N, backward through the
+    activations 2N; the adapters' own gradients are negligible) and its fraction of each matmul peak."""
+    achieved = 4 * N_PARAMS * results["ours"]["tok_s"] / 1e9
+    return {"ours_gflops": round(achieved, 1), "matmul_peak_gflops": {k: round(v) for k, v in peaks.items()},
+            "ceiling_fraction": {k: round(achieved / v, 3) for k, v in peaks.items()}}
+
+
 def summary(results: dict[str, dict]) -> dict:
     ours, trl, tutorial = results["ours"], results["trl"], results["tutorial"]
     match, worst = losses_match(ours["losses"], trl["losses"])
@@ -291,7 +334,8 @@ MAIN_PLAN = [("tutorial", "tutorial", ""), ("trl", "trl", ""), ("ours", "ours", 
 LEVER_PLAN = [("ours", "ours", ""), ("ours padded", "ours", "padded"), ("ours full-logits head", "ours", "full_logits"),
               ("ours neither (baseline)", "ours", "lever_baseline"), ("ours fp32", "ours", "fp32"),
               ("ours + grad checkpointing", "ours", "checkpointing"), ("trl", "trl", ""),
-              ("trl no checkpointing", "trl", "no_checkpointing")]
+              ("trl no checkpointing", "trl", "no_checkpointing"), ("ours 1 thread", "ours", "threads1"),
+              ("ours plain CE", "ours", "plain_ce"), ("ours bf16 weights", "ours", "bf16_weights")]
 
 
 def main() -> None:
@@ -300,6 +344,8 @@ def main() -> None:
     parser.add_argument("--levers", action="store_true", help="ours with each lever off in turn, and TRL")
     parser.add_argument("--rows", type=int, default=None, help="training rows (default 32 quick, 64 otherwise)")
     parser.add_argument("--repeat", type=int, default=None, help="runs per pipeline; the median is reported")
+    parser.add_argument("--only", default=None,
+                        help="with --levers: comma-separated labels of the lever plan to run (e.g. 'ours,ours fp32')")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--variant", default="", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -312,12 +358,24 @@ def main() -> None:
     rows = args.rows or (32 if args.quick else 64)
     repeat = args.repeat or (1 if args.quick else 3)
     start = time.time()
-    results = compare(rows, repeat, LEVER_PLAN if args.levers else MAIN_PLAN)
+    plan = LEVER_PLAN if args.levers else MAIN_PLAN
+    if args.only:
+        wanted = [label.strip() for label in args.only.split(",")]
+        unknown = sorted(set(wanted) - {label for label, _, _ in plan})
+        if unknown:
+            parser.error(f"--only: unknown label(s) {unknown}; choose from {[label for label, _, _ in plan]}")
+        plan = [step for step in plan if step[0] in wanted]
+    print(f"load average at start {os.getloadavg()}", flush=True)
+    results = compare(rows, repeat, plan)
+    print(f"load average at end {os.getloadavg()}")
+    peaks = {name: matmul_peak_gflops(name) for name in ("bf16", "fp32")}  # after the runs: no memory held then
+    print(f"matmul peak (2048^2, best of 8): bf16 {peaks['bf16']:.0f} GFLOP/s, fp32 {peaks['fp32']:.0f} GFLOP/s")
     print(f"total {time.time() - start:.0f} s")
     if args.levers:
-        print(json.dumps({k: round(r["target_tok_s"], 1) for k, r in results.items()}))
+        print(json.dumps({**{k: round(r["target_tok_s"], 1) for k, r in results.items()},
+                          "load_average": os.getloadavg()[0]}))
     else:
-        print(json.dumps(summary(results)))
+        print(json.dumps({**summary(results), **ceiling(results, peaks), "load_average": os.getloadavg()[0]}))
 
 
 if __name__ == "__main__":

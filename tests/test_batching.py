@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from finetune.batching import (PaddedCollator, PaddingFreeCollator, block_causal_mask, padding_free_mode,
                                packed_logits_match, shifted)
-from finetune.fast_trainer import target_token_loss
+from finetune.fast_trainer import target_cross_entropy, target_token_loss
 from finetune.templates import IGNORE_INDEX
 
 TOLERANCE = 1e-3  # relative, fp32; the correct paths differ by ~1e-6, a leak by ~1e-1
@@ -193,3 +193,34 @@ def test_training_learns_the_same_with_and_without_padding_free(demo_model_dir, 
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
     assert runs[True].results["train_loss"] == pytest.approx(runs[False].results["train_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_target_cross_entropy_equals_cross_entropy_and_its_gradient(dtype):
+    """The loss whose gradient is formed in the forward pass, chunk by chunk, is F.cross_entropy's, and so is
+    its gradient, to the rounding of the plain computation (fp32 softmax, one cast to the logits' dtype)."""
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(37, 101, generator=g) * 3).to(dtype)
+    targets = torch.randint(101, (37,), generator=g)
+    divisor = torch.tensor(50.0)  # target tokens of the whole accumulated batch: more than these 37
+    for scale in (1.0, 2.0):  # backward's incoming gradient: 1 alone, the number of processes under DDP
+        plain = logits.clone().requires_grad_()
+        expected = F.cross_entropy(plain.float(), targets, reduction="sum") / divisor
+        (expected * scale).backward()
+        fast = logits.clone().requires_grad_()
+        got = target_cross_entropy(fast, targets, divisor, chunk_rows=8)  # 5 chunks, the last one short
+        (got * scale).backward()
+        assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+        assert got.dtype == torch.float32
+        # fp32: the same formula in another order of rounding (~1 ulp); bf16: at most one bf16 rounding step apart
+        ulp = {torch.float32: 1e-5, torch.bfloat16: 2**-7}[dtype]
+        torch.testing.assert_close(fast.grad, plain.grad, rtol=ulp, atol=1e-9)
+
+
+def test_chunked_target_cross_entropy_keeps_no_gradient_without_grad():
+    logits = torch.randn(5, 11)
+    targets = torch.tensor([0, 3, 10, 2, 2])
+    with torch.no_grad():
+        loss = target_cross_entropy(logits, targets, torch.tensor(5.0))
+    assert loss.item() == pytest.approx(F.cross_entropy(logits, targets).item(), rel=1e-6)
+    assert loss.grad_fn is None

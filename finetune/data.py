@@ -30,6 +30,8 @@ user's turn: for supervised fine-tuning we append the preferred (`chosen`) reply
 
 from __future__ import annotations
 
+import contextlib
+
 import csv
 import itertools
 import json
@@ -409,7 +411,8 @@ def _read_hub_rows(dataset_id: str, dataset_config: str | None, split: str, max_
     import datasets  # heavy (~1 s); only when a Hub id is used
 
     try:
-        ds = datasets.load_dataset(dataset_id, name=dataset_config, split=split)
+        with _offline_unless_reachable():
+            ds = datasets.load_dataset(dataset_id, name=dataset_config, split=split)
     except Exception as e:  # every failure of a user's dataset id becomes a message for people
         raise hub_load_error(e, dataset_id, dataset_config, split) from e
     if max_rows:
@@ -418,6 +421,26 @@ def _read_hub_rows(dataset_id: str, dataset_config: str | None, split: str, max_
     if not rows:
         raise DataError(f"dataset `{dataset_id}` (split `{split}`) contains no rows", source=dataset_id)
     return rows
+
+
+@contextlib.contextmanager
+def _offline_unless_reachable():
+    """When one quick connect shows the Hub is unreachable, load in offline mode: the local cache answers at
+    once, or the offline message comes at once, instead of after ~25 s of the clients' retries."""
+    from huggingface_hub import constants as hub_constants
+    from datasets import config as datasets_config
+
+    from .models import hub_reachable
+
+    if datasets_config.HF_HUB_OFFLINE or hub_reachable():
+        yield
+        return
+    saved = datasets_config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE
+    datasets_config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets_config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
 
 
 # Connection failures from requests/httpx/huggingface_hub, matched by name so that none of them must be imported.

@@ -24,18 +24,26 @@ def free_port() -> int:
 
 @contextmanager
 def running_app(workspace: Path, log_path: Path):
-    """Yield the app's URL while `python app.py` serves it; stop it (and show its log on failure) afterwards."""
+    """Yield the app's URL while `python app.py` serves it, offline; stop it afterwards."""
     port = free_port()
     env = {**os.environ, "FINETUNE_WORKSPACE": str(workspace), "GRADIO_SERVER_PORT": str(port),
            "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
     env.pop("SPACE_ID", None)
+    with serve_app(env, port, log_path) as (url, _):
+        yield url
+
+
+@contextmanager
+def serve_app(env: dict[str, str], port: int, log_path: Path):
+    """Run `python app.py` with `env` (which sets GRADIO_SERVER_PORT=`port`), its output in `log_path`; yield
+    (url, process) once it answers, and stop it with SIGTERM (then SIGKILL) afterwards."""
     with log_path.open("wb") as log:
         proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log,
                                 stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
         _wait_until_up(url, proc, log_path)
-        yield url
+        yield url, proc
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

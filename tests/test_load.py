@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
-from app_server import ROOT, _wait_until_up, free_port
+from app_server import ROOT, free_port, serve_app
 from hub_server import HubStandIn, Token
 from test_app_client import App
 
@@ -46,19 +43,8 @@ def app_with_hub(workspace: Path, log_path: Path, hub_url: str, hf_home: Path):
            "PYTHONUNBUFFERED": "1"}
     for name in ("SPACE_ID", "HF_HUB_OFFLINE", "FINETUNE_ALLOW_LOCAL_PATHS"):
         env.pop(name, None)
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{port}/"
-        _wait_until_up(url, proc, log_path)
+    with serve_app(env, port, log_path) as (url, proc):
         yield url, proc
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 class RssSampler(threading.Thread):

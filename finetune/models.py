@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import re
 import shutil
 import socket
 from dataclasses import dataclass
@@ -20,6 +19,8 @@ import torch
 
 from .config import DEMO_MODEL_ID, RunConfig
 from .errors import DiskFull, FinetuneError, ModelError, OutOfMemory
+# `name` or `org/name`: anything else that doesn't exist on disk is a mistyped local path (one definition).
+from .hub import MODEL_ID as HUB_ID
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +29,6 @@ TRUST_REMOTE_CODE_WARNING = ("`trust_remote_code` is on: Python files shipped in
                              "machine with your permissions. Only use it for repos you trust, pinned with "
                              "`model_revision` to a commit you have read.")
 
-# `name` or `org/name`: anything else that doesn't exist on disk is a mistyped local path.
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
 @dataclass

@@ -93,20 +93,23 @@ def peak_memory_mb() -> float:
 
 # ----------------------------------------------------------------------------- data → tokens
 def tokenize_split(examples: list[dict], tokenizer, config: RunConfig):
-    """Encode examples with our template and loss mask; drop ones left without any loss token."""
+    """Encode examples with our template and loss mask; drop ones left without any loss token.
+
+    Returns (dataset or None, number dropped, untruncated token length of every example)."""
     from datasets import Dataset
 
     from .templates import encode_example
 
-    rows, dropped = [], 0
+    rows, dropped, lengths = [], 0, []
     for ex in examples:
         enc = encode_example(ex, tokenizer, max_seq_length=config.max_seq_length,
                              train_on_prompt=config.train_on_prompt)
+        lengths.append(enc["length"])
         if any(label != -100 for label in enc["labels"]):
             rows.append({"input_ids": enc["input_ids"], "labels": enc["labels"]})
         else:  # a prompt alone filled max_seq_length: nothing to learn from it
             dropped += 1
-    return (Dataset.from_list(rows) if rows else None), dropped
+    return (Dataset.from_list(rows) if rows else None), dropped, lengths
 
 
 # ----------------------------------------------------------------------------- callbacks
@@ -297,7 +300,7 @@ def _train(config: RunConfig, observer: TrainObserver, out: Path, rows: list[dic
     from transformers import EarlyStoppingCallback, PrinterCallback, set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
-    from .data import load_examples, split_stats, write_split_files
+    from .data import length_stats, load_examples, write_split_files
     from .fast_trainer import FastSFTTrainer
     from .models import load_tokenizer, resolve_base_model, resolve_precision
     from .templates import apply_template_choice, encode_example
@@ -317,15 +320,14 @@ def _train(config: RunConfig, observer: TrainObserver, out: Path, rows: list[dic
     data = load_examples(config, rows)
     if is_main_process():  # every process splits the same way (seeded); one writes
         write_split_files(data.splits, out / "data")
-    train_ds, dropped_train = tokenize_split(data.splits.train, tokenizer, config)
-    eval_ds, _ = tokenize_split(data.splits.validation, tokenizer, config)
-    test_ds, _ = tokenize_split(data.splits.test, tokenizer, config)
+    train_ds, dropped_train, train_lengths = tokenize_split(data.splits.train, tokenizer, config)
+    eval_ds, _, eval_lengths = tokenize_split(data.splits.validation, tokenizer, config)
+    test_ds, _, test_lengths = tokenize_split(data.splits.test, tokenizer, config)
     if train_ds is None:
         raise DataError(f"no training example has any answer tokens left within `max_seq_length` "
                         f"({config.max_seq_length}); raise `max_seq_length` or shorten the prompts")
-    stats = split_stats(data.splits, lambda ex: encode_example(ex, tokenizer, max_seq_length=config.max_seq_length,
-                                                                 train_on_prompt=config.train_on_prompt)["length"],
-                        config.max_seq_length)
+    stats = {name: length_stats(lengths, config.max_seq_length)  # from the encoding above, not a second pass
+             for name, lengths in (("train", train_lengths), ("validation", eval_lengths), ("test", test_lengths))}
     if is_main_process():
         config.to_yaml(out / "run.yaml")  # resolved config, written before the slow part
 

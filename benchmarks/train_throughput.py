@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -197,13 +196,13 @@ def worker_ours(model_dir: Path, rows: int, out: Path, variant: str) -> dict:
 
         fast_trainer.target_cross_entropy = lambda logits, targets, divisor, **_: (
             F.cross_entropy(logits.float(), targets, reduction="sum") / divisor)
-    if variant == "bf16_weights":  # frozen base stored in bf16 (as on CUDA) instead of fp32 + per-forward casts
-        import torch
+    if variant == "fp32_storage":  # frozen linear weights kept in fp32 during training (autocast casts them)
+        fast_trainer.frozen_linears = lambda model: []
+    if variant == "mask_attention":  # the (T, T) block-diagonal mask through sdpa instead of per-example attention
+        from finetune import batching
 
-        from finetune import models
-
-        load = models.load_base_model
-        models.load_base_model = lambda *a, **kw: load(*a, **kw).to(torch.bfloat16)
+        real_check = batching.packed_logits_match
+        batching.packed_logits_match = lambda model, mode: mode != "segments" and real_check(model, mode)
     if variant == "threads1":  # one intra-op thread: on a shared 2-core box, 2 OpenMP threads can stall each other
         import torch
 
@@ -335,7 +334,8 @@ LEVER_PLAN = [("ours", "ours", ""), ("ours padded", "ours", "padded"), ("ours fu
               ("ours neither (baseline)", "ours", "lever_baseline"), ("ours fp32", "ours", "fp32"),
               ("ours + grad checkpointing", "ours", "checkpointing"), ("trl", "trl", ""),
               ("trl no checkpointing", "trl", "no_checkpointing"), ("ours 1 thread", "ours", "threads1"),
-              ("ours plain CE", "ours", "plain_ce"), ("ours bf16 weights", "ours", "bf16_weights")]
+              ("ours plain CE", "ours", "plain_ce"), ("ours fp32 frozen weights", "ours", "fp32_storage"),
+              ("ours masked attention", "ours", "mask_attention")]
 
 
 def main() -> None:

@@ -10,6 +10,9 @@ attends to another one. How that is guaranteed depends on the attention kernel:
   example sees the first.) `sdpa` takes a bool mask (True = may attend); `eager` adds the mask to the
   scores, so it gets a float one (0 = may attend, dtype-min = blocked).
 - FlashAttention (`flash_attention_2/3`): no mask; per-example `position_ids` select its varlen path.
+- On CPU, `sdpa`/`eager` models use `segments` instead (finetune/segment_attention.py): causal attention per
+  example from the row's boundaries (`cu_seq_lens_q`), no (T, T) mask and no work across examples. Same result
+  as the masked kernel, ~2x faster attention there.
 
 Labels are shifted here (`shift_labels[i]` is the target predicted at position i) and each example's
 last position gets IGNORE_INDEX, so no position predicts the first token of the next example.
@@ -32,6 +35,7 @@ log = logging.getLogger(__name__)
 
 MASK_MODES = {"sdpa": "bool_mask", "eager": "float_mask"}
 VARLEN_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3")
+MODES = ("bool_mask", "float_mask", "position_ids", "segments")
 
 
 def shifted(labels: list[int]) -> list[int]:
@@ -59,8 +63,8 @@ class PaddingFreeCollator:
     """`{"input_ids", "labels"}` features → one row: input_ids, position_ids, shift_labels (1, T) [+ 4D mask]."""
 
     def __init__(self, mode: str):
-        if mode not in ("bool_mask", "float_mask", "position_ids"):
-            raise ValueError(f"unknown padding-free mode {mode!r}; use bool_mask, float_mask or position_ids")
+        if mode not in MODES:
+            raise ValueError(f"unknown padding-free mode {mode!r}; use one of {', '.join(MODES)}")
         self.mode = mode
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
@@ -70,7 +74,9 @@ class PaddingFreeCollator:
             "position_ids": torch.cat([torch.arange(n) for n in lengths])[None],
             "shift_labels": torch.tensor([t for f in features for t in shifted(f["labels"])])[None],
         }
-        if self.mode != "position_ids":
+        if self.mode == "segments":  # example boundaries, as FlashAttention varlen takes them
+            batch["cu_seq_lens_q"] = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        elif self.mode != "position_ids":
             batch["attention_mask"] = block_causal_mask(lengths, float_mask=self.mode == "float_mask")
         return batch
 
@@ -107,6 +113,13 @@ def padding_free_mode(model) -> str | None:
     if mode is None:
         log.info("padding-free batches are off: attention `%s` has no known way to isolate packed examples", impl)
         return None
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if mode in MASK_MODES.values() and on_cpu and not getattr(model.config, "attention_dropout", 0.0):
+        try:  # per-example attention: faster than a (T, T) mask on CPU; the same check decides
+            if packed_logits_match(model, "segments"):
+                return "segments"
+        except (TypeError, ValueError, RuntimeError, KeyError) as e:
+            log.info("per-example attention is off (%s: %s); using a block-diagonal mask", type(e).__name__, e)
     try:
         isolated = packed_logits_match(model, mode)
     except (TypeError, ValueError, RuntimeError) as e:  # a model whose forward rejects position_ids or a 4D mask
@@ -150,4 +163,14 @@ def packed_logits_match(model, mode: str, lengths: tuple[int, int] = (7, 5)) -> 
 
 def _logits(model, batch: dict[str, torch.Tensor], device) -> torch.Tensor:
     batch = {k: v.to(device) for k, v in batch.items() if k != "shift_labels"}
-    return model(**batch, use_cache=False).logits[0].float()  # (T, V)
+    return forward(model, batch).logits[0].float()  # (T, V)
+
+
+def forward(model, inputs: dict[str, torch.Tensor], **kwargs):
+    """`model(**inputs, use_cache=False)`; a `segments` batch runs with per-example attention."""
+    if "cu_seq_lens_q" not in inputs:
+        return model(**inputs, use_cache=False, **kwargs)
+    from .segment_attention import segments_attention
+
+    with segments_attention(getattr(model, "module", model)):  # DDP keeps the model (and its config) in .module
+        return model(**inputs, use_cache=False, **kwargs)

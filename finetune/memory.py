@@ -3,7 +3,8 @@
 The estimate adds four parts (all in bytes):
 
     weights       n_params x bytes per weight: 4 (fp32), 2 (bf16/fp16), ~0.55 (4-bit NF4 + double-quant
-                  scales + the layers bitsandbytes leaves unquantised)
+                  scales + the layers bitsandbytes leaves unquantised); LoRA on a bf16 CPU: 2 for the frozen
+                  linear weights (stored in bf16 while training), 4 for the embeddings
     training      per trainable parameter: fp32 gradient (4) + AdamW's two moments (8), plus an fp32
                   master copy (4) when weights are kept in half precision for full fine-tuning
     activations   per layer ~34 x batch x seq x hidden bytes in half precision (Korthikanti et al.,
@@ -80,6 +81,11 @@ def estimate_memory(config: RunConfig, shape: ModelShape, *, on_gpu: bool = True
     n = shape.n_params
     if config.method == "qlora":
         weights = int(n * 0.55)
+    elif config.method == "lora" and not half and _cpu_autocasts(config.precision):
+        # LoRA under bf16 autocast on CPU: the frozen linear weights are stored in bf16 while training
+        # (finetune.fast_trainer.frozen_linears_stored_in); the embeddings and norms stay fp32
+        embeddings = shape.vocab_size * shape.hidden_size
+        weights = embeddings * 4 + (n - embeddings) * 2
     else:
         weights = n * (2 if half else 4)
     if config.method == "full":
@@ -97,6 +103,17 @@ def estimate_memory(config: RunConfig, shape: ModelShape, *, on_gpu: bool = True
     overhead = GIB if on_gpu else GIB // 2
     return MemoryEstimate(weights=weights, training=training, activations=activations, overhead=overhead,
                           trainable_params=trainable)
+
+
+def _cpu_autocasts(precision: str) -> bool:
+    """Whether training on this CPU runs under bf16 autocast (`precision` bf16, or auto on a bf16 CPU)."""
+    if precision == "bf16":
+        return True
+    if precision != "auto":
+        return False
+    from .models import _cpu_has_bf16
+
+    return _cpu_has_bf16()
 
 
 def model_shape(base_model: str) -> ModelShape | None:

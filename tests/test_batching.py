@@ -7,11 +7,14 @@ difference < 1e-3 in fp32, loss and every gradient), and a deliberately leaky pa
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from finetune.batching import (PaddedCollator, PaddingFreeCollator, block_causal_mask, padding_free_mode,
+from finetune import segment_attention
+from finetune.batching import (PaddedCollator, PaddingFreeCollator, block_causal_mask, forward, padding_free_mode,
                                packed_logits_match, shifted)
 from finetune.fast_trainer import target_cross_entropy, target_token_loss
 from finetune.templates import IGNORE_INDEX
@@ -68,7 +71,10 @@ class LeakyCollator(PaddingFreeCollator):
 
     def __call__(self, features):
         batch = super().__call__(features)
-        batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+        if self.mode == "segments":  # one segment spanning the whole row
+            batch["cu_seq_lens_q"] = torch.tensor([0, batch["input_ids"].shape[1]], dtype=torch.int32)
+        else:
+            batch["attention_mask"] = torch.ones_like(batch["input_ids"])
         return batch
 
 
@@ -103,7 +109,8 @@ def test_padded_collator_pads_inputs_and_ignores_pad_targets():
 
 
 # ----------------------------------------------------------------------------- equivalence on the demo model
-@pytest.mark.parametrize("attn, mode", [("sdpa", "bool_mask"), ("eager", "float_mask"), ("sdpa", "position_ids")])
+@pytest.mark.parametrize("attn, mode", [("sdpa", "bool_mask"), ("eager", "float_mask"), ("sdpa", "position_ids"),
+                                        ("sdpa", "segments"), ("eager", "segments")])
 def test_packed_batch_equals_examples_one_by_one(demo_model_dir, attn, mode):
     model = load_demo(demo_model_dir, attn)
     feats = examples(model.config.vocab_size)
@@ -136,15 +143,15 @@ def test_target_only_head_equals_full_logits_loss_and_gradients(demo_model_dir, 
                                         rel=1e-5)
 
 
-@pytest.mark.parametrize("attn, mode", [("sdpa", "bool_mask"), ("eager", "float_mask")])
+@pytest.mark.parametrize("attn, mode", [("sdpa", "bool_mask"), ("eager", "float_mask"), ("sdpa", "segments")])
 def test_changing_one_example_leaves_the_others_logits_unchanged(demo_model_dir, attn, mode):
     model = load_demo(demo_model_dir, attn).eval()
     feats = examples(model.config.vocab_size)
     altered = [dict(feats[0], input_ids=[(t + 1) % model.config.vocab_size for t in feats[0]["input_ids"]])] + feats[1:]
     with torch.no_grad():
-        before = model(**_inputs(PaddingFreeCollator(mode)(feats))).logits[0]
-        after = model(**_inputs(PaddingFreeCollator(mode)(altered))).logits[0]
-        leaky = model(**_inputs(LeakyCollator(mode)(altered))).logits[0]
+        before = forward(model, _inputs(PaddingFreeCollator(mode)(feats))).logits[0]
+        after = forward(model, _inputs(PaddingFreeCollator(mode)(altered))).logits[0]
+        leaky = forward(model, _inputs(LeakyCollator(mode)(altered))).logits[0]
     first = len(feats[0]["input_ids"])
     assert not torch.allclose(after[:first], before[:first]), "the altered example's own logits change"
     torch.testing.assert_close(after[first:], before[first:], rtol=0, atol=1e-5)
@@ -152,11 +159,16 @@ def test_changing_one_example_leaves_the_others_logits_unchanged(demo_model_dir,
 
 
 def _inputs(batch: dict) -> dict:
-    return {k: v for k, v in batch.items() if k != "shift_labels"} | {"use_cache": False}
+    return {k: v for k, v in batch.items() if k != "shift_labels"}
 
 
 # ----------------------------------------------------------------------------- choosing the mode
-def test_mode_follows_the_attention_kernel_and_is_verified(demo_model_dir):
+def test_mode_follows_the_attention_kernel_and_is_verified(demo_model_dir, monkeypatch):
+    # on CPU: per-example attention, for both kernels
+    assert padding_free_mode(load_demo(demo_model_dir, "sdpa")) == "segments"
+    assert padding_free_mode(load_demo(demo_model_dir, "eager")) == "segments"
+    # where per-example attention does not isolate (here: made to attend across the whole row), the masks
+    monkeypatch.setattr(segment_attention.SegmentAttention, "apply", _whole_row_attention)
     assert padding_free_mode(load_demo(demo_model_dir, "sdpa")) == "bool_mask"
     assert padding_free_mode(load_demo(demo_model_dir, "eager")) == "float_mask"
     assert padding_free_mode(load_demo(demo_model_dir, "flex_attention")) is None  # no known isolation: padded
@@ -224,3 +236,121 @@ def test_chunked_target_cross_entropy_keeps_no_gradient_without_grad():
         loss = target_cross_entropy(logits, targets, torch.tensor(5.0))
     assert loss.item() == pytest.approx(F.cross_entropy(logits, targets).item(), rel=1e-6)
     assert loss.grad_fn is None
+
+
+def test_frozen_weights_stored_in_bf16_train_bit_identically(demo_model_dir, tmp_path, monkeypatch):
+    """Under bf16 autocast, storing the frozen linear weights in bf16 changes nothing: same per-step losses and the
+    same adapter, bit for bit, as fp32 storage (autocast rounds them the same way at every forward). Dropout on, so
+    the RNG stream must match too."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from finetune import fast_trainer
+    from finetune.config import RunConfig
+    from finetune.train import train
+
+    seen = {}
+    real = fast_trainer.frozen_linears
+
+    def recording(model):
+        layers = real(model)
+        seen["dtypes"] = {layer.weight.dtype for layer in layers}
+        return layers
+
+    data = Path(__file__).resolve().parents[1] / "examples/data/python_qa.jsonl"
+    common = dict(base_model=str(demo_model_dir), dataset=str(data), max_rows=8, eval_fraction=0.0,
+                  test_fraction=0.0, max_steps=3, batch_size=2, gradient_accumulation_steps=2, logging_steps=1,
+                  learning_rate=3e-3, lora_dropout=0.1, precision="bf16", max_seq_length=128)
+    monkeypatch.setattr(fast_trainer, "frozen_linears", recording)
+    half = train(RunConfig(**common, output_dir=str(tmp_path / "half")))
+    assert seen["dtypes"] == {torch.float32}, "fp32 layers were found and converted"
+    assert len(real(half.model)) == 7 * half.model.config.num_hidden_layers + 1, "q,k,v,o,gate,up,down + the head"
+    head, embeddings = half.model.get_output_embeddings(), half.model.get_input_embeddings()
+    assert head.weight is embeddings.weight, "the tied head shares the embedding weight again after training"
+    monkeypatch.setattr(fast_trainer, "frozen_linears", lambda model: [])  # the control: fp32 storage
+    full = train(RunConfig(**common, output_dir=str(tmp_path / "fp32")))
+
+    def losses(run):
+        records = map(json.loads, (run.output_dir / "metrics.jsonl").read_text().splitlines())
+        return [r["loss"] for r in records if r["loss"] is not None]
+
+    assert losses(half) == losses(full) and len(losses(half)) == 3
+    a = load_file(half.final_dir / "adapter_model.safetensors")
+    b = load_file(full.final_dir / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(p.dtype == torch.float32 for p in half.model.parameters()), "fp32 again after training"
+
+
+# ----------------------------------------------------------------------------- per-example attention
+_real_apply = segment_attention.SegmentAttention.apply
+
+
+def _whole_row_attention(query, key, value, lengths, scale, dtype):
+    """A leaky variant: one segment over the whole row (examples see the earlier ones)."""
+    return _real_apply(query, key, value, (sum(lengths),), scale, dtype)
+
+
+def _reference_attention(query, key, value, lengths):
+    """sdpa, causal, each example alone, grouped-query heads repeated."""
+    groups = query.shape[1] // key.shape[1]
+    outs, start = [], 0
+    for n in lengths:
+        span = slice(start, start + n)
+        outs.append(F.scaled_dot_product_attention(query[:, :, span], key[:, :, span].repeat_interleave(groups, 1),
+                                                   value[:, :, span].repeat_interleave(groups, 1), is_causal=True))
+        start += n
+    return torch.cat(outs, dim=2).transpose(1, 2)
+
+
+@pytest.mark.parametrize("block_rows", [128, 4])  # one block per example; several (keys stop at each block's end)
+@pytest.mark.parametrize("autocast", [False, True])
+def test_segment_attention_equals_sdpa_per_example_with_gradients(autocast, block_rows, monkeypatch):
+    """Outputs and Q/K/V gradients equal sdpa run on each example alone: fp32 to 1e-5, bf16 autocast to its
+    rounding; and one segment over the whole row (a leak) is far off."""
+    monkeypatch.setattr(segment_attention, "BLOCK_ROWS", block_rows)
+    g = torch.Generator().manual_seed(0)
+    lengths, heads, kv_heads, dim = (5, 11, 1, 8), 6, 2, 16
+    total = sum(lengths)
+    leaves = [torch.randn(1, h, total, dim, generator=g, requires_grad=True) for h in (heads, kv_heads, kv_heads)]
+    weights = torch.randn(1, total, heads, dim, generator=g)
+    cu = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+
+    def run(fn):
+        for leaf in leaves:
+            leaf.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = fn()
+        (out.float() * weights).sum().backward()
+        return [out.detach().float()] + [leaf.grad.clone() for leaf in leaves]
+
+    ours = run(lambda: segment_attention.segment_attention_forward(None, *leaves, cu_seq_lens_q=cu)[0])
+    reference = run(lambda: _reference_attention(*leaves, lengths))
+    leaky = run(lambda: segment_attention.segment_attention_forward(
+        None, *leaves, cu_seq_lens_q=torch.tensor([0, total], dtype=torch.int32))[0])
+    tolerance = 2e-2 if autocast else 1e-5
+    for a, b, c in zip(ours, reference, leaky):
+        assert ((a - b).norm() / b.norm()).item() < tolerance
+        assert ((c - b).norm() / b.norm()).item() > 10 * tolerance
+    assert ours[0].dtype == torch.float32 and leaves[0].grad.dtype == torch.float32
+
+
+def test_segment_attention_refuses_what_it_does_not_compute():
+    """Soft-capping, sliding windows and attention sinks change the softmax: such models get a mask instead."""
+    q, k = torch.zeros(1, 2, 4, 8), torch.zeros(1, 1, 4, 8)
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    for extra in ({"softcap": 30.0}, {"sliding_window": 4096}, {"s_aux": torch.zeros(2)}):
+        with pytest.raises(ValueError, match="plain causal attention"):
+            segment_attention.segment_attention_forward(None, q, k, k, cu_seq_lens_q=cu, **extra)
+    assert segment_attention.segment_attention_forward(None, q, k, k, cu_seq_lens_q=cu, sliding_window=None)[0].shape \
+        == (1, 4, 2, 8)
+
+
+def test_chunked_cross_entropy_stays_exact_when_the_target_probability_underflows():
+    """A target ~120 nats below the best logit: softmax underflows to 0 in fp32, the loss must still be ~120."""
+    logits = torch.zeros(3, 50)
+    logits[:, 0] = 120.0
+    targets = torch.tensor([1, 0, 2])
+    loss = target_cross_entropy(logits, targets, torch.tensor(1.0))
+    expected = F.cross_entropy(logits, targets, reduction="sum")
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(expected.item(), rel=1e-6)

@@ -51,3 +51,14 @@ def test_model_shape_reads_local_and_demo_config(tmp_path):
     demo = model_shape("demo")
     assert demo.hidden_size == 128 and demo.num_layers == 2
     assert model_shape("nobody/not-a-cached-model") is None
+
+
+def test_lora_on_a_bf16_cpu_counts_frozen_linear_weights_in_bf16():
+    shape = KNOWN_MODELS["HuggingFaceTB/SmolLM2-135M-Instruct"]
+    embeddings = shape.vocab_size * shape.hidden_size
+    bf16 = estimate_memory(RunConfig(precision="bf16"), shape, on_gpu=False)
+    fp32 = estimate_memory(RunConfig(precision="fp32"), shape, on_gpu=False)
+    assert fp32.weights == shape.n_params * 4
+    assert bf16.weights == embeddings * 4 + (shape.n_params - embeddings) * 2
+    full = estimate_memory(RunConfig(precision="bf16", method="full"), shape, on_gpu=False)
+    assert full.weights == shape.n_params * 4, "full fine-tuning trains every weight: fp32 masters"

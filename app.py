@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 
+from finetune.hub import keep_owner_token_from_visitors
 from ui import build_app, launch_kwargs
 
 
 def main() -> None:
+    keep_owner_token_from_visitors()  # in a Space: Hub loads never use the owner's HF_TOKEN (finetune/hub.py)
     demo = build_app()
     port = int(os.environ.get("GRADIO_SERVER_PORT") or os.environ.get("PORT") or 7860)
     host = os.environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1")

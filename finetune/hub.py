@@ -45,7 +45,7 @@ MERGED_SUFFIX = "-merged"  # what="both": the merged model goes to `{name}-merge
 # Hub repo names: letters, digits, `-`, `_`, `.`; no `--` or `..`; not starting/ending with `-` or `.`; ≤ 96 chars.
 REPO_NAME = re.compile(r"(?!.*(--|\.\.))[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9_])?")
 # A model id as typed by a user: `name` or `org/name`. Anything else that isn't on disk is a mistyped path.
-MODEL_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")  # a Hub repo id (ASCII)
 # Files no transformers model needs: other frameworks' weights and original checkpoints (often many GB).
 DOWNLOAD_IGNORE = ["*.onnx", "onnx/*", "*.gguf", "*.h5", "*.msgpack", "*.ot", "*.tflite", "flax_model*",
                    "tf_model*", "coreml/*", "*.mlmodel", "original/*", "openvino/*"]
@@ -103,6 +103,42 @@ def resolve_token(oauth_token: Any = None, typed_token: str | None = None, *,
     except OSError:
         return None
     return saved or None
+
+
+OWNER_TOKEN_FOR_LOADS_ENV = "FINETUNE_SPACE_LOADS_WITH_OWNER_TOKEN"
+
+
+def keep_owner_token_from_visitors(environ=None) -> bool:
+    """In a Space, stop every Hub *load* (models, datasets) from using the owner's token implicitly.
+
+    huggingface_hub sends `HF_TOKEN` (or the saved login) with every request that names no token, so a visitor
+    could otherwise load the owner's private or gated repos by typing their ids. In a Space (`SPACE_ID` set) this
+    removes `HF_TOKEN` from `environ` (the app's environment, which training processes inherit) and turns off
+    implicit tokens (`HF_HUB_DISABLE_IMPLICIT_TOKEN`), in this process and its children. Visitors still load
+    public repos, and their own private or gated ones when signed in (the run gets their token).
+    An owner who wants visitors to load with the owner's token sets `FINETUNE_SPACE_LOADS_WITH_OWNER_TOKEN=1`.
+    Returns whether the guard is on.
+    """
+    from huggingface_hub import constants
+
+    environ = os.environ if environ is None else environ
+    if not environ.get("SPACE_ID") or environ.get(OWNER_TOKEN_FOR_LOADS_ENV, "").strip().lower() in ("1", "true"):
+        return False
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        environ.pop(name, None)
+    environ["HF_HUB_DISABLE_IMPLICIT_TOKEN"] = "1"
+    if environ is os.environ:
+        constants.HF_HUB_DISABLE_IMPLICIT_TOKEN = True  # read per request: applies to this process from now on
+    return True
+
+
+def environment_with_token(environ, token: str | None) -> dict[str, str]:
+    """A copy of `environ` for a child process that loads from the Hub with `token` (a visitor's), if any."""
+    env = dict(environ)
+    if token:
+        env["HF_TOKEN"] = token
+        env.pop("HF_HUB_DISABLE_IMPLICIT_TOKEN", None)  # the child may send this (and only this) token
+    return env
 
 
 def check_token(token: str | None, *, write: bool = True, namespace: str | None = None) -> str:

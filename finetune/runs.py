@@ -35,6 +35,7 @@ from pathlib import Path
 
 from .config import RunConfig
 from .errors import FinetuneError
+from .hub import environment_with_token
 
 WORKSPACE_ENV = "FINETUNE_WORKSPACE"
 # Disk hygiene: finished/stopped/failed runs older than this many days, then the oldest ones while the runs
@@ -280,6 +281,7 @@ class RunManager:
         self.poll_interval_s = poll_interval_s
         self._lock = threading.RLock()
         self._queue: deque[str] = deque()
+        self._hub_tokens: dict[str, str] = {}  # run id → a visitor's Hub token, until the run starts (memory only)
         self._active: str | None = None           # the run whose process is (or may be) alive
         self._proc: subprocess.Popen | None = None
         self._kill_at: float | None = None        # time.time() when a stopping run gets SIGKILL
@@ -294,13 +296,14 @@ class RunManager:
 
     # ------------------------------------------------------------------ public API
     def submit(self, config: RunConfig, owner: str, *, dataset_file: str | Path | None = None,
-               dataset_name: str | None = None, num_processes: int = 1) -> str:
+               dataset_name: str | None = None, num_processes: int = 1, hub_token: str | None = None) -> str:
         """Create a run folder for `owner`, write its run.yaml and queue it; return the run id.
 
         `dataset_file` (an upload, pasted rows saved to a file, a bundled example) is copied into the
         run's `input/` folder under a sanitised `dataset_name` and the config points at the copy.
         `num_processes` > 1 trains data-parallel through `accelerate launch` (recorded in launch.json, so a
-        resumed run launches the same way).
+        resumed run launches the same way). `hub_token` (a signed-in visitor's, in a Space) is what the training
+        process loads private or gated Hub repos with; it is held in memory until the run starts, never written.
         """
         if num_processes < 1:
             raise FinetuneError(f"the number of processes must be at least 1 (got {num_processes})")
@@ -319,6 +322,8 @@ class RunManager:
         with self._lock:
             _write_json(run_dir / "status.json", {"state": "queued", "time": time.time()})
             self._queue.append(run_id)
+            if hub_token:
+                self._hub_tokens[run_id] = hub_token
         self.pump()
         return run_id
 
@@ -578,7 +583,8 @@ class RunManager:
             return
 
     def _launch(self, run_id: str, run_dir: Path) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+        env = environment_with_token(os.environ, self._hub_tokens.pop(run_id, None))
+        env.update(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PROJECT_ROOT), env.get("PYTHONPATH")]))
         with (run_dir / "log.txt").open("ab") as log:
             # An argument list (no shell); a new session so signals to the app never reach the trainer.

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import secrets
+import sys
 import time
 from pathlib import Path
 
@@ -90,6 +91,98 @@ def test_a_space_never_pushes_a_visitors_request_with_the_owners_hf_token(hub, t
         assert OWNER_TOKEN not in text and VISITOR_TOKEN not in text
     finally:
         ctx.runs.close()
+
+
+def test_in_a_space_hub_loads_never_carry_the_owners_token(hub, tmp_path, monkeypatch):
+    """A visitor types the id of the owner's private model (and a dataset id): the app and the training process
+    ask the Hub without the owner's HF_TOKEN, so the private repo is "not found". The control, outside a Space,
+    shows the same kind of load does send HF_TOKEN implicitly (what the guard removes)."""
+    from app_server import free_port, serve_app
+    from test_app_client import App
+
+    from finetune.hub import resolve_model_source
+
+    hub.add_repo("owner/secret-model", {"config.json": b"{}"}, private=True)
+    monkeypatch.setenv("HF_TOKEN", OWNER_TOKEN)
+    resolve_model_source("owner/secret-model", cache_dir=tmp_path / "control")  # locally: implicit HF_TOKEN
+    assert any(OWNER_TOKEN in h for h in hub.authorization_headers)
+    hub.authorization_headers.clear()
+    hub.requests.clear()
+
+    port = free_port()
+    # what a Space sets (SYSTEM + the OAuth app's settings, as with `hf_oauth: true`), plus the owner's secret
+    space = {"SPACE_ID": "owner/finetune", "SYSTEM": "spaces", "OAUTH_CLIENT_ID": "client",
+             "OAUTH_CLIENT_SECRET": "secret", "OAUTH_SCOPES": "openid profile", "OPENID_PROVIDER_URL": hub.url}
+    env = {**os.environ, **space, "HF_TOKEN": OWNER_TOKEN, "HF_ENDPOINT": hub.url,
+           "HF_HOME": str(tmp_path / "space_hf_home"), "FINETUNE_WORKSPACE": str(tmp_path / "space_ws"),
+           "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    env.pop("HF_HUB_OFFLINE", None)
+    with serve_app(env, port, tmp_path / "app.log") as (url, _):
+        app = App(url)
+        status, *_ = app.call("/load_data", source="Hub dataset id", hub_id="owner/secret-data",
+                              base_model="demo")
+        assert "ft-error" in status
+        status, *_ = app.call("/load_data", source="Example dataset", example="python_qa.jsonl", base_model="demo")
+        message, runs, *_ = app.call("/start_training", base_model="owner/secret-model", max_steps=1,
+                                     offline_fallback=False)
+        run_id = runs["value"]
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            status, *_ = app.call("/poll", run_id=run_id)
+            if "ft-ok" in status or "ft-error" in status:
+                break
+            time.sleep(1)
+    asked = [path for _, path in hub.requests]
+    assert any("secret-data" in path for path in asked) and any("secret-model" in path for path in asked), asked
+    assert not any(OWNER_TOKEN in h for h in hub.authorization_headers), "a load carried the owner's token"
+    assert "ft-error" in status and "owner/secret-model" in status, status  # not found, as for anyone
+
+
+def test_a_signed_in_visitors_token_reaches_only_their_run(tmp_path, monkeypatch):
+    """In a Space the training process gets the visitor's token (to load their private or gated repos), never the
+    owner's; another visitor's run started without one gets none."""
+    from finetune.hub import environment_with_token, keep_owner_token_from_visitors
+
+    environ = {"SPACE_ID": "owner/finetune", "HF_TOKEN": OWNER_TOKEN, "PATH": "/usr/bin"}
+    assert keep_owner_token_from_visitors(environ)
+    assert "HF_TOKEN" not in environ and environ["HF_HUB_DISABLE_IMPLICIT_TOKEN"] == "1"
+    assert environment_with_token(environ, None) == environ
+    child = environment_with_token(environ, VISITOR_TOKEN)
+    assert child["HF_TOKEN"] == VISITOR_TOKEN and "HF_HUB_DISABLE_IMPLICIT_TOKEN" not in child
+    assert "HF_TOKEN" not in environ, "the app's own environment is unchanged"
+    # locally (no SPACE_ID), or when the owner opts in, nothing changes
+    local = {"HF_TOKEN": OWNER_TOKEN}
+    assert not keep_owner_token_from_visitors(local) and local == {"HF_TOKEN": OWNER_TOKEN}
+    opted = {"SPACE_ID": "o/s", "HF_TOKEN": OWNER_TOKEN, "FINETUNE_SPACE_LOADS_WITH_OWNER_TOKEN": "1"}
+    assert not keep_owner_token_from_visitors(opted) and opted["HF_TOKEN"] == OWNER_TOKEN
+
+    # the run manager hands the token to that run's process only, from memory
+    monkeypatch.setattr(os, "environ", {k: v for k, v in environ.items()})
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    probe = tmp_path / "probe.py"
+    probe.write_text(f"#!{sys.executable}\nimport os, pathlib, sys\n"
+                     f"pathlib.Path({str(seen)!r}, pathlib.Path(sys.argv[-1]).parent.name).write_text("
+                     "os.environ.get('HF_TOKEN', '-'))\n")
+    probe.chmod(0o700)
+    manager = RunManager(tmp_path / "ws", python=str(probe), start_worker=False)
+    try:
+        config = RunConfig(dataset=str(DATASET), max_steps=1)
+        with_token = manager.submit(config, "s:visitor", hub_token=VISITOR_TOKEN)
+        _wait_for_state(manager, with_token, "s:visitor")
+        without = manager.submit(config, "s:other")
+        _wait_for_state(manager, without, "s:other")
+    finally:
+        manager.close()
+    assert (seen / with_token).read_text() == VISITOR_TOKEN
+    assert (seen / without).read_text() == "-"
+    assert not any(VISITOR_TOKEN in f.read_text(errors="replace") for f in (tmp_path / "ws").rglob("*") if f.is_file())
+
+
+def _wait_for_state(manager, run_id: str, owner: str, timeout: float = 30) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and not manager.status(run_id, owner).done:
+        time.sleep(0.2)
 
 
 def test_locally_hf_token_is_used_before_a_typed_one(hub, tmp_path, monkeypatch, make_adapter_run):

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import gradio as gr
 import pandas as pd
 
 from finetune.errors import FinetuneError
+from finetune.hub import resolve_token
 from finetune.runs import RunStatus
 
 from .context import AppContext, owner_of
@@ -151,8 +152,11 @@ def run_choices(ctx: AppContext, owner: str, *, with_weights: bool = False) -> l
 
 
 def start_training(ctx: AppContext, owner: str, data_state: dict, data_values: dict, settings: dict,
-                   force: bool = False) -> tuple[str, str | None]:
-    """Validate, check memory, queue the run. Returns (status markdown, run id or None)."""
+                   force: bool = False, oauth_token: Any = None) -> tuple[str, str | None]:
+    """Validate, check memory, queue the run. Returns (status markdown, run id or None).
+
+    In a Space the run loads Hub repos with the signed-in visitor's token (`oauth_token`) or with none: never the
+    owner's (finetune.hub.keep_owner_token_from_visitors)."""
     if not data_state or not data_state.get("dataset"):
         return error_md("No dataset yet: load one on the **Data** tab first."), None
     file = data_state.get("file")
@@ -164,8 +168,9 @@ def start_training(ctx: AppContext, owner: str, data_state: dict, data_values: d
         if not fits and not force:
             return report + "\n\n" + error_md("Not started: the memory estimate says this run won't fit. Change the "
                                               "settings, or tick “Start anyway”."), None
+        hub_token = resolve_token(oauth_token, None, machine_tokens=False) if ctx.on_space else None
         run_id = ctx.runs.submit(config, owner, dataset_file=source.file, dataset_name=source.name,
-                                 num_processes=int(settings.get("num_processes") or 1))
+                                 num_processes=int(settings.get("num_processes") or 1), hub_token=hub_token)
     except FinetuneError as e:
         return error_md(str(e)), None
     position = ctx.runs.queue_position(run_id)
@@ -259,10 +264,11 @@ def wire_train_tab(ctx: AppContext, c: dict, *, owner: gr.State, saved: gr.Brows
     view_outputs = [c["status"], c["progress"], c["loss_plot"], c["lr_plot"], c["log"], c["metrics"], c["timer"],
                     c["view"]]
 
-    def on_start(who: str, stored: dict, state: dict, force: bool, request: gr.Request, **values):
+    def on_start(who: str, stored: dict, state: dict, force: bool, request: gr.Request,
+                 oauth_token: Optional[gr.OAuthToken] = None, **values):
         me = owner_of(who, request.session_hash)
         data_values = {k: values.pop(k) for k in data_form}
-        message, run_id = start_training(ctx, me, state, data_values, values, bool(force))
+        message, run_id = start_training(ctx, me, state, data_values, values, bool(force), oauth_token)
         stored = dict(stored or {})
         if run_id:
             stored["last_run"] = run_id

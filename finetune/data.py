@@ -46,6 +46,7 @@ from typing import Any
 
 from .config import RunConfig
 from .errors import DataError
+from .hub import MODEL_ID as HUB_ID
 
 SUPPORTED_EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet", ".txt")
 FORMATS = ("alpaca", "messages", "sharegpt", "prompt_completion", "text")
@@ -70,7 +71,6 @@ _ALLOWED_ROLES_TEXT = "system, user, assistant (also human, gpt, bot, chatgpt, m
 # Keys that are row fields, so a top-level JSON object holding one of them as its only list is a row, not a wrapper.
 _ROW_LIST_KEYS = {"messages", "conversations", "chosen", "rejected"}
 # Hub ids: `name` or `org/name`, letters, digits, `-`, `_`, `.` (huggingface_hub's repo id rules, simplified).
-_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
 # Python's csv module refuses fields over 128 KiB by default; training texts can be longer.
 _CSV_FIELD_LIMIT = 2**31 - 1
 
@@ -164,7 +164,7 @@ def _local_path(source: str | Path, *, must_exist: bool = True) -> Path | None:
         if not text:
             raise DataError("`dataset` is not set; give a file path, a Hub dataset id, or rows")
         path = Path(text).expanduser()
-        if not path.exists() and not _looks_like_path(text) and _HUB_ID.fullmatch(text):
+        if not path.exists() and not _looks_like_path(text) and HUB_ID.fullmatch(text):
             return None
     if must_exist and not path.exists():
         where = "" if path.is_absolute() else f" (relative to {Path.cwd()})"

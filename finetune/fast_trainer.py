@@ -140,7 +140,7 @@ def frozen_linears_stored_in(model, dtype: torch.dtype):
     """
     layers = frozen_linears(model)
     for p in model.parameters():  # out of the checkpoint's memory map (see above), before anything is converted
-        if not p.requires_grad and p.dtype == torch.float32:
+        if not p.requires_grad and p.dtype == torch.float32 and p.device.type == "cpu":  # (GPU memory is not mapped)
             p.data = p.data.clone()
     shared = {p.data_ptr() for module in model.modules() if type(module) is not torch.nn.Linear
               for p in module.parameters(recurse=False)}

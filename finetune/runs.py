@@ -337,8 +337,9 @@ class RunManager:
         metrics = read_metrics(run_dir)
         results = _read_json(run_dir / "results.json")
         total = info.get("total_steps") or self._total_steps(run_dir, config)
-        if results and results.get("global_step"):
-            total = results["global_step"] if state in DONE_STATES else total
+        if results and results.get("global_step") and state == "finished":
+            total = results["global_step"]  # early stopping may end before the planned total: a full bar
+        # (a stopped or failed run keeps the planned total: its bar shows how far it got)
         return RunStatus(run_id=run_id, run_dir=run_dir, state=state, created=self._created(run_dir),
                          queue_position=position, error=info.get("error"), log_tail=tail(run_dir / "log.txt"),
                          metrics=metrics, results=results, total_steps=total, config=config)

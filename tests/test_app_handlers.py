@@ -137,6 +137,15 @@ def test_config_from_values_converts_widget_values():
     assert config.system_prompt == "  Be brief. "
 
 
+def test_optional_step_boxes_shown_empty_come_back_as_zero_and_mean_unset():
+    """Gradio sends 0 for an empty number box once the Advanced accordion has rendered it (the browser test
+    found this: "eval_steps must be at least 1, or unset (got 0)")."""
+    config = config_from_values({"eval_steps": 0, "save_steps": 0.0, "early_stopping_patience": 0, "max_rows": 0})
+    assert (config.eval_steps, config.save_steps, config.early_stopping_patience, config.max_rows) == (None,) * 4
+    with pytest.raises(ConfigError, match="eval_steps"):
+        config_from_values({"eval_steps": -1})
+
+
 def test_an_emptied_number_box_names_the_field():
     with pytest.raises(ConfigError, match=r"`batch_size` \(Batch size\) is empty; enter a value \(default: 4\)"):
         config_from_values({"batch_size": None})

@@ -1,5 +1,5 @@
 """A real browser (Debian's chromium, driven by Playwright) clicks through the whole app on the demo model:
-data preview → live training → side-by-side streamed chat → adapter zip download.
+data preview → live training → side-by-side streamed chat → adapter zip download; and stop → resume.
 
 Screenshots go to tests/artifacts/ (gitignored). Needs `/usr/bin/chromium`:
     apt-get update && apt-get install -y chromium
@@ -148,6 +148,54 @@ def test_whole_flow_in_a_browser(app_url, browser):
     assert "adapter_config.json" in names and "adapter_model.safetensors" in names and "run.yaml" in names
     shot(page, "07-export")
     assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def test_stop_then_resume_in_a_browser(app_url, browser):
+    """Stop a run after a checkpoint, resume it from that checkpoint with the Resume button: it goes on past the
+    step it stopped at (and is stopped again, to keep the test short)."""
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.set_default_timeout(60_000)
+    page.goto(app_url)
+    page.wait_for_selector("#data-load")
+    page.click("#data-load")
+    page.wait_for_selector("#data-status .ft-ok")
+    open_tab(page, "Model & settings")
+    page.fill("#field-max_seq_length input", "128")
+    page.click("#settings-advanced .label-wrap")
+    page.fill("#field-max_steps input", "400")
+    page.fill("#field-save_steps input", "2")
+    open_tab(page, "Train")
+    page.click("#train-start")
+    stopped_at = _stop_after(page, lambda step: step >= 4)
+    assert stopped_at >= 4
+
+    page.click("#train-resume")
+    page.wait_for_selector("#train-message .ft-ok")
+    message = page.inner_text("#train-message")
+    match = re.search(r"resumes from checkpoint-(\d+)", message)
+    assert match, message
+    assert int(match.group(1)) >= 4, message  # the stop itself saves one, at the step it stopped (after step 4)
+    stopped_again = _stop_after(page, lambda step: step > stopped_at + 2)
+    assert stopped_again > stopped_at + 2
+    assert f"step {stopped_again}/400" in page.inner_text("#train-progress"), "a stopped run's bar: done / planned"
+    shot(page, "08-resumed-and-stopped")
+
+
+def _stop_after(page, condition) -> int:
+    """Watch the progress bar until `condition(step)`, click Stop, wait for "was stopped"; return the last step."""
+    deadline, step = time.time() + TRAIN_TIMEOUT_S, 0
+    while time.time() < deadline:
+        match = re.search(r"step (\d+)/", page.inner_text("#train-progress")) \
+            if page.locator("#train-progress-text").count() else None
+        step = int(match.group(1)) if match else step
+        if condition(step):
+            break
+        page.wait_for_timeout(200)
+    page.click("#train-stop")
+    page.wait_for_function("() => document.querySelector('#train-status').innerText.includes('was stopped')",
+                           timeout=90_000)
+    match = re.search(r"step (\d+)/", page.inner_text("#train-progress"))
+    return int(match.group(1)) if match else step
 
 
 def _last_bot_text(page, chat: str) -> str:

@@ -87,6 +87,8 @@ def config_from_values(values: dict[str, Any], **overrides: Any) -> RunConfig:
             raw = "{" + raw + "}" if isinstance(raw, str) and raw and not raw.startswith("{") else (raw or {})
         if name == "learning_rate" and raw in (None, ""):
             raw = None  # re-derived from the method
+        if _optional(name) and int in typing.get_args(_HINTS[name]) and raw == 0:
+            raw = None  # a number box that was left empty comes back as 0 once the browser has shown it
         if (raw is None or raw == "") and not _optional(name) and _HINTS[name] is not str:
             raise ConfigError(f"`{name}` ({LABELS.get(name, name)}) is empty; enter a value (default: "
                               f"{_DEFAULTS[name]})")

@@ -85,24 +85,24 @@ class _TargetCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, divisor, chunk_rows):
         needs_grad = ctx.needs_input_grad[0]
-        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        target_probs = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
         grad = torch.empty_like(logits) if needs_grad else None
         for start in range(0, logits.shape[0], chunk_rows):
             part = logits[start:start + chunk_rows].float()  # (C, V) fp32
             wanted = targets[start:start + chunk_rows]  # (C,)
             rows = torch.arange(wanted.numel(), device=wanted.device)
             probs = torch.softmax(part, dim=-1)  # one fused pass (log_softmax from bf16 is several times slower)
-            target_probs = probs[rows, wanted]
-            # -log p(target); where p underflows fp32 (a loss above ~69), from the log-sum-exp instead
-            losses = torch.where(target_probs > 1e-30, -torch.log(target_probs),
-                                 torch.logsumexp(part, dim=-1) - part[rows, wanted]) \
-                if bool((target_probs <= 1e-30).any()) else -torch.log(target_probs)
-            total += losses.sum()
+            target_probs[start:start + chunk_rows] = probs[rows, wanted]
             if needs_grad:  # d(sum of CE)/d(logits) = softmax - one-hot(target)
                 probs[rows, wanted] -= 1.0
                 grad[start:start + chunk_rows] = probs.div_(divisor)
+        losses = -torch.log(target_probs)
+        underflow = target_probs <= 1e-30  # p(target) below fp32's range (a loss above ~69): from the log-sum-exp
+        if underflow.any():  # one check per call, not per chunk (each is a host-device sync on a GPU)
+            part = logits[underflow].float()
+            losses[underflow] = torch.logsumexp(part, dim=-1) - part.gather(1, targets[underflow, None]).squeeze(1)
         ctx.save_for_backward(grad)
-        return total / divisor
+        return losses.sum() / divisor
 
     @staticmethod
     def backward(ctx, grad_output):

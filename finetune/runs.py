@@ -578,13 +578,14 @@ class RunManager:
         while self._queue:
             run_id = self._queue.popleft()
             run_dir = self.runs_dir / run_id
+            hub_token = self._hub_tokens.pop(run_id, None)  # leaves memory now, whether the run starts or not
             if (_read_json(run_dir / "status.json") or {}).get("state") != "queued":
                 continue  # stopped while waiting
-            self._launch(run_id, run_dir)
+            self._launch(run_id, run_dir, hub_token)
             return
 
-    def _launch(self, run_id: str, run_dir: Path) -> None:
-        env = environment_with_token(os.environ, self._hub_tokens.pop(run_id, None))
+    def _launch(self, run_id: str, run_dir: Path, hub_token: str | None) -> None:
+        env = environment_with_token(os.environ, hub_token)
         env.update(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PROJECT_ROOT), env.get("PYTHONPATH")]))
         with (run_dir / "log.txt").open("ab") as log:

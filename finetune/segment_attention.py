@@ -132,8 +132,9 @@ def _causal_bias(n: int, device: torch.device) -> torch.Tensor:
     return torch.full((n, n), float("-inf"), device=device).triu_(1)
 
 
+@functools.cache
 def register() -> None:
-    """Make `ATTENTION_NAME` a valid attention implementation (idempotent)."""
+    """Make `ATTENTION_NAME` a valid attention implementation (once per process)."""
     from transformers import AttentionInterface
 
     AttentionInterface.register(ATTENTION_NAME, segment_attention_forward)

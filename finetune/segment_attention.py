@@ -7,10 +7,14 @@ tokens only, so the work is sum(n_i^2) instead of T^2 and no mask is built or re
 
 `SegmentAttention` is a memory-lean autograd function (FlashAttention's recipe, with batched matmuls):
 
-- forward, per example: scores = (Q * scale) K^T (grouped-query heads share their K/V, nothing is repeated),
-  a causal -inf bias, fp32 softmax, out = P V; it keeps Q, K, V and O, not the (n, n) probabilities;
+- forward, per block of an example's queries: scores = (Q * scale) K^T, a causal -inf bias, fp32 softmax,
+  out = P V; it keeps Q, K, V and O, not the (n, n) probabilities;
 - backward recomputes P the same way: dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O)),
   dQ = dS K * scale, dK = dS^T (Q * scale).
+
+Grouped-query heads: Q is laid out (KV, T, g, D), so a block's rows of the g query heads that share a key/value
+head form one (r * g, D) matrix, and every product is one batched matmul over the KV heads with nothing repeated
+or broadcast (a broadcast K would be copied g times per block).
 
 Under autocast the matmuls run in the autocast dtype (as `sdpa` does) with the softmax in fp32; without it,
 in the inputs' dtype. `tests/test_batching.py` checks outputs and gradients against `sdpa` per example.
@@ -50,8 +54,7 @@ def segment_attention_forward(module, query, key, value, attention_mask=None, dr
     scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
     device = query.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
-    out = SegmentAttention.apply(query, key, value, lengths, scale, dtype)
-    return out.transpose(1, 2).contiguous(), None
+    return SegmentAttention.apply(query, key, value, lengths, scale, dtype), None
 
 
 BLOCK_ROWS = 128  # queries per block: a block's keys stop at its last query, so the upper triangle is skipped
@@ -63,45 +66,49 @@ class SegmentAttention(torch.autograd.Function):
         _, heads, total, dim = query.shape
         kv_heads = key.shape[1]
         groups = heads // kv_heads
-        # (KV, g, T, D): the query heads that share a key/value head side by side; the scale folded into Q once
-        q = (query[0] * scale).to(dtype).view(kv_heads, groups, total, dim)
-        k, v = key[0].to(dtype)[:, None], value[0].to(dtype)[:, None]  # (KV, 1, T, D): broadcast over the group
-        out = torch.empty_like(q)
+        # (KV, T, g, D), the scale folded in once: a block's rows are then one (r * g, D) matrix per KV head
+        q = torch.empty(kv_heads, total, groups, dim, dtype=dtype, device=query.device)
+        torch.mul(query[0].view(kv_heads, groups, total, dim).transpose(1, 2), scale, out=q)
+        k, v = key[0].to(dtype).contiguous(), value[0].to(dtype).contiguous()  # (KV, T, D)
+        out = torch.empty(total, kv_heads, groups, dim, dtype=dtype, device=query.device)  # the caller's layout
+        blocks_out = out.permute(1, 0, 2, 3)  # (KV, T, g, D) view
         with torch.autocast(query.device.type, enabled=False):
             for rows, keys in _blocks(lengths):
-                probs = _probabilities(q[:, :, rows], k[:, :, keys], rows.start - keys.start)
-                out[:, :, rows] = torch.matmul(probs.to(dtype), v[:, :, keys])
+                n_rows = rows.stop - rows.start
+                probs = _probabilities(q[:, rows].view(kv_heads, n_rows * groups, dim), k[:, keys],
+                                       rows.start - keys.start, n_rows)
+                blocks_out[:, rows] = torch.bmm(probs.to(dtype), v[:, keys]).view(kv_heads, n_rows, groups, dim)
         ctx.save_for_backward(q, k, v, out)
         ctx.lengths, ctx.scale = lengths, scale
         ctx.dtypes = (query.dtype, key.dtype, value.dtype)
-        return out.view(1, heads, total, dim)
+        return out.view(1, total, heads, dim)
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out = ctx.saved_tensors
-        kv_heads, groups, total, dim = q.shape
+        kv_heads, total, groups, dim = q.shape
         dtype = q.dtype
-        d_out = grad_out[0].to(dtype).view(q.shape)  # (KV, g, T, D)
-        # rowsum(P * dP) = rowsum(dO * O): (KV, g, T, 1), cheaper than over the (n, n) probabilities
-        delta = (d_out.float() * out.float()).sum(-1, keepdim=True)
-        dq = torch.empty_like(q)
+        # rowsum(P * dP) = rowsum(dO * O), per query row and head: cheaper than over the (n, n) probabilities
+        delta = (grad_out[0].float() * out.view(total, kv_heads * groups, dim).float()).sum(-1)  # (T, H)
+        delta = delta.view(total, kv_heads, groups).permute(1, 0, 2).reshape(kv_heads, total * groups, 1)
+        d_out = torch.empty_like(q)  # (KV, T, g, D), as Q
+        d_out.copy_(grad_out[0].reshape(total, kv_heads, groups, dim).permute(1, 0, 2, 3))
+        dq = torch.empty(total, kv_heads, groups, dim, dtype=dtype, device=q.device)  # the query's own layout
+        blocks_dq = dq.permute(1, 0, 2, 3)
         dk = torch.zeros(kv_heads, total, dim, dtype=torch.float32, device=q.device)  # summed over query blocks
         dv = torch.zeros_like(dk)
         for rows, keys in _blocks(ctx.lengths):
-            n_rows, n_keys = rows.stop - rows.start, keys.stop - keys.start
-            q_rows, d_rows = q[:, :, rows], d_out[:, :, rows]  # (KV, g, r, D)
-            probs = _probabilities(q_rows, k[:, :, keys], rows.start - keys.start)  # recomputed, (KV, g, r, n) fp32
-            # dV = P^T dO and dK = dS^T Q, contracted over the g query heads of each key/value head at once
-            flat = (kv_heads, groups * n_rows, n_keys)
-            dv[:, keys] += torch.bmm(probs.to(dtype).view(flat).transpose(1, 2),
-                                     d_rows.reshape(kv_heads, groups * n_rows, dim)).float()
-            d_scores = torch.matmul(d_rows, v[:, :, keys].transpose(-1, -2)).float()  # dP
-            d_scores = d_scores.sub_(delta[:, :, rows]).mul_(probs).to(dtype)  # dS = P * (dP - delta)
-            dq[:, :, rows] = torch.matmul(d_scores, k[:, :, keys])  # w.r.t. the scaled Q
-            dk[:, keys] += torch.bmm(d_scores.view(flat).transpose(1, 2),
-                                     q_rows.reshape(kv_heads, groups * n_rows, dim)).float()  # q is scaled
+            n_rows = rows.stop - rows.start
+            flat = (kv_heads, n_rows * groups, dim)
+            q_rows, d_rows = q[:, rows].view(flat), d_out[:, rows].view(flat)
+            probs = _probabilities(q_rows, k[:, keys], rows.start - keys.start, n_rows)  # recomputed, fp32
+            dv[:, keys] += torch.bmm(probs.to(dtype).transpose(1, 2), d_rows).float()
+            d_scores = torch.bmm(d_rows, v[:, keys].transpose(1, 2)).float()  # dP
+            d_scores = d_scores.sub_(delta[:, rows.start * groups:rows.stop * groups]).mul_(probs).to(dtype)  # dS
+            blocks_dq[:, rows] = torch.bmm(d_scores, k[:, keys]).view(kv_heads, n_rows, groups, dim)  # scaled Q
+            dk[:, keys] += torch.bmm(d_scores.transpose(1, 2), q_rows).float()  # q is scaled
         (q_type, k_type, v_type) = ctx.dtypes
-        dq = dq.view(1, kv_heads * groups, total, dim).to(q_type) * ctx.scale
+        dq = torch.mul(dq, ctx.scale).to(q_type).view(1, total, kv_heads * groups, dim).transpose(1, 2)
         return dq, dk[None].to(k_type), dv[None].to(v_type), None, None, None
 
 
@@ -116,13 +123,14 @@ def _blocks(lengths) -> list[tuple[slice, slice]]:
     return out
 
 
-def _probabilities(q_rows: torch.Tensor, k_cols: torch.Tensor, first_row: int) -> torch.Tensor:
-    """Causal softmax(Q K^T) in fp32, (KV, g, r, n), for already-scaled queries at example positions
-    [first_row, first_row + r) against the example's keys [0, n)."""
-    scores = torch.matmul(q_rows, k_cols.transpose(-1, -2)).float()
-    n_rows = scores.shape[-2]
+def _probabilities(q_rows: torch.Tensor, k_cols: torch.Tensor, first_row: int, n_rows: int) -> torch.Tensor:
+    """Causal softmax(Q K^T) in fp32, (KV, r * g, n), for already-scaled queries (KV, r * g, D) (r rows of g heads
+    each, at example positions [first_row, first_row + r)) against the example's keys (KV, n, D)."""
+    scores = torch.bmm(q_rows, k_cols.transpose(1, 2)).float()
+    kv_heads, rows_by_heads, n_keys = scores.shape
     # keys before the block's first query are all visible; the block's own (r, r) square is causal
-    scores[..., first_row:].add_(_causal_bias(n_rows, q_rows.device))
+    scores.view(kv_heads, n_rows, rows_by_heads // n_rows, n_keys)[..., first_row:].add_(
+        _causal_bias(n_rows, q_rows.device)[:, None])
     return torch.softmax(scores, dim=-1)
 
 

@@ -194,8 +194,8 @@ def worker_ours(model_dir: Path, rows: int, out: Path, variant: str) -> dict:
     if variant == "plain_ce":  # the cross-entropy as before: an fp32 copy of the logits + autograd's log-softmax
         import torch.nn.functional as F
 
-        fast_trainer.target_cross_entropy = lambda logits, targets, divisor, **_: (
-            F.cross_entropy(logits.float(), targets, reduction="sum") / divisor)
+        fast_trainer.target_cross_entropy_and_hits = lambda logits, targets, divisor, **_: (
+            F.cross_entropy(logits.float(), targets, reduction="sum") / divisor, (logits.argmax(-1) == targets).sum())
     if variant == "fp32_storage":  # frozen linear weights kept in fp32 during training (autocast casts them)
         fast_trainer.frozen_linears = lambda model: []
     if variant == "mask_attention":  # the (T, T) block-diagonal mask through sdpa instead of per-example attention
@@ -203,6 +203,10 @@ def worker_ours(model_dir: Path, rows: int, out: Path, variant: str) -> dict:
 
         real_check = batching.packed_logits_match
         batching.packed_logits_match = lambda model, mode: mode != "segments" and real_check(model, mode)
+    if variant == "torch_dropout":  # PyTorch's own dropout masks (a serial generator on non-Intel CPUs)
+        import contextlib
+
+        fast_trainer.cpu_dropout = lambda model: contextlib.nullcontext(0)
     if variant == "threads1":  # one intra-op thread: on a shared 2-core box, 2 OpenMP threads can stall each other
         import torch
 
@@ -335,7 +339,7 @@ LEVER_PLAN = [("ours", "ours", ""), ("ours padded", "ours", "padded"), ("ours fu
               ("ours + grad checkpointing", "ours", "checkpointing"), ("trl", "trl", ""),
               ("trl no checkpointing", "trl", "no_checkpointing"), ("ours 1 thread", "ours", "threads1"),
               ("ours plain CE", "ours", "plain_ce"), ("ours fp32 frozen weights", "ours", "fp32_storage"),
-              ("ours masked attention", "ours", "mask_attention")]
+              ("ours masked attention", "ours", "mask_attention"), ("ours torch dropout", "ours", "torch_dropout")]
 
 
 def main() -> None:

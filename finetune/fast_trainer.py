@@ -14,6 +14,8 @@ accumulation weighs every target token equally. What changes is how it is comput
 - while `train()` runs under bf16/fp16 autocast, frozen fp32 `nn.Linear` weights are stored in that half type
   (`frozen_linears_stored_in`): autocast would round them to it at every forward anyway, so the arithmetic is
   bit-identical, but the fp32 copy, the per-forward cast and the cast copies kept for backward are gone;
+- on CPU, dropout masks (LoRA's dropout) are drawn with a vectorised generator (`finetune.dropout`): same
+  distribution, other draws;
 - TRL's per-step entropy metric (a softmax over every position's full logits) is not computed;
   `mean_token_accuracy` is, on the target positions.
 """
@@ -23,11 +25,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+from typing import NamedTuple
 
 import torch
 from trl import SFTTrainer
 
 from .batching import PaddedCollator, PaddingFreeCollator, forward, padding_free_mode
+from .dropout import cpu_dropout
 from .templates import IGNORE_INDEX
 
 
@@ -47,11 +51,18 @@ def target_logits(model, inputs: dict[str, torch.Tensor], keep: torch.Tensor, *,
     return forward(model, inputs).logits[keep]
 
 
+class TargetLoss(NamedTuple):
+    loss: torch.Tensor  # float32 scalar
+    logits: torch.Tensor  # (K, V) at the K target positions
+    targets: torch.Tensor  # (K,)
+    hits: torch.Tensor  # int64 scalar: targets whose logit is the highest of their row (ties count)
+
+
 def target_token_loss(model, batch: dict[str, torch.Tensor], num_items_in_batch=None, *,
-                      use_logits_to_keep: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      use_logits_to_keep: bool = True) -> TargetLoss:
     """Sum of cross-entropies over target tokens / `num_items_in_batch` (default: this batch's target count).
 
-    `batch` is a collated batch with `shift_labels` (finetune.batching). Returns (loss, logits (K, V), targets (K,)).
+    `batch` is a collated batch with `shift_labels` (finetune.batching).
     """
     inputs = {k: v for k, v in batch.items() if k != "shift_labels"}
     targets = batch["shift_labels"]  # (B, T)
@@ -60,7 +71,8 @@ def target_token_loss(model, batch: dict[str, torch.Tensor], num_items_in_batch=
     wanted = targets[keep]  # (K,)
     count = keep.sum() if num_items_in_batch is None else num_items_in_batch
     divisor = torch.as_tensor(count, device=logits.device, dtype=torch.float32).clamp(min=1)
-    return target_cross_entropy(logits, wanted, divisor), logits, wanted
+    loss, hits = target_cross_entropy_and_hits(logits, wanted, divisor)
+    return TargetLoss(loss, logits, wanted, hits)
 
 
 def target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, divisor: torch.Tensor, *,
@@ -69,6 +81,13 @@ def target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, divisor: t
 
     logits (K, V) in any float dtype, targets (K,), divisor a float32 scalar; returns a float32 scalar.
     """
+    return _TargetCrossEntropy.apply(logits, targets, divisor, chunk_rows)[0]
+
+
+def target_cross_entropy_and_hits(logits: torch.Tensor, targets: torch.Tensor, divisor: torch.Tensor, *,
+                                  chunk_rows: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """`target_cross_entropy`, and how many targets have the highest logit of their row (for token accuracy,
+    counted in the same pass over the logits instead of a separate argmax over K x V)."""
     return _TargetCrossEntropy.apply(logits, targets, divisor, chunk_rows)
 
 
@@ -85,28 +104,41 @@ class _TargetCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, divisor, chunk_rows):
         needs_grad = ctx.needs_input_grad[0]
-        target_probs = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        count, vocab = logits.shape
+        target_probs = torch.empty(count, dtype=torch.float32, device=logits.device)
+        hits = torch.zeros((), dtype=torch.int64, device=logits.device)
         grad = torch.empty_like(logits) if needs_grad else None
-        for start in range(0, logits.shape[0], chunk_rows):
-            part = logits[start:start + chunk_rows].float()  # (C, V) fp32
-            wanted = targets[start:start + chunk_rows]  # (C,)
-            rows = torch.arange(wanted.numel(), device=wanted.device)
-            probs = torch.softmax(part, dim=-1)  # one fused pass (log_softmax from bf16 is several times slower)
-            target_probs[start:start + chunk_rows] = probs[rows, wanted]
+        # one chunk's fp32 logits and probabilities, reused by every chunk (fresh ones would be new pages each time)
+        part_buffer = torch.empty(min(chunk_rows, count), vocab, dtype=torch.float32, device=logits.device)
+        probs_buffer = torch.empty_like(part_buffer)
+        for start in range(0, count, chunk_rows):
+            stop = min(start + chunk_rows, count)
+            part, probs = part_buffer[:stop - start], probs_buffer[:stop - start]
+            part.copy_(logits[start:stop])  # (C, V) fp32
+            wanted = targets[start:stop]  # (C,)
+            rows = torch.arange(stop - start, device=wanted.device)
+            hits += (part[rows, wanted] >= part.amax(dim=-1)).sum()
+            torch.softmax(part, dim=-1, out=probs)  # one fused pass (log_softmax from bf16 is several times slower)
+            target_probs[start:stop] = probs[rows, wanted]
             if needs_grad:  # d(sum of CE)/d(logits) = softmax - one-hot(target)
                 probs[rows, wanted] -= 1.0
-                grad[start:start + chunk_rows] = probs.div_(divisor)
+                grad[start:stop] = probs.div_(divisor)
         losses = -torch.log(target_probs)
         underflow = target_probs <= 1e-30  # p(target) below fp32's range (a loss above ~69): from the log-sum-exp
         if underflow.any():  # one check per call, not per chunk (each is a host-device sync on a GPU)
             part = logits[underflow].float()
             losses[underflow] = torch.logsumexp(part, dim=-1) - part.gather(1, targets[underflow, None]).squeeze(1)
         ctx.save_for_backward(grad)
-        return losses.sum() / divisor
+        ctx.mark_non_differentiable(hits)
+        return losses.sum() / divisor, hits
 
     @staticmethod
-    def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors  # x 1.0 (one process) is exact; no .item() here, which would sync a GPU
+    def backward(ctx, grad_output, _grad_hits):
+        (grad,) = ctx.saved_tensors
+        # Trainer's backward passes exactly 1.0 (one process): skip a pass over K x V on CPU, where reading the
+        # scalar costs nothing; on a GPU .item() would sync, so multiply there (x 1.0 is exact either way)
+        if grad.device.type == "cpu" and grad_output.item() == 1.0:
+            return grad, None, None, None
         return grad * grad_output.to(grad.dtype), None, None, None
 
 
@@ -190,7 +222,10 @@ class FastSFTTrainer(SFTTrainer):
     def train(self, *args, **kwargs):
         half = self.autocast_half_dtype()
         store_half = half is not None and not uses_dora(self.model)
-        with frozen_linears_stored_in(self.model, half) if store_half else contextlib.nullcontext():
+        with contextlib.ExitStack() as stack:
+            if store_half:
+                stack.enter_context(frozen_linears_stored_in(self.model, half))
+            stack.enter_context(cpu_dropout(self.model))  # LoRA's dropout masks, vectorised on CPU (finetune.dropout)
             return super().train(*args, **kwargs)
 
     def _get_num_items_in_batch(self, batch_samples, device):
@@ -211,11 +246,11 @@ class FastSFTTrainer(SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
-        loss, logits, wanted = target_token_loss(model, inputs, num_items_in_batch,
-                                                 use_logits_to_keep=self.use_logits_to_keep)
+        loss, logits, wanted, hits = target_token_loss(model, inputs, num_items_in_batch,
+                                                       use_logits_to_keep=self.use_logits_to_keep)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # num_items_in_batch counts every rank; DDP averages grads
-        self._log_batch_metrics(mode, inputs, logits, wanted)
+        self._log_batch_metrics(mode, inputs, hits, wanted)
         return (loss, {"logits": logits}) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -224,9 +259,9 @@ class FastSFTTrainer(SFTTrainer):
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None  # only the loss is ever evaluated: no logits gathered
 
-    def _log_batch_metrics(self, mode: str, inputs: dict, logits: torch.Tensor, wanted: torch.Tensor) -> None:
+    def _log_batch_metrics(self, mode: str, inputs: dict, hits: torch.Tensor, wanted: torch.Tensor) -> None:
         with torch.no_grad():
-            correct = self.accelerator.gather_for_metrics((logits.argmax(-1) == wanted).sum()).sum()
+            correct = self.accelerator.gather_for_metrics(hits).sum()
             total = self.accelerator.gather_for_metrics(torch.tensor(wanted.numel(), device=wanted.device)).sum()
         self._metrics[mode]["mean_token_accuracy"].append((correct / total).item() if total > 0 else 0.0)
         if mode == "train":

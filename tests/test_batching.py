@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from finetune import segment_attention
 from finetune.batching import (PaddedCollator, PaddingFreeCollator, block_causal_mask, forward, padding_free_mode,
                                packed_logits_match, shifted)
-from finetune.fast_trainer import target_cross_entropy, target_token_loss
+from finetune.fast_trainer import target_cross_entropy, target_cross_entropy_and_hits, target_token_loss
 from finetune.templates import IGNORE_INDEX
 
 TOLERANCE = 1e-3  # relative, fp32; the correct paths differ by ~1e-6, a leak by ~1e-1
@@ -55,7 +55,7 @@ def reference_loss_and_grads(model, feats: list[dict]) -> tuple[float, dict[str,
 
 def batch_loss_and_grads(model, batch: dict, **kw) -> tuple[float, dict[str, torch.Tensor]]:
     model.zero_grad()
-    loss, _, _ = target_token_loss(model, batch, **kw)
+    loss = target_token_loss(model, batch, **kw).loss
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -138,7 +138,7 @@ def test_target_only_head_equals_full_logits_loss_and_gradients(demo_model_dir, 
     full = batch_loss_and_grads(model, batch, use_logits_to_keep=False)
     assert worst_relative_difference(fast, full) < 1e-5
     # dividing by the accumulated batch's count (gradient accumulation) scales the loss, nothing else
-    loss, _, _ = target_token_loss(model, batch, num_items_in_batch=100)
+    loss = target_token_loss(model, batch, num_items_in_batch=100).loss
     assert loss.item() == pytest.approx(full[0] * sum(t != -100 for f in feats for t in f["labels"][1:]) / 100,
                                         rel=1e-5)
 
@@ -227,6 +227,20 @@ def test_chunked_target_cross_entropy_equals_cross_entropy_and_its_gradient(dtyp
         # fp32: the same formula in another order of rounding (~1 ulp); bf16: at most one bf16 rounding step apart
         ulp = {torch.float32: 1e-5, torch.bfloat16: 2**-7}[dtype]
         torch.testing.assert_close(fast.grad, plain.grad, rtol=ulp, atol=1e-9)
+
+
+def test_hits_count_the_targets_with_the_highest_logit():
+    """Token accuracy comes from the cross-entropy's own pass: a hit is a target whose logit is its row's highest."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(37, 101, generator=g)
+    targets = torch.randint(101, (37,), generator=g)
+    targets[::3] = logits[::3].argmax(-1)  # 13 rows where the target is the top logit
+    loss, hits = target_cross_entropy_and_hits(logits.bfloat16(), targets, torch.tensor(37.0), chunk_rows=8)
+    assert hits.item() == (logits.bfloat16().argmax(-1) == targets).sum().item() >= 13
+    tied = torch.zeros(2, 5)
+    tied[:, 1] = tied[:, 3] = 1.0  # two top logits per row: either one is a hit, another token is not
+    assert target_cross_entropy_and_hits(tied, torch.tensor([3, 1]), torch.tensor(2.0))[1].item() == 2
+    assert target_cross_entropy_and_hits(tied, torch.tensor([0, 4]), torch.tensor(2.0))[1].item() == 0
 
 
 def test_chunked_target_cross_entropy_keeps_no_gradient_without_grad():

@@ -4,43 +4,43 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from finetune.dropout import cpu_dropout, dropout, keep_mask
+from finetune.dropout import cpu_dropout, dropout, dropped
 from finetune.models import load_base_model
 
 
-@pytest.mark.parametrize("p", [0.05, 0.5])
-def test_each_element_is_dropped_with_probability_p(p):
+@pytest.mark.parametrize("p", [0.05, 0.25, 0.5])  # drop positions drawn as gaps; one draw per element
+def test_each_element_is_dropped_with_probability_p_independently(p):
     torch.manual_seed(0)
     n = 1_000_000
-    dropped = (~keep_mask((n,), p)).double().mean().item()
-    sigma = (p * (1 - p) / n) ** 0.5
-    assert abs(dropped - p) < 5 * sigma
-    # independent draws: two masks agree where both drop about p^2 of the time, not p
-    a, b = ~keep_mask((n,), p), ~keep_mask((n,), p)
+    a, b = dropped((n,), p), dropped((n,), p)
+    assert abs(a.double().mean().item() - p) < 5 * (p * (1 - p) / n) ** 0.5
+    # two draws both drop a position p^2 of the time, not p
     assert abs((a & b).double().mean().item() - p * p) < 5 * (p * p * (1 - p * p) / n) ** 0.5
-    # the two 32-bit halves of each 64-bit draw are both used, and differ
-    assert not torch.equal(a[0::2], a[1::2])
+    # neighbours are independent too: a drop is followed by a drop p of the time
+    assert abs((a[1:] & a[:-1]).double().sum().item() / a[:-1].sum().item() - p) < 5 * (p * (1 - p) / (n * p)) ** 0.5
+    # the first and the last positions are reachable
+    assert any(dropped((10,), p)[0] for _ in range(200)) and any(dropped((10,), p)[-1] for _ in range(200))
 
 
 def test_the_seed_comes_from_torch():
     torch.manual_seed(123)
-    first = keep_mask((1000,), 0.3)
+    first = dropped((1000,), 0.1)
     torch.manual_seed(123)
-    assert torch.equal(keep_mask((1000,), 0.3), first)
-    assert not torch.equal(keep_mask((1000,), 0.3), first)  # the next draw is a new one
+    assert torch.equal(dropped((1000,), 0.1), first)
+    assert not torch.equal(dropped((1000,), 0.1), first)  # the next draw is a new one
 
 
+@pytest.mark.parametrize("p", [0.1, 0.6])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kept_elements_are_scaled_exactly_as_nn_dropout_scales_them(dtype):
+def test_kept_elements_are_scaled_exactly_as_nn_dropout_scales_them(dtype, p):
     """out = x * noise and dx = g * noise, with nn.Dropout's noise = mask / (1 - p) in x's dtype, bit for bit."""
-    p = 0.1
     x = torch.randn(64, 96, dtype=dtype, requires_grad=True)
     upstream = torch.randn(64, 96, dtype=dtype)
     torch.manual_seed(7)
     out = dropout(x, p)
     out.backward(upstream)
     torch.manual_seed(7)
-    noise = keep_mask((64, 96), p).to(dtype).div_(1 - p)  # the same draw, as PyTorch's dropout forms its noise
+    noise = (~dropped((64, 96), p)).to(dtype).div_(1 - p)  # the same draw, as PyTorch's dropout forms its noise
     assert out.dtype == dtype
     assert torch.equal(out, x.detach() * noise)
     assert torch.equal(x.grad, upstream * noise)

@@ -46,9 +46,14 @@ def drop_positions(n: int, p: float) -> torch.Tensor:
     rng = _generator()
     expected = n * p
     size = int(expected + 6 * math.sqrt(expected) + 16)
-    ends = np.cumsum(rng.geometric(p, size=size))  # 1-based positions of successive drops
+    rate = -math.log1p(-p)
+
+    def gaps() -> np.ndarray:  # Geometric(p) as ceil(Exp(1) / -log(1 - p)), NumPy's own method, vectorised
+        return np.maximum(np.ceil(rng.standard_exponential(size) / rate), 1).astype(np.int64)
+
+    ends = np.cumsum(gaps())  # 1-based positions of successive drops
     while ends[-1] < n:  # more than 6 standard deviations past the mean: rare
-        ends = np.concatenate([ends, ends[-1] + np.cumsum(rng.geometric(p, size=size))])
+        ends = np.concatenate([ends, ends[-1] + np.cumsum(gaps())])
     return torch.from_numpy(ends[:np.searchsorted(ends, n, side="right")] - 1)
 
 

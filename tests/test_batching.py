@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from finetune import segment_attention
 from finetune.batching import (PaddedCollator, PaddingFreeCollator, block_causal_mask, forward, padding_free_mode,
                                packed_logits_match, shifted)
-from finetune.fast_trainer import target_cross_entropy, target_cross_entropy_and_hits, target_token_loss
+from finetune.fast_trainer import (ReusedBuffer, target_cross_entropy, target_cross_entropy_and_hits,
+                                   target_token_loss)
 from finetune.templates import IGNORE_INDEX
 
 TOLERANCE = 1e-3  # relative, fp32; the correct paths differ by ~1e-6, a leak by ~1e-1
@@ -227,6 +228,25 @@ def test_chunked_target_cross_entropy_equals_cross_entropy_and_its_gradient(dtyp
         # fp32: the same formula in another order of rounding (~1 ulp); bf16: at most one bf16 rounding step apart
         ulp = {torch.float32: 1e-5, torch.bfloat16: 2**-7}[dtype]
         torch.testing.assert_close(fast.grad, plain.grad, rtol=ulp, atol=1e-9)
+
+
+def test_the_gradient_buffer_is_reused_and_changes_nothing():
+    """Micro-batch after micro-batch (backward in between), the cross-entropy's gradient lands in the same memory,
+    and every loss and gradient equals the one computed with fresh memory."""
+    buffer = ReusedBuffer()
+    g = torch.Generator().manual_seed(2)
+    places = set()
+    for rows in (37, 20, 37, 41):  # a smaller gradient fits the memory; a larger one within the room left too
+        logits = (torch.randn(rows, 101, generator=g) * 3).bfloat16()
+        targets = torch.randint(101, (rows,), generator=g)
+        fresh, reused = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+        expected, _ = target_cross_entropy_and_hits(fresh, targets, torch.tensor(50.0), chunk_rows=8)
+        got, _ = target_cross_entropy_and_hits(reused, targets, torch.tensor(50.0), chunk_rows=8, grad_buffer=buffer)
+        expected.backward()
+        got.backward()
+        assert got.item() == expected.item() and torch.equal(reused.grad, fresh.grad)
+        places.add(buffer._flat.data_ptr())
+    assert len(places) == 1
 
 
 def test_hits_count_the_targets_with_the_highest_logit():

@@ -80,7 +80,6 @@ class _Dropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
         scale = torch.ones((), dtype=x.dtype).div_(1 - p)  # as nn.Dropout computes it: 1 / (1 - p) in x's dtype
-        ctx.shape = x.shape
         if p <= SPARSE_UP_TO:  # scale everything, then zero the few dropped positions; keep only those positions
             positions = drop_positions(x.numel(), p)
             out = (x * scale).contiguous()
@@ -99,7 +98,7 @@ class _Dropout(torch.autograd.Function):
         if ctx.sparse:
             grad_x = (grad * scale).contiguous()
             grad_x.view(-1).index_fill_(0, which, 0.0)
-            return grad_x.view(ctx.shape), None
+            return grad_x, None
         return torch.where(which, grad * scale, 0.0), None
 
 

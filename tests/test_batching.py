@@ -369,6 +369,37 @@ def test_segment_attention_equals_sdpa_per_example_with_gradients(autocast, bloc
     assert ours[0].dtype == torch.float32 and leaves[0].grad.dtype == torch.float32
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_segment_attention_backward_is_the_same_whether_it_keeps_or_recomputes_probabilities(autocast, monkeypatch):
+    """Forward keeps P for short examples; for long ones backward recomputes it. Both give the same bits, and a
+    retained graph can be run backward twice."""
+    monkeypatch.setattr(segment_attention, "BLOCK_ROWS", 4)
+    g = torch.Generator().manual_seed(1)
+    lengths, heads, kv_heads, dim = (3, 9, 6), 4, 2, 8
+    leaves = [torch.randn(1, h, sum(lengths), dim, generator=g, requires_grad=True) for h in (heads, kv_heads, kv_heads)]
+    weights = torch.randn(1, sum(lengths), heads, dim, generator=g)
+    cu = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+
+    def grads(keep_up_to, backwards=1):
+        monkeypatch.setattr(segment_attention, "KEEP_PROBABILITIES_UP_TO", keep_up_to)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = segment_attention.segment_attention_forward(None, *leaves, cu_seq_lens_q=cu)[0]
+        kept = len(out.grad_fn.saved_tensors) - 4  # Q, K, V and O, then one P per kept block
+        loss = (out.float() * weights).sum()
+        found = []
+        for i in range(backwards):
+            found = torch.autograd.grad(loss, leaves, retain_graph=i + 1 < backwards)
+        return kept, [out.detach(), *found]
+
+    kept_all, keeping = grads(9)
+    kept_some, mixed = grads(6)  # the 9-token example is recomputed
+    kept_none, recomputing = grads(0)
+    assert (kept_all, kept_some, kept_none) == (1 + 3 + 2, 1 + 2, 0)  # blocks of 4 rows: 3 -> 1, 9 -> 3, 6 -> 2
+    for a, b, c in zip(keeping, mixed, recomputing):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    assert all(torch.equal(a, b) for a, b in zip(grads(9, backwards=2)[1], keeping))
+
+
 def test_segment_attention_refuses_what_it_does_not_compute():
     """Soft-capping, sliding windows and attention sinks change the softmax: such models get a mask instead."""
     q, k = torch.zeros(1, 2, 4, 8), torch.zeros(1, 1, 4, 8)

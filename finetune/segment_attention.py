@@ -5,7 +5,7 @@ the kernel still computes every query against every key of the row and throws mo
 PyTorch's masked flash kernel is slow at these sizes. Here each example gets causal attention over its own
 tokens only, so the work is sum(n_i^2) instead of T^2 and no mask is built or read.
 
-`SegmentAttention` is a memory-lean autograd function (FlashAttention's recipe, with batched matmuls):
+`SegmentAttention` is an autograd function on FlashAttention's recipe, with batched matmuls:
 
 - forward, per block of an example's queries: scores = (Q * scale) K^T, a causal -inf bias, fp32 softmax,
   out = P V; it keeps Q, K, V and O;

@@ -37,7 +37,7 @@ from finetune.data import (
 from finetune.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "datasets"
+SHARED = REPO / "tests" / "fixtures" / "datasets"  # slices of LLaMA-Factory's demo files
 EXAMPLES = REPO / "examples" / "data"
 SKIP = " (or set skip_invalid: true to drop bad rows)"
 
@@ -782,7 +782,7 @@ def test_read_jsonl_examples_rejects_raw_rows(tmp_path):
 
 def test_shared_alpaca_demo():
     data = normalize_rows(read_rows(SHARED / "alpaca_en_demo.json"), source="alpaca_en_demo.json")
-    assert (data.format, len(data.examples), data.skipped) == ("alpaca", 999, [])
+    assert (data.format, len(data.examples), data.skipped) == ("alpaca", 60, [])
     first = data.examples[0]["messages"]
     assert first[0] == user("Describe a process of making crepes.")
     assert first[1]["role"] == "assistant" and first[1]["content"].startswith("Making crepes is an easy")
@@ -798,14 +798,14 @@ def test_shared_identity():
 
 def test_shared_c4_text():
     data = normalize_rows(read_rows(SHARED / "c4_demo.jsonl"))
-    assert (data.format, len(data.examples)) == ("text", 300)
+    assert (data.format, len(data.examples)) == ("text", 40)
     assert data.examples[0]["text"].startswith("Don’t think you need all the bells and whistles?")
 
 
 def test_shared_dpo_conversations_take_the_chosen_reply():
     rows = read_rows(SHARED / "dpo_en_demo.json")
     data = normalize_rows(rows)
-    assert (data.format, len(data.examples), data.skipped) == ("sharegpt", 300, [])
+    assert (data.format, len(data.examples), data.skipped) == ("sharegpt", 40, [])
     for row, example in zip(rows, data.examples):
         messages = example["messages"]
         assert messages[-1] == assistant(row["chosen"]["value"])

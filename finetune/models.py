@@ -152,6 +152,21 @@ def load_base_model(path: str, *, load_in_4bit: bool = False, precision: str = "
     return model
 
 
+def keep_4bit_layers_trainable(model) -> None:
+    """Stop bitsandbytes repacking the 4-bit weights of a model that will be trained; call it before any forward.
+
+    On a CPU with AVX512-bf16, a `Linear4bit` in eval mode with an input that needs no gradient (any evaluation, the
+    padding-free check) repacks its weight for good into an inference layout whose matmul has no autograd: training
+    after it passes no gradient back through the frozen 4-bit layers (or fails on a layer with a bias). Undoing the
+    repack is lossy (its block scales are stored in bf16), so the repack must not happen at all.
+    """
+    from bitsandbytes.nn import Linear4bit
+
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False  # the one switch bitsandbytes reads before it repacks
+
+
 # ----------------------------------------------------------------------------- running out of memory or disk
 _DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, quota exceeded, file size limit
 _OOM_TEXT = ("out of memory", "can't allocate memory", "cannot allocate memory")

@@ -211,13 +211,15 @@ def _peft_config(config: RunConfig):
 
 
 def _load_model(config: RunConfig, path: str, precision: str):
-    from .models import load_base_model
+    from .models import keep_4bit_layers_trainable, load_base_model
 
     model = load_base_model(path, load_in_4bit=config.load_in_4bit, precision=precision,
                             revision=config.model_revision, trust_remote_code=config.trust_remote_code)
     if config.load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
+        # evaluations and the padding-free check run no-grad forwards before and between training steps
+        keep_4bit_layers_trainable(model)
         # fp32 norms/embeddings and input grads so the frozen 4-bit base passes gradients to the adapters
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
     return model

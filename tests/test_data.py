@@ -294,12 +294,13 @@ def test_a_row_that_is_not_an_object():
         f'as {{"instruction": ..., "output": ...}}{SKIP}')
 
 
-ROLE_FIX = "allowed roles: system, user, assistant (also human, gpt, bot, chatgpt, model)"
+ROLE_FIX = ("allowed roles: system, user, assistant, tool (also human, gpt, bot, chatgpt, model; function_call and "
+            "observation for tool calls)")
 
 
 @pytest.mark.parametrize("turns,expected", [
-    ([user("Q"), {"role": "tool", "content": "x"}, assistant("A")],
-     f"turn 2 of `messages` has unknown role `tool`; {ROLE_FIX}"),
+    ([user("Q"), {"role": "narrator", "content": "x"}, assistant("A")],
+     f"turn 2 of `messages` has unknown role `narrator`; {ROLE_FIX}"),
     ([user("Q"), {"role": 7, "content": "x"}], f"turn 2 of `messages` has unknown role a number (7); {ROLE_FIX}"),
     ([user("Q1"), user("Q2"), assistant("A")],
      "turns 1 and 2 of `messages` are both user turns; user and assistant turns must alternate; merge them or "
@@ -321,7 +322,11 @@ ROLE_FIX = "allowed roles: system, user, assistant (also human, gpt, bot, chatgp
     ([user("Q"), assistant("A"), user("Follow-up?")],
      "`messages` ends with a user turn with no answer; add the assistant's reply, or remove the last turn"),
     ([user("Q"), {"role": "assistant", "content": ["part"]}],
-     "turn 2 of `messages` (assistant) has content of type a list, not text; write the content as a string"),
+     'turn 2 of `messages` (assistant) has content part 1 that is a string, not an object; write each part as '
+     '{"type": "text", "text": "..."}'),
+    ([user("Q"), {"role": "assistant", "content": 5}],
+     "turn 2 of `messages` (assistant) has content of type a number (5), not text; write the content as a string, "
+     "or a list of text parts"),
     ([user("Q"), assistant(" ")], "turn 2 of `messages` (assistant) is empty; every user and assistant turn needs "
                                   "content"),
     ([user("Q"), "A"], 'turn 2 of `messages` is a string, not an object; write each turn as {"role": "user", '

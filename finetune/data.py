@@ -604,7 +604,8 @@ def _preference_columns(columns: dict[str, str | None], index: dict[str, str]) -
 
 
 def _preference_kind(rows: list[dict], columns: dict[str, str]) -> str | None:
-    """"pairs" with a `rejected` column; "kto" when the first `label` value found is true or false; else None."""
+    """The kind of preference data: `pairs` with a `rejected` column, `kto` when the first `label` value found is
+    true or false, else None."""
     if "rejected" in columns:
         return "pairs"
     label = columns.get("label")
@@ -742,8 +743,9 @@ class _RowProblem(Exception):
 def normalize_rows(rows: list[dict], *, fmt: str = "auto", column_mapping: dict[str, str] | None = None,
                    system_prompt: str | None = None, skip_invalid: bool = False,
                    source: str = "<rows>") -> NormalizedData:
-    """Every row → `{"messages": [...]}` or `{"text": ...}`. A bad row raises a DataError naming the source, the
-    1-based row, the field and the fix; with `skip_invalid` it is dropped and recorded in `skipped` instead."""
+    """Every row → `{"messages": [...]}` (with `tools` when the row has tool schemas) or `{"text": ...}`; KTO rows
+    labelled false are left out and counted. A bad row raises a DataError naming the source, the 1-based row, the
+    field and the fix; with `skip_invalid` it is dropped and recorded in `skipped` instead."""
     fmt, columns = _resolve_columns(rows, fmt, column_mapping, source)
     preference = _preference_kind(rows, columns)
     system_prompt = system_prompt if system_prompt and system_prompt.strip() else None

@@ -22,9 +22,9 @@ EXIT_INTERRUPTED = 130
 
 
 # ----------------------------------------------------------------------------- config from CLI
-def _add_config_args(p: argparse.ArgumentParser, *, config_required: bool) -> None:
-    p.add_argument("config", nargs=None if config_required else "?", metavar="CONFIG.yaml",
-                   help="run config (YAML); every field below overrides it")
+def _add_config_args(p: argparse.ArgumentParser, *, config_required: bool,
+                     config_help: str = "run config (YAML); every field below overrides it") -> None:
+    p.add_argument("config", nargs=None if config_required else "?", metavar="CONFIG.yaml", help=config_help)
     for group, names in RunConfig.field_groups().items():
         g = p.add_argument_group(f"{group} settings")
         for f in dataclasses.fields(RunConfig):
@@ -102,6 +102,7 @@ def cmd_preview(args) -> int:
     from .models import load_tokenizer, resolve_base_model
     from .templates import apply_template_choice, encode_example, preview_text, render_preview
 
+    _data_file_as_dataset(args)
     config = config_from_args(args)
     source = resolve_base_model(config)
     if source.notice:
@@ -110,6 +111,8 @@ def cmd_preview(args) -> int:
     template = apply_template_choice(tok, config.chat_template)
     data = load_examples(config)
     print(f"format: {data.format}   template: {template}   source: {data.source}")
+    for notice in data.notices:
+        print(f"note: {notice}")
     if data.skipped:
         print(f"skipped {len(data.skipped)} invalid rows, e.g. row {data.skipped[0].row}: {data.skipped[0].reason}")
     print(f"duplicates removed: {data.splits.duplicates_removed}")
@@ -122,6 +125,18 @@ def cmd_preview(args) -> int:
     for split, s in stats.items():
         print(f"  {split:<10} " + "  ".join(f"{k}={v}" for k, v in s.items()))
     return 0
+
+
+def _data_file_as_dataset(args) -> None:
+    """`preview data.jsonl`: a data file where the config goes is the dataset, previewed with the default model."""
+    from .data import SUPPORTED_EXTENSIONS
+    from .errors import ConfigError
+
+    given = args.config
+    if given and Path(given).suffix.lower() in SUPPORTED_EXTENSIONS:
+        if hasattr(args, "cfg_dataset"):
+            raise ConfigError(f"{given} is a data file and --dataset is set too; give the data file once")
+        args.config, args.cfg_dataset = None, given
 
 
 def cmd_eval(args) -> int:
@@ -220,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pv = sub.add_parser("preview", help="show examples as the model sees them (loss in [[ ]]) and dataset stats")
     pv.add_argument("-n", type=int, default=3, help="examples to show (default: 3)")
-    _add_config_args(pv, config_required=False)
+    _add_config_args(pv, config_required=False, config_help="run config (YAML), or a data file (.jsonl, .json, .csv, "
+                     ".parquet, .txt) to preview with the default model; every field below overrides it")
     pv.set_defaults(func=cmd_preview)
 
     e = sub.add_parser("eval", help="loss/perplexity and answers of base vs fine-tuned on a split")

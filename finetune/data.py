@@ -16,16 +16,33 @@ Formats (column names are matched case-insensitively; `column_mapping` names the
 
 - alpaca:            instruction, optional input (alias context), output (alias response), optional system.
                      The user turn is `instruction` + "\\n\\n" + `input` when input is non-empty.
-- messages:          a `messages` (or `conversations`) list of {"role", "content"} turns.
+- messages:          a `messages` (or `conversations`) list of {"role", "content"} turns; role is system | user |
+                     assistant | tool. `content` may be a list of text parts ({"type": "text", "text" or "value": ...}),
+                     which are joined with newlines; an image, audio or video part is refused (text only).
 - sharegpt:          a `conversations` (or `messages`) list of {"from", "value"} turns; from is system | human | gpt
-                     (aliases user, assistant, bot, chatgpt, model), optional `system` column.
+                     (aliases user, assistant, bot, chatgpt, model) | function_call | observation, optional `system`
+                     column.
 - prompt_completion: prompt/completion, prompt/response, question/answer, query/response, input/output
                      (when there is no instruction) or prompt/chosen; optional system.
 - text:              a `text` column; plain text, loss on every token; `system_prompt` does not apply.
 
-Preference rows (ShareGPT `conversations` + `chosen` + `rejected`, as in LLaMA-Factory's DPO data) end with the
-user's turn: for supervised fine-tuning we append the preferred (`chosen`) reply as the assistant turn and ignore
-`rejected`.
+Tool calls, in either shape, become one: an assistant turn {"role": "assistant", "content": "", "tool_calls":
+[{"type": "function", "function": {"name": ..., "arguments": {...}}}]}, then {"role": "tool", "content": ...} results,
+and a `tools` list of {"type": "function", "function": {JSON schema}} on the example, as transformers'
+`apply_chat_template(tools=...)` takes them. ShareGPT's `function_call` turn holds {"name", "arguments"} (or a list of
+them) as JSON text, its `observation` turn the result, and its `tools` column the schemas as JSON text; OpenAI-style
+rows have assistant turns with `tool_calls` (arguments as JSON text or an object), `role: tool` turns and `tools`.
+
+Preference data is detected and, for supervised fine-tuning, never teaches a bad answer:
+- pairs (a `chosen` and a `rejected` column: ShareGPT conversations ending with the user's turn as in LLaMA-Factory's
+  DPO data, prompt/chosen/rejected, or instruction/input/chosen/rejected): the chosen reply is the assistant's answer,
+  `rejected` is kept only in `NormalizedData.preference_rows`.
+- KTO (a boolean `label` column marking each row's answer good or bad): rows labelled false are left out.
+Either way `NormalizedData.notices` says so, and `preference_rows` keeps the rows in TRL's conversational preference
+shapes ({"prompt", "chosen", "rejected"} or {"prompt", "completion", "label"}) for a preference-training stage.
+
+A .txt file is read one document per paragraph (blank lines separate them), or one document per line when no blank line
+separates its text; `NormalizedData.text_split` and a notice say which.
 """
 
 from __future__ import annotations
@@ -61,13 +78,23 @@ _FIELD_FAMILY = {"instruction": "alpaca", "input": "alpaca", "output": "alpaca",
                  "completion": "prompt_completion", "messages": "conversation", "conversations": "conversation",
                  "text": "text"}
 # Column-name aliases tried in order when nothing is mapped.
-_ALPACA_ALIASES = {"instruction": ("instruction",), "input": ("input", "context"), "output": ("output", "response")}
+_ALPACA_ALIASES = {"instruction": ("instruction",), "input": ("input", "context"),
+                   "output": ("output", "response", "chosen")}
 _PROMPT_COMPLETION_PAIRS = (("prompt", "completion"), ("prompt", "response"), ("question", "answer"),
                             ("query", "response"), ("input", "output"), ("prompt", "chosen"))
 _CONVERSATION_COLUMNS = ("messages", "conversations")
 _ROLE_ALIASES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
-                 "bot": "assistant", "chatgpt": "assistant", "model": "assistant"}
-_ALLOWED_ROLES_TEXT = "system, user, assistant (also human, gpt, bot, chatgpt, model)"
+                 "bot": "assistant", "chatgpt": "assistant", "model": "assistant", "function_call": "assistant",
+                 "tool": "tool", "observation": "tool", "function": "tool"}
+_ALLOWED_ROLES_TEXT = ("system, user, assistant, tool (also human, gpt, bot, chatgpt, model; function_call and "
+                       "observation for tool calls)")
+_TOOL_CALL_FIX = 'write it as {"name": "...", "arguments": {...}} (JSON text), or a list of them'
+_TOOLS_FIX = 'write it as a list of function schemas: [{"name": "...", "description": "...", "parameters": {...}}]'
+# Content parts that carry no text: the article and the kind, for "turn 2 has an image part".
+_MEDIA_PARTS = {"image": "an image", "image_url": "an image", "input_image": "an image", "audio": "an audio",
+                "input_audio": "an audio", "audio_url": "an audio", "video": "a video", "video_url": "a video"}
+_TEXT_PART_TYPES = ("text", "input_text", "output_text")
+_PART_FIX = 'write each part as {"type": "text", "text": "..."}'
 # Keys that are row fields, so a top-level JSON object holding one of them as its only list is a row, not a wrapper.
 _ROW_LIST_KEYS = {"messages", "conversations", "chosen", "rejected"}
 # Hub ids: `name` or `org/name`, letters, digits, `-`, `_`, `.` (huggingface_hub's repo id rules, simplified).
@@ -85,9 +112,14 @@ class SkippedRow:
 
 @dataclass
 class NormalizedData:
-    examples: list[dict]
+    examples: list[dict]  # what supervised fine-tuning learns: never a rejected or label-false answer
     format: str
     skipped: list[SkippedRow] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)  # for people: how the data was read, what was left out and why
+    preference: str | None = None  # "pairs" (chosen/rejected) or "kto" (a boolean label); None for plain data
+    preference_rows: list[dict] = field(default_factory=list)  # TRL's conversational preference shapes, valid rows
+    label_false: int = 0  # KTO rows labelled false (bad answers), left out of `examples`
+    text_split: str | None = None  # a .txt file: "lines" (one document per line) or "paragraphs"
 
 
 @dataclass
@@ -108,6 +140,7 @@ class PreparedData:
     skipped: list[SkippedRow]
     source: str
     rows_read: int = 0
+    notices: list[str] = field(default_factory=list)
 
 
 # ============================================================================ sources: files, Hub ids, pasted text
@@ -196,7 +229,9 @@ def _read_local_rows(path: Path, *, max_rows: int | None, max_bytes: int | None)
     rows = readers[ext](path, name, max_rows)
     if not rows:
         raise DataError(f"{name} contains no rows; it needs at least one example", source=name)
-    return rows[:max_rows] if max_rows else rows
+    if max_rows:
+        del rows[max_rows:]  # in place: a .txt file's rows keep their `text_split`
+    return rows
 
 
 def _extensions_text() -> str:
@@ -389,19 +424,33 @@ def _read_parquet_file(path: Path, name: str, max_rows: int | None) -> list[dict
     return rows
 
 
+class _TextFileRows(list):
+    """A .txt file's rows, remembering how the file was cut into documents ("lines" or "paragraphs")."""
+
+    text_split: str | None = None
+
+
 def _read_text_file(path: Path, name: str, max_rows: int | None) -> list[dict]:
-    """One example per paragraph; paragraphs are separated by blank lines."""
-    rows: list[dict] = []
-    paragraph: list[str] = []
-    for _, line in itertools.chain(_decoded_lines(path, name), [(0, "")]):  # the sentinel flushes the last paragraph
-        if line.strip():
-            paragraph.append(line.rstrip("\r\n"))
-            continue
-        if paragraph:
-            rows.append({"text": "\n".join(paragraph)})
-            paragraph = []
-            if max_rows and len(rows) >= max_rows:
+    """One document per paragraph when blank lines separate the text, else one document per line: a corpus of one
+    document a line, read as paragraphs, would be a single example. Blank lines before or after all text count for
+    nothing."""
+    paragraphs: list[list[str]] = [[]]
+    for _, line in _decoded_lines(path, name):
+        text = line.rstrip("\r\n")
+        if text.strip():
+            paragraphs[-1].append(text)
+        elif paragraphs[-1]:  # a blank line ends a paragraph
+            if max_rows and len(paragraphs) >= max(max_rows, 2):  # a second paragraph proves the split
                 break
+            paragraphs.append([])
+    paragraphs = [p for p in paragraphs if p]
+    rows = _TextFileRows()
+    if len(paragraphs) > 1:
+        rows.text_split = "paragraphs"
+        rows.extend({"text": "\n".join(p)} for p in paragraphs[:max_rows])
+    else:
+        rows.text_split = "lines"
+        rows.extend({"text": text} for p in paragraphs for text in p[:max_rows])
     return rows
 
 
@@ -528,6 +577,9 @@ def _resolve_columns(rows: list[dict], fmt: str, column_mapping: dict[str, str] 
             _first_present(index, _CONVERSATION_COLUMNS)
         columns.pop("conversations", None)
         columns["chosen"] = index.get("chosen")
+        columns["tools"] = index.get("tools")
+    if fmt != "text":
+        columns.update(_preference_columns(columns, index))
     required = {"alpaca": ("instruction", "output"), "prompt_completion": ("prompt", "completion"),
                 "messages": ("messages",), "sharegpt": ("messages",), "text": ("text",)}[fmt]
     for canonical in required:
@@ -537,6 +589,40 @@ def _resolve_columns(rows: list[dict], fmt: str, column_mapping: dict[str, str] 
                             f"{_columns_text(index)}. Map yours with column_mapping, e.g. "
                             f"{{{canonical}: {_example_column(index)}}}", source=source, field=canonical)
     return fmt, {k: v for k, v in columns.items() if v}
+
+
+def _preference_columns(columns: dict[str, str | None], index: dict[str, str]) -> dict[str, str]:
+    """`rejected` when the answer is read from a `chosen` column, and a `label` column (KTO if it holds booleans)."""
+    found = {}
+    chosen = index.get("chosen")
+    if chosen and chosen in (columns.get("chosen"), columns.get("completion"), columns.get("output")) \
+            and "rejected" in index:
+        found["rejected"] = index["rejected"]
+    if "label" in index:
+        found["label"] = index["label"]
+    return found
+
+
+def _preference_kind(rows: list[dict], columns: dict[str, str]) -> str | None:
+    """The kind of preference data: `pairs` with a `rejected` column, `kto` when the first `label` value found is
+    true or false, else None."""
+    if "rejected" in columns:
+        return "pairs"
+    label = columns.get("label")
+    if label:
+        first = next((row[label] for row in rows[:20] if isinstance(row, dict) and row.get(label) is not None), None)
+        if _as_bool(first) is not None:
+            return "kto"
+    return None
+
+
+def _as_bool(value: Any) -> bool | None:
+    """A boolean, or the text true/false (CSV has no booleans); None for anything else."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    return None
 
 
 def _check_mapping(mapping: dict[str, str], index: dict[str, str], source: str) -> dict[str, str]:
@@ -657,26 +743,62 @@ class _RowProblem(Exception):
 def normalize_rows(rows: list[dict], *, fmt: str = "auto", column_mapping: dict[str, str] | None = None,
                    system_prompt: str | None = None, skip_invalid: bool = False,
                    source: str = "<rows>") -> NormalizedData:
-    """Every row → `{"messages": [...]}` or `{"text": ...}`. A bad row raises a DataError naming the source, the
-    1-based row, the field and the fix; with `skip_invalid` it is dropped and recorded in `skipped` instead."""
+    """Every row → `{"messages": [...]}` (with `tools` when the row has tool schemas) or `{"text": ...}`; KTO rows
+    labelled false are left out and counted. A bad row raises a DataError naming the source, the 1-based row, the
+    field and the fix; with `skip_invalid` it is dropped and recorded in `skipped` instead."""
     fmt, columns = _resolve_columns(rows, fmt, column_mapping, source)
+    preference = _preference_kind(rows, columns)
     system_prompt = system_prompt if system_prompt and system_prompt.strip() else None
     examples: list[dict] = []
     skipped: list[SkippedRow] = []
+    preference_rows: list[dict] = []
     first_problem = ""
     for number, row in enumerate(rows, 1):
         try:
-            examples.append(_normalize_row(row, fmt, columns, system_prompt))
+            example = _normalize_row(row, fmt, columns, system_prompt)
+            record = _preference_row(row, example, columns, preference) if preference else None
         except _RowProblem as p:
             message = f"{source}, row {number}: {p.reason}; {p.fix}"
             if not skip_invalid:
                 raise DataError(message + SKIP_HINT, source=source, row=number, field=p.field) from None
             skipped.append(SkippedRow(number, p.reason))
             first_problem = first_problem or message
+            continue
+        if record is not None:
+            preference_rows.append(record)
+        if record is None or record.get("label", True):  # a bad answer (KTO label false) is never a target
+            examples.append(example)
+    label_false = sum(1 for r in preference_rows if r.get("label") is False)
+    if not examples and label_false:
+        raise DataError(f"{source}: every usable row is labelled false (a bad answer), and supervised fine-tuning "
+                        "learns only answers labelled true; nothing is left to train on", source=source,
+                        field=columns["label"])
     if not examples:
         raise DataError(f"{source}: all {len(rows)} rows are invalid, nothing is left to train on; the first "
                         f"problem: {first_problem}", source=source)
-    return NormalizedData(examples=examples, format=fmt, skipped=skipped)
+    text_split = getattr(rows, "text_split", None)
+    notices = _reading_notices(source, text_split, len(rows), preference, len(examples), label_false)
+    return NormalizedData(examples=examples, format=fmt, skipped=skipped, notices=notices, preference=preference,
+                          preference_rows=preference_rows, label_false=label_false, text_split=text_split)
+
+
+def _reading_notices(source: str, text_split: str | None, rows: int, preference: str | None, kept: int,
+                     label_false: int) -> list[str]:
+    """What people should know about how the rows were read: a .txt file's documents, preference data's answers."""
+    notices = []
+    if text_split == "lines":
+        notices.append(f"{source} has no blank lines between its text, so each of its {rows:,} lines is one document")
+    elif text_split == "paragraphs":
+        notices.append(f"{source} has blank lines, so each of its {rows:,} paragraphs (text between blank lines) is "
+                       "one document")
+    if preference == "pairs":
+        notices.append(f"{source} holds preference pairs (`chosen` and `rejected` answers); supervised fine-tuning "
+                       f"learns the {kept:,} chosen answers only, never the rejected ones")
+    elif preference == "kto":
+        notices.append(f"{source} holds KTO data (a true/false `label` per answer); supervised fine-tuning learns the "
+                       f"{kept:,} answers labelled true and leaves out the {label_false:,} rows labelled false, so "
+                       "their bad answers are never learned")
+    return notices
 
 
 def _normalize_row(row: Any, fmt: str, columns: dict[str, str], system_prompt: str | None) -> dict:
@@ -702,7 +824,35 @@ def _normalize_row(row: Any, fmt: str, columns: dict[str, str], system_prompt: s
         system = _optional_text(row, columns.get("system")) or system_prompt
         if system:
             turns.insert(0, {"role": "system", "content": system})
-    return {"messages": turns}
+    tools = _tools(row, columns.get("tools"))
+    return {"messages": turns, "tools": tools} if tools else {"messages": turns}
+
+
+def _preference_row(row: dict, example: dict, columns: dict[str, str], kind: str) -> dict | None:
+    """The row in TRL's conversational preference shape: {prompt, chosen, rejected} or {prompt, completion, label};
+    None for a row of a pairs file with no rejected answer (it is still a fine-tuning example, but no pair)."""
+    messages = example["messages"]
+    record: dict[str, Any] = {"prompt": messages[:-1]}
+    if kind == "pairs":
+        rejected = columns["rejected"]
+        if row.get(rejected) is None:
+            return None
+        record.update(chosen=messages[-1:], rejected=[_reply_turn(row.get(rejected), rejected)])
+    else:
+        record.update(completion=messages[-1:], label=_kto_label(row, columns["label"]))
+    if "tools" in example:
+        record["tools"] = example["tools"]
+    return record
+
+
+def _kto_label(row: dict, column: str) -> bool:
+    fix = "mark each row's answer true (good) or false (bad)"
+    if column not in row:
+        raise _RowProblem(f"field `{column}` is missing", fix, column)
+    label = _as_bool(row[column])
+    if label is None:
+        raise _RowProblem(f"field `{column}` must be true or false, got {_kind(row[column])}", fix, column)
+    return label
 
 
 def _required_text(row: dict, column: str, fix: str) -> str:
@@ -767,7 +917,7 @@ def _conversation_turns(row: dict, columns: dict[str, str], fmt: str) -> list[di
     numbered = [(n, _turn(t, n, column, shape_fix)) for n, t in enumerate(turns_in, 1)]
     numbered = [(n, t) for n, t in numbered if t["role"] != "system" or t["content"].strip()]
     if numbered and numbered[-1][1]["role"] == "user" and row.get(columns.get("chosen")) is not None:
-        numbered.append((len(turns_in) + 1, _chosen_turn(row[columns["chosen"]], columns["chosen"])))
+        numbered.append((len(turns_in) + 1, _reply_turn(row[columns["chosen"]], columns["chosen"])))
     _check_order(numbered, column)
     return [t for _, t in numbered]
 
@@ -778,30 +928,151 @@ def _turn(turn: Any, number: int, column: str, shape_fix: str) -> dict:
         raise _RowProblem(f"{where} is {_kind(turn)}, not an object", shape_fix, column)
     role_key = "role" if "role" in turn else "from" if "from" in turn else None
     content_key = "content" if "content" in turn else "value" if "value" in turn else None
+    calls = turn.get("tool_calls") or None  # OpenAI exports write `"tool_calls": null` or `[]` on plain replies
     if role_key is None:
         raise _RowProblem(f"{where} has no `role` (or `from`) key", shape_fix, column)
-    if content_key is None:
+    if content_key is None and calls is None:  # a turn that only calls tools may leave out its content
         raise _RowProblem(f"{where} has no `content` (or `value`) key", shape_fix, column)
     raw_role = turn[role_key]
     role = _ROLE_ALIASES.get(raw_role.strip().lower()) if isinstance(raw_role, str) else None
     if role is None:
         shown = f"`{raw_role}`" if isinstance(raw_role, str) else _kind(raw_role)
         raise _RowProblem(f"{where} has unknown role {shown}", f"allowed roles: {_ALLOWED_ROLES_TEXT}", column)
-    content = turn[content_key]
-    if not isinstance(content, str):
-        raise _RowProblem(f"{where} ({role}) has content of type {_kind(content)}, not text",
-                          "write the content as a string", column)
+    content = turn.get(content_key) if content_key else None
+    if raw_role.strip().lower() == "function_call":  # ShareGPT: the turn's text is the call, as JSON
+        return {"role": "assistant", "content": "", "tool_calls": _sharegpt_calls(content, where, column)}
+    if calls is not None:
+        if role != "assistant":
+            raise _RowProblem(f"{where} ({role}) has `tool_calls`, but only assistant turns call tools",
+                              "move the calls to the assistant turn that makes them", column)
+        text = "" if content is None else _content_text(content, where, role, column)
+        _check_encodable(text, where, column)
+        return {"role": "assistant", "content": text, "tool_calls": _tool_calls(calls, where, column)}
+    content = _content_text(content, where, role, column)
     if role != "system" and not content.strip():
-        raise _RowProblem(f"{where} ({role}) is empty", "every user and assistant turn needs content", column)
+        fix = "write what the tool returned" if role == "tool" else "every user and assistant turn needs content"
+        raise _RowProblem(f"{where} ({role}) is empty", fix, column)
     _check_encodable(content, where, column)
-    return {"role": role, "content": content}
+    out = {"role": role, "content": content}
+    if role == "tool" and isinstance(turn.get("tool_call_id"), str) and turn["tool_call_id"]:
+        out["tool_call_id"] = turn["tool_call_id"]  # some templates (Mistral's) pair results with calls by id
+    return out
 
 
-def _chosen_turn(value: Any, column: str) -> dict:
-    """The preferred reply of a preference row as an assistant turn: text, a turn, or a list ending in one."""
+def _content_text(content: Any, where: str, role: str, column: str) -> str:
+    """A turn's content as text: a string, or a list of text parts (OpenAI/HF: `text`, LLaMA-Factory: `value`)
+    joined with newlines. A part without text (an image, audio, video) is refused: training is on text only."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise _RowProblem(f"{where} ({role}) has content of type {_kind(content)}, not text",
+                          "write the content as a string, or a list of text parts", column)
+    texts = []
+    for number, part in enumerate(content, 1):
+        if not isinstance(part, dict):
+            raise _RowProblem(f"{where} ({role}) has content part {number} that is {_kind(part)}, not an object",
+                              _PART_FIX, column)
+        kind = part.get("type")
+        if kind is None:  # untyped parts: {"text": ...} or {"image": ...}
+            kind = next((key for key in ("text", "value", *_MEDIA_PARTS) if key in part), None)
+        kind = kind.strip().lower() if isinstance(kind, str) else kind
+        if isinstance(kind, str) and kind in _MEDIA_PARTS:
+            raise _RowProblem(f"{where} has {_MEDIA_PARTS[kind]} part", "this tool trains on text only; remove the "
+                              "part, or drop the row", column)
+        text = part.get("text", part.get("value"))
+        if kind not in (*_TEXT_PART_TYPES, "value") or not isinstance(text, str):
+            shown = f"`{kind}`" if isinstance(kind, str) else _kind(kind)
+            what = f"of type {shown}" if kind not in (*_TEXT_PART_TYPES, "value") else "with no text"
+            raise _RowProblem(f"{where} ({role}) has content part {number} {what}", _PART_FIX, column)
+        texts.append(text)
+    return "\n".join(texts)
+
+
+def _sharegpt_calls(value: Any, where: str, column: str) -> list[dict]:
+    """A ShareGPT `function_call` turn's value: {"name", "arguments"}, or a list of them, usually as JSON text."""
+    if isinstance(value, str):
+        value = _json_field(value, f"{where} (function_call)", _TOOL_CALL_FIX, column)
+    if not isinstance(value, (dict, list)):
+        raise _RowProblem(f"{where} (function_call) must be a call, got {_kind(value)}", _TOOL_CALL_FIX, column)
+    return _tool_calls(value, where, column)
+
+
+def _tool_calls(value: Any, where: str, column: str) -> list[dict]:
+    """OpenAI `tool_calls` (or ShareGPT calls) → [{"type": "function", "function": {"name", "arguments": {...}}}]."""
+    calls = [value] if isinstance(value, dict) else value
+    if not isinstance(calls, list) or not calls:
+        raise _RowProblem(f"{where} has `tool_calls` of type {_kind(value)}, not a list of calls",
+                          'write them as [{"type": "function", "function": {"name": "...", "arguments": {...}}}]',
+                          column)
+    return [_tool_call(call, f"{where}, tool call {number}", column) for number, call in enumerate(calls, 1)]
+
+
+def _tool_call(call: Any, where: str, column: str) -> dict:
+    fix = 'write it as {"type": "function", "function": {"name": "...", "arguments": {...}}}'
+    function = call.get("function", call) if isinstance(call, dict) else call  # nested (OpenAI) or flat
+    if not isinstance(function, dict):
+        raise _RowProblem(f"{where} is {_kind(function)}, not an object", fix, column)
+    name = function.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise _RowProblem(f"{where} has no function `name`", fix, column)
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):  # OpenAI sends arguments as JSON text
+        arguments = _json_field(arguments, f"`arguments` of {where} (`{name}`)", 'write them as a JSON object, '
+                                'e.g. {"city": "Paris"}', column) if arguments.strip() else None
+    if arguments is None:
+        arguments = {}
+    if not isinstance(arguments, dict):
+        raise _RowProblem(f"{where} (`{name}`) has arguments of type {_kind(arguments)}, not an object",
+                          'write them as a JSON object, e.g. {"city": "Paris"}', column)
+    out = {"type": "function", "function": {"name": name, "arguments": arguments}}
+    if isinstance(call, dict) and isinstance(call.get("id"), str) and call["id"]:
+        out["id"] = call["id"]
+    _check_encodable(json.dumps(out, ensure_ascii=False), where, column)
+    return out
+
+
+def _tools(row: dict, column: str | None) -> list[dict] | None:
+    """The row's tool schemas as [{"type": "function", "function": {...}}], or None when it has none.
+    LLaMA-Factory writes bare schemas ({"name", "description", "parameters"}) as JSON text; OpenAI wraps them."""
+    value = row.get(column) if column else None
+    if isinstance(value, str):
+        value = _json_field(value, f"field `{column}`", _TOOLS_FIX, column) if value.strip() else None
+    if value is None or value == []:
+        return None
+    schemas = [value] if isinstance(value, dict) else value
+    if not isinstance(schemas, list):
+        raise _RowProblem(f"field `{column}` must be a list of function schemas, got {_kind(value)}", _TOOLS_FIX,
+                          column)
+    tools = []
+    for number, schema in enumerate(schemas, 1):
+        where = f"tool {number} in `{column}`"
+        if not isinstance(schema, dict):
+            raise _RowProblem(f"{where} is {_kind(schema)}, not an object", _TOOLS_FIX, column)
+        wrapped = schema.get("type") == "function" and isinstance(schema.get("function"), dict)
+        function = schema["function"] if wrapped else schema
+        if not isinstance(function.get("name"), str) or not function["name"].strip():
+            raise _RowProblem(f"{where} has no `name`", _TOOLS_FIX, column)
+        _check_encodable(json.dumps(function, ensure_ascii=False), where, column)
+        tools.append({"type": "function", "function": function})
+    return tools
+
+
+def _json_field(text: str, where: str, fix: str, column: str) -> Any:
+    """Parse JSON text held in a field (tool calls, arguments, tools); a _RowProblem that names `where` if it fails."""
+    try:
+        return _loads(text)
+    except _JsonLimit as e:
+        raise _RowProblem(f"{where}: the JSON {e}", fix, column) from None
+    except json.JSONDecodeError as e:
+        raise _RowProblem(f"{where} is not valid JSON ({e.msg} at column {e.colno})", fix, column) from None
+
+
+def _reply_turn(value: Any, column: str) -> dict:
+    """A preference row's reply (`chosen` or `rejected`) as an assistant turn: text, a turn, or a list ending in one."""
     if isinstance(value, list) and value:
         value = value[-1]
     if isinstance(value, str) and value.strip():
+        _check_encodable(value, f"field `{column}`", column)
         return {"role": "assistant", "content": value}
     if isinstance(value, dict):
         turn = _turn(value, 1, column, 'write it as {"from": "gpt", "value": "..."} or as text')
@@ -812,7 +1083,8 @@ def _chosen_turn(value: Any, column: str) -> dict:
 
 
 def _check_order(numbered: list[tuple[int, dict]], column: str) -> None:
-    """Optional leading system turn, then user/assistant alternating, starting with user, ending with assistant."""
+    """Optional leading system turn, then user/assistant alternating, starting with user, ending with assistant.
+    An assistant turn that calls tools is followed by their results (`tool` turns), then the assistant again."""
     for number, turn in numbered[1:]:
         if turn["role"] == "system":
             raise _RowProblem(f"turn {number} of `{column}` is a system turn, but only the first turn may be one",
@@ -823,15 +1095,35 @@ def _check_order(numbered: list[tuple[int, dict]], column: str) -> None:
                           "every conversation needs at least one assistant answer to learn from", column)
     number, first = chat[0]
     if first["role"] != "user":
-        raise _RowProblem(f"turn {number} of `{column}` is an assistant turn, but a conversation must start "
+        kind = "an assistant turn" if first["role"] == "assistant" else "a tool result"
+        raise _RowProblem(f"turn {number} of `{column}` is {kind}, but a conversation must start "
                           "with the user", "add the user's message before it, or remove it", column)
     for (before, previous), (number, turn) in zip(chat, chat[1:]):
-        if turn["role"] == previous["role"]:
-            raise _RowProblem(f"turns {before} and {number} of `{column}` are both {turn['role']} turns",
-                              "user and assistant turns must alternate; merge them or remove one", column)
+        _check_follows(before, previous, number, turn, column)
     if chat[-1][1]["role"] == "user":
         raise _RowProblem(f"`{column}` ends with a user turn with no answer",
                           "add the assistant's reply, or remove the last turn", column)
+    if chat[-1][1]["role"] == "tool":
+        raise _RowProblem(f"`{column}` ends with a tool result with no answer",
+                          "add the assistant's reply after it, or remove the last turn", column)
+
+
+def _check_follows(before: int, previous: dict, number: int, turn: dict, column: str) -> None:
+    """Turn `number` may follow turn `before`: see `_check_order`."""
+    result_fix = "put each tool result (a `tool` turn; `observation` in ShareGPT) right after the call it answers"
+    if "tool_calls" in previous and turn["role"] != "tool":
+        raise _RowProblem(f"turn {before} of `{column}` calls a tool, but turn {number} after it is not the tool's "
+                          "result", result_fix, column)
+    if turn["role"] == "tool" and previous["role"] != "tool" and "tool_calls" not in previous:
+        raise _RowProblem(f"turn {number} of `{column}` is a tool result, but turn {before} before it calls no tool",
+                          result_fix, column)
+    if previous["role"] == "tool" and turn["role"] == "user":
+        raise _RowProblem(f"turn {number} of `{column}` is a user turn right after a tool result",
+                          "after tool results the assistant answers; add its reply before the user's next message",
+                          column)
+    if turn["role"] == previous["role"] != "tool":
+        raise _RowProblem(f"turns {before} and {number} of `{column}` are both {turn['role']} turns",
+                          "user and assistant turns must alternate; merge them or remove one", column)
 
 
 # ============================================================================ splitting
@@ -905,7 +1197,7 @@ def load_examples(config: RunConfig, rows: list[dict] | None = None) -> Prepared
     splits = split_examples(normalized.examples, eval_fraction=config.eval_fraction,
                             test_fraction=config.test_fraction, seed=config.seed)
     return PreparedData(splits=splits, format=normalized.format, skipped=normalized.skipped, source=source,
-                        rows_read=len(rows))
+                        rows_read=len(rows), notices=normalized.notices)
 
 
 def write_split_files(splits: Splits, folder: str | Path) -> dict[str, Path]:

@@ -150,6 +150,19 @@ def test_preview_shows_loss_marks_and_stats(demo_model_dir):
     assert "train " in proc.stdout and "truncated=" in proc.stdout
 
 
+def test_preview_takes_a_data_file_as_its_argument(capsys, demo_model_dir, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("First document.\nSecond document.\nThird document.\n", encoding="utf-8")
+    assert main(["preview", str(corpus), "--base_model", str(demo_model_dir), "-n", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "format: text" in out and "source: corpus.txt" in out
+    assert "note: corpus.txt has no blank lines between its text, so each of its 3 lines is one document" in out
+    assert main(["preview", str(QA), "--base_model", str(demo_model_dir), "-n", "1"]) == 0
+    assert "format: messages" in capsys.readouterr().out
+    msg = user_error(capsys, ["preview", str(corpus), "--dataset", str(QA)])
+    assert msg == f"error: {corpus} is a data file and --dataset is set too; give the data file once"
+
+
 def test_eval_merge_chat_on_the_trained_run(cli_run):
     out, _ = cli_run
     proc = run_cli("eval", str(out), "--limit", "2", "--max-new-tokens", "8")

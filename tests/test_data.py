@@ -294,12 +294,13 @@ def test_a_row_that_is_not_an_object():
         f'as {{"instruction": ..., "output": ...}}{SKIP}')
 
 
-ROLE_FIX = "allowed roles: system, user, assistant (also human, gpt, bot, chatgpt, model)"
+ROLE_FIX = ("allowed roles: system, user, assistant, tool (also human, gpt, bot, chatgpt, model; function_call and "
+            "observation for tool calls)")
 
 
 @pytest.mark.parametrize("turns,expected", [
-    ([user("Q"), {"role": "tool", "content": "x"}, assistant("A")],
-     f"turn 2 of `messages` has unknown role `tool`; {ROLE_FIX}"),
+    ([user("Q"), {"role": "narrator", "content": "x"}, assistant("A")],
+     f"turn 2 of `messages` has unknown role `narrator`; {ROLE_FIX}"),
     ([user("Q"), {"role": 7, "content": "x"}], f"turn 2 of `messages` has unknown role a number (7); {ROLE_FIX}"),
     ([user("Q1"), user("Q2"), assistant("A")],
      "turns 1 and 2 of `messages` are both user turns; user and assistant turns must alternate; merge them or "
@@ -321,7 +322,11 @@ ROLE_FIX = "allowed roles: system, user, assistant (also human, gpt, bot, chatgp
     ([user("Q"), assistant("A"), user("Follow-up?")],
      "`messages` ends with a user turn with no answer; add the assistant's reply, or remove the last turn"),
     ([user("Q"), {"role": "assistant", "content": ["part"]}],
-     "turn 2 of `messages` (assistant) has content of type a list, not text; write the content as a string"),
+     'turn 2 of `messages` (assistant) has content part 1 that is a string, not an object; write each part as '
+     '{"type": "text", "text": "..."}'),
+    ([user("Q"), {"role": "assistant", "content": 5}],
+     "turn 2 of `messages` (assistant) has content of type a number (5), not text; write the content as a string, "
+     "or a list of text parts"),
     ([user("Q"), assistant(" ")], "turn 2 of `messages` (assistant) is empty; every user and assistant turn needs "
                                   "content"),
     ([user("Q"), "A"], 'turn 2 of `messages` is a string, not an object; write each turn as {"role": "user", '
@@ -387,6 +392,282 @@ def test_preference_row_with_a_non_assistant_chosen_turn():
     assert normalize_error(rows) == (
         'data.jsonl, row 1: field `chosen` is not an assistant reply; write it as {"from": "gpt", "value": "..."} '
         f"or as text{SKIP}")
+
+
+PAIRS_NOTICE = ("data.jsonl holds preference pairs (`chosen` and `rejected` answers); supervised fine-tuning learns "
+                "the {} chosen answers only, never the rejected ones")
+
+
+def test_preference_pairs_are_detected_and_rejected_answers_never_trained():
+    rows = [{"prompt": "Q1", "chosen": "Good", "rejected": "Bad"},
+            {"prompt": "Q2", "chosen": "Fine", "rejected": {"role": "assistant", "content": "Wrong"}}]
+    data = normalize_rows(rows, source="data.jsonl")
+    assert (data.format, data.preference) == ("prompt_completion", "pairs")
+    assert data.examples == [{"messages": [user("Q1"), assistant("Good")]},
+                             {"messages": [user("Q2"), assistant("Fine")]}]
+    assert data.notices == [PAIRS_NOTICE.format(2)]
+    assert data.preference_rows == [
+        {"prompt": [user("Q1")], "chosen": [assistant("Good")], "rejected": [assistant("Bad")]},
+        {"prompt": [user("Q2")], "chosen": [assistant("Fine")], "rejected": [assistant("Wrong")]}]
+
+
+def test_alpaca_preference_pairs():
+    rows = [{"instruction": "Translate", "input": "cat", "chosen": "chat", "rejected": "chien"}]
+    data = normalize_rows(rows)
+    assert (data.format, data.preference) == ("alpaca", "pairs")
+    assert data.examples == [{"messages": [user("Translate\n\ncat"), assistant("chat")]}]
+    assert data.preference_rows[0]["rejected"] == [assistant("chien")]
+
+
+def test_shared_dpo_pairs_are_kept_for_preference_training():
+    rows = read_rows(SHARED / "dpo_en_demo.json")
+    data = normalize_rows(rows, source="data.jsonl")
+    assert (data.preference, len(data.preference_rows), data.notices) == ("pairs", 40, [PAIRS_NOTICE.format(40)])
+    for row, pair, example in zip(rows, data.preference_rows, data.examples):
+        assert pair["prompt"] + pair["chosen"] == example["messages"]
+        assert pair["rejected"] == [assistant(row["rejected"]["value"])]
+        assert row["rejected"]["value"] not in json.dumps(data.examples)
+
+
+def test_a_bad_rejected_answer_names_the_row():
+    rows = [{"prompt": "Q", "chosen": "Good", "rejected": "Bad"}, {"prompt": "Q", "chosen": "Good", "rejected": 3}]
+    assert normalize_error(rows) == ('data.jsonl, row 2: field `rejected` is not an assistant reply; write it as '
+                                     f'{{"from": "gpt", "value": "..."}} or as text{SKIP}')
+
+
+KTO_NOTICE = ("data.jsonl holds KTO data (a true/false `label` per answer); supervised fine-tuning learns the {} "
+              "answers labelled true and leaves out the {} rows labelled false, so their bad answers are never learned")
+
+
+def test_kto_rows_labelled_false_are_left_out():
+    rows = [{"messages": [user("Q1"), assistant("Good")], "label": True},
+            {"messages": [user("Q2"), assistant("Bad")], "label": False},
+            {"messages": [user("Q3"), assistant("Also good")], "label": "true"},  # CSV has no booleans
+            {"messages": [user("Q4"), assistant("Also bad")], "label": "False"}]
+    data = normalize_rows(rows, source="data.jsonl")
+    assert (data.preference, data.label_false, data.skipped) == ("kto", 2, [])
+    assert data.examples == [{"messages": [user("Q1"), assistant("Good")]},
+                             {"messages": [user("Q3"), assistant("Also good")]}]
+    assert data.notices == [KTO_NOTICE.format(2, 2)]
+    assert [(r["prompt"], r["completion"], r["label"]) for r in data.preference_rows] == [
+        ([user("Q1")], [assistant("Good")], True), ([user("Q2")], [assistant("Bad")], False),
+        ([user("Q3")], [assistant("Also good")], True), ([user("Q4")], [assistant("Also bad")], False)]
+
+
+@pytest.mark.parametrize("label,shown", [(1, "a number (1)"), ("yes", "a string"), (None, "null")])
+def test_kto_label_must_be_a_boolean(label, shown):
+    rows = [{"prompt": "Q", "completion": "A", "label": True}, {"prompt": "Q", "completion": "B", "label": label}]
+    assert normalize_error(rows) == (f"data.jsonl, row 2: field `label` must be true or false, got {shown}; mark "
+                                     f"each row's answer true (good) or false (bad){SKIP}")
+    data = normalize_rows(rows, skip_invalid=True)
+    assert data.skipped == [SkippedRow(2, f"field `label` must be true or false, got {shown}")]
+    assert data.examples == [{"messages": [user("Q"), assistant("A")]}]
+
+
+def test_kto_file_with_only_bad_answers():
+    rows = [{"prompt": "Q", "completion": "Bad", "label": False}]
+    assert normalize_error(rows) == ("data.jsonl: every usable row is labelled false (a bad answer), and supervised "
+                                     "fine-tuning learns only answers labelled true; nothing is left to train on")
+
+
+def test_a_label_column_that_is_not_boolean_is_no_kto_file():
+    rows = [{"prompt": "Q", "completion": "A", "label": "positive"}]
+    data = normalize_rows(rows)
+    assert (data.preference, data.examples, data.notices) == (None, [{"messages": [user("Q"), assistant("A")]}], [])
+
+
+
+
+# ---------------------------------------------------------------------------- tool calls
+
+def call(name, arguments):
+    return {"type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def calls(*tool_calls, content=""):
+    return {"role": "assistant", "content": content, "tool_calls": list(tool_calls)}
+
+
+def tool(text):
+    return {"role": "tool", "content": text}
+
+
+WEATHER = {"name": "get_weather", "description": "Weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+
+
+def test_shared_glaive_tool_calls():
+    rows = read_rows(SHARED / "glaive_toolcall_en_demo.json")
+    data = normalize_rows(rows, source="glaive_toolcall_en_demo.json")
+    assert (data.format, len(data.examples), data.skipped, data.notices) == ("sharegpt", 40, [], [])
+    first = data.examples[0]
+    assert first["messages"][2:5] == [
+        user("I have chicken, bell peppers, and rice."),
+        calls(call("search_recipes", {"ingredients": ["chicken", "bell peppers", "rice"]})),
+        tool(rows[0]["conversations"][4]["value"])]
+    assert first["tools"] == [{"type": "function", "function": json.loads(rows[0]["tools"])[0]}]
+    for row, example in zip(rows, data.examples):
+        turns = row["conversations"]
+        assert len(example["messages"]) == len(turns)
+        for turn, message in zip(turns, example["messages"]):
+            if turn["from"] == "function_call":
+                wanted = json.loads(turn["value"])
+                assert message == calls(call(wanted["name"], wanted["arguments"]))
+            else:
+                role = {"human": "user", "gpt": "assistant", "observation": "tool"}[turn["from"]]
+                assert message == {"role": role, "content": turn["value"]}
+        schemas = json.loads(row["tools"])
+        assert example.get("tools") == ([{"type": "function", "function": s} for s in schemas] or None)
+    assert sum(len(m.get("tool_calls", [])) for ex in data.examples for m in ex["messages"]) == 29
+    assert sum("tools" not in ex for ex in data.examples) == 16  # rows whose `tools` is "[]"
+
+
+def test_openai_style_tool_row():
+    row = {"messages": [
+        system("Use tools."), user("Weather in Paris and Rome?"),
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+            {"id": "call_2", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Rome"}}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 C"},
+        {"role": "tool", "tool_call_id": "call_2", "content": "24 C"},
+        {"role": "assistant", "content": "Paris 18 C, Rome 24 C.", "tool_calls": None}],
+        "tools": [{"type": "function", "function": WEATHER}]}
+    data = normalize_rows([row])
+    assert data.format == "messages"
+    assert data.examples == [{"messages": [
+        system("Use tools."), user("Weather in Paris and Rome?"),
+        calls({**call("get_weather", {"city": "Paris"}), "id": "call_1"},
+              {**call("get_weather", {"city": "Rome"}), "id": "call_2"}),
+        {**tool("18 C"), "tool_call_id": "call_1"}, {**tool("24 C"), "tool_call_id": "call_2"},
+        assistant("Paris 18 C, Rome 24 C.")], "tools": [{"type": "function", "function": WEATHER}]}]
+
+
+def test_sharegpt_parallel_calls_flat_calls_and_a_single_tool_object():
+    row = {"conversations": [
+        {"from": "human", "value": "Paris and Rome?"},
+        {"from": "function_call", "value": json.dumps([{"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                                                       {"name": "get_weather", "arguments": {"city": "Rome"}}])},
+        {"from": "observation", "value": '["18 C", "24 C"]'},
+        {"from": "gpt", "value": "Warm in both."},
+        {"from": "human", "value": "And now?"},
+        {"from": "assistant", "content": "Checking.", "tool_calls": [{"name": "now", "arguments": ""}]},
+        {"from": "tool", "value": "noon"}, {"from": "gpt", "value": "Noon."}],
+        "tools": json.dumps(WEATHER)}
+    assert normalize_rows([row]).examples == [{"messages": [
+        user("Paris and Rome?"),
+        calls(call("get_weather", {"city": "Paris"}), call("get_weather", {"city": "Rome"})),
+        tool('["18 C", "24 C"]'), assistant("Warm in both."), user("And now?"),
+        calls(call("now", {}), content="Checking."), tool("noon"), assistant("Noon.")],
+        "tools": [{"type": "function", "function": WEATHER}]}]
+
+
+def test_a_conversation_may_end_with_a_tool_call():
+    turns = [user("Weather?"), calls(call("get_weather", {"city": "Oslo"}))]
+    assert normalize_rows([{"messages": turns}]).examples == [{"messages": turns}]
+
+
+CALL = calls(call("get_weather", {"city": "Oslo"}))
+RESULT_FIX = "put each tool result (a `tool` turn; `observation` in ShareGPT) right after the call it answers"
+CALL_FIX = 'write it as {"type": "function", "function": {"name": "...", "arguments": {...}}}'
+TOOLS_FIX = 'write it as a list of function schemas: [{"name": "...", "description": "...", "parameters": {...}}]'
+
+
+@pytest.mark.parametrize("row,expected", [
+    ({"messages": [user("Q"), tool("x"), assistant("A")]},
+     f"turn 2 of `messages` is a tool result, but turn 1 before it calls no tool; {RESULT_FIX}"),
+    ({"messages": [user("Q"), CALL, user("Q2"), assistant("A")]},
+     f"turn 2 of `messages` calls a tool, but turn 3 after it is not the tool's result; {RESULT_FIX}"),
+    ({"messages": [user("Q"), CALL, tool("sun"), user("Q2"), assistant("A")]},
+     "turn 4 of `messages` is a user turn right after a tool result; after tool results the assistant answers; "
+     "add its reply before the user's next message"),
+    ({"messages": [user("Q"), CALL, tool("sun")]},
+     "`messages` ends with a tool result with no answer; add the assistant's reply after it, or remove the last "
+     "turn"),
+    ({"messages": [tool("sun"), assistant("A")]},
+     "turn 1 of `messages` is a tool result, but a conversation must start with the user; add the user's message "
+     "before it, or remove it"),
+    ({"messages": [user("Q"), CALL, tool(" "), assistant("A")]},
+     "turn 3 of `messages` (tool) is empty; write what the tool returned"),
+    ({"messages": [{"role": "user", "content": "Q", "tool_calls": CALL["tool_calls"]}, assistant("A")]},
+     "turn 1 of `messages` (user) has `tool_calls`, but only assistant turns call tools; move the calls to the "
+     "assistant turn that makes them"),
+    ({"messages": [user("Q"), {"role": "assistant", "tool_calls": "get_weather"}]},
+     "turn 2 of `messages` has `tool_calls` of type a string, not a list of calls; write them as "
+     '[{"type": "function", "function": {"name": "...", "arguments": {...}}}]'),
+    ({"messages": [user("Q"), {"role": "assistant", "tool_calls": [{"type": "function", "function": {}}]}]},
+     f"turn 2 of `messages`, tool call 1 has no function `name`; {CALL_FIX}"),
+    ({"messages": [user("Q"), calls(call("f", "{city: Oslo}"))]},
+     "`arguments` of turn 2 of `messages`, tool call 1 (`f`) is not valid JSON (Expecting property name enclosed "
+     'in double quotes at column 2); write them as a JSON object, e.g. {"city": "Paris"}'),
+    ({"messages": [user("Q"), calls(call("f", [1, 2]))]},
+     "turn 2 of `messages`, tool call 1 (`f`) has arguments of type a list, not an object; write them as a JSON "
+     'object, e.g. {"city": "Paris"}'),
+    ({"conversations": [{"from": "human", "value": "Q"}, {"from": "function_call", "value": "get_weather(Oslo)"}]},
+     "turn 2 of `conversations` (function_call) is not valid JSON (Expecting value at column 1); write it as "
+     '{"name": "...", "arguments": {...}} (JSON text), or a list of them'),
+    ({"conversations": [{"from": "human", "value": "Q"}, {"from": "function_call", "value": "42"}]},
+     "turn 2 of `conversations` (function_call) must be a call, got a number (42); write it as "
+     '{"name": "...", "arguments": {...}} (JSON text), or a list of them'),
+    ({"messages": [user("Q"), assistant("A")], "tools": "[{name: f}]"},
+     f"field `tools` is not valid JSON (Expecting property name enclosed in double quotes at column 3); {TOOLS_FIX}"),
+    ({"messages": [user("Q"), assistant("A")], "tools": 3},
+     f"field `tools` must be a list of function schemas, got a number (3); {TOOLS_FIX}"),
+    ({"messages": [user("Q"), assistant("A")], "tools": [WEATHER, {"description": "no name"}]},
+     f"tool 2 in `tools` has no `name`; {TOOLS_FIX}"),
+])
+def test_bad_tool_rows(row, expected):
+    good = ({"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}
+            if "conversations" in row else {"messages": [user("Q"), assistant("A")]})
+    assert normalize_error([good, row]) == f"data.jsonl, row 2: {expected}{SKIP}"
+
+
+def test_bad_tool_rows_are_skipped_and_reported():
+    good = {"messages": [user("Q"), CALL, tool("sun"), assistant("Sunny.")], "tools": [WEATHER]}
+    bad = {"messages": [user("Q"), CALL, assistant("Sunny.")], "tools": [WEATHER]}
+    data = normalize_rows([good, bad], skip_invalid=True)
+    assert len(data.examples) == 1 and data.examples[0]["tools"] == [{"type": "function", "function": WEATHER}]
+    assert data.skipped == [SkippedRow(2, "turn 2 of `messages` calls a tool, but turn 3 after it is not the tool's "
+                                          "result")]
+
+
+# ---------------------------------------------------------------------------- content parts
+
+def test_content_parts_are_joined():
+    rows = [{"messages": [
+        {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Line one"}, {"type": "text", "text": "line two"}]},
+        {"role": "assistant", "content": [{"type": "text", "value": "LLaMA-Factory v1 style"}]}]},
+        {"messages": [{"role": "user", "content": [{"text": "untyped"}]}, assistant("A")]}]
+    assert normalize_rows(rows).examples == [
+        {"messages": [system("Be brief."), user("Line one\nline two"), assistant("LLaMA-Factory v1 style")]},
+        {"messages": [user("untyped"), assistant("A")]}]
+
+
+@pytest.mark.parametrize("part,expected", [
+    ({"type": "image", "image": "cat.png"}, "turn 1 of `messages` has an image part; this tool trains on text only; "
+                                            "remove the part, or drop the row"),
+    ({"type": "image_url", "image_url": {"url": "http://x/cat.png"}}, "turn 1 of `messages` has an image part; this "
+                                                                      "tool trains on text only; remove the part, or "
+                                                                      "drop the row"),
+    ({"type": "input_audio", "input_audio": {}}, "turn 1 of `messages` has an audio part; this tool trains on text "
+                                                 "only; remove the part, or drop the row"),
+    ({"video": "clip.mp4"}, "turn 1 of `messages` has a video part; this tool trains on text only; remove the part, "
+                            "or drop the row"),
+    ({"type": "file", "file": {}}, 'turn 1 of `messages` (user) has content part 2 of type `file`; write each part '
+                                   'as {"type": "text", "text": "..."}'),
+    ({"type": "text", "text": 3}, 'turn 1 of `messages` (user) has content part 2 with no text; write each part as '
+                                  '{"type": "text", "text": "..."}'),
+])
+def test_content_parts_that_are_not_text(part, expected):
+    row = {"messages": [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, part]},
+                        assistant("A")]}
+    assert normalize_error([row]) == f"data.jsonl, row 1: {expected}{SKIP}"
+
+
+def test_image_rows_are_skipped_and_reported():
+    rows = [{"messages": [user("Q"), assistant("A")]},
+            {"messages": [{"role": "user", "content": [{"type": "image"}]}, assistant("A")]}]
+    assert normalize_rows(rows, skip_invalid=True).skipped == [SkippedRow(2, "turn 1 of `messages` has an image part")]
 
 
 # ============================================================================ local files
@@ -472,6 +753,31 @@ def test_txt_paragraphs(tmp_path):
     path = write(tmp_path / "book.txt", "First para\nstill first.\n\n\n  \nSecond.\r\n\r\nThird\n")
     assert read_rows(path) == [{"text": "First para\nstill first."}, {"text": "Second."}, {"text": "Third"}]
     assert read_rows(path, max_rows=2) == [{"text": "First para\nstill first."}, {"text": "Second."}]
+    data = normalize_rows(read_rows(path), source="book.txt")
+    assert (data.text_split, data.notices) == ("paragraphs", [
+        "book.txt has blank lines, so each of its 3 paragraphs (text between blank lines) is one document"])
+
+
+def test_txt_without_blank_lines_is_one_document_per_line(tmp_path):
+    path = write(tmp_path / "corpus.txt", "\n\nDoc one.\nDoc two, longer.\r\nDoc three.\n\n\n")  # blank lines only
+    assert read_rows(path) == [{"text": "Doc one."}, {"text": "Doc two, longer."}, {"text": "Doc three."}]
+    assert read_rows(path, max_rows=2) == [{"text": "Doc one."}, {"text": "Doc two, longer."}]
+    data = normalize_rows(read_rows(path), source="corpus.txt")
+    assert (data.format, len(data.examples), data.text_split) == ("text", 3, "lines")
+    assert data.notices == ["corpus.txt has no blank lines between its text, so each of its 3 lines is one document"]
+
+
+def test_txt_max_rows_reads_on_until_the_split_is_known(tmp_path):
+    path = write(tmp_path / "two.txt", "a\nb\n\nc\n")
+    assert read_rows(path, max_rows=1) == [{"text": "a\nb"}]  # paragraphs: a blank line separates text
+    assert normalize_rows(read_rows(path, max_rows=1)).text_split == "paragraphs"
+
+
+def test_txt_corpus_splits_into_train_validation_and_test(tmp_path):
+    path = write(tmp_path / "corpus.txt", "".join(f"Document number {i}.\n" for i in range(1, 101)))
+    data = load_examples(RunConfig(dataset=str(path), eval_fraction=0.1, test_fraction=0.1))
+    assert (len(data.splits.train), len(data.splits.validation), len(data.splits.test)) == (80, 10, 10)
+    assert data.notices == ["corpus.txt has no blank lines between its text, so each of its 100 lines is one document"]
 
 
 @pytest.mark.parametrize("name,body", [("a.json", json.dumps(ROWS)), ("a.jsonl", jsonl(ROWS)),

@@ -29,7 +29,8 @@ EXTENSIONS = (".json", ".jsonl", ".csv", ".txt")
 
 # Keys our formats look at, so that random rows often reach the deep parts of detection and normalisation.
 KEYS = st.sampled_from(["instruction", "input", "output", "prompt", "completion", "messages", "conversations",
-                        "text", "role", "content", "from", "value", "system", "chosen", "question", "answer"])
+                        "text", "role", "content", "from", "value", "system", "chosen", "question", "answer",
+                        "rejected", "label", "tools", "tool_calls", "type", "function", "name", "arguments"])
 # Text including control characters, emoji and lone surrogates (which can't be encoded as UTF-8).
 TEXT = st.text(st.characters(codec=None, exclude_categories=()), max_size=30) | st.sampled_from(
     ["", " ", "\ufeff", "\x00", "\ud800", "user", "assistant", "gpt", "human", "system", "x" * 5000])
@@ -37,6 +38,74 @@ SCALARS = st.none() | st.booleans() | st.integers() | st.floats() | TEXT
 JSON_VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4)
                            | st.dictionaries(KEYS | TEXT, inner, max_size=4), max_leaves=25)
 ROWS = st.lists(st.dictionaries(KEYS, JSON_VALUES, max_size=5), min_size=0, max_size=6)
+
+# Conversations in the newer shapes: tool calls (OpenAI and ShareGPT), content parts, preference columns. Rows are
+# built valid, then about one value in 25 is swapped for a random one, so that most rows get deep into
+# normalisation and many survive it.
+
+
+def _mostly(good, bad):
+    return st.integers(0, 24).flatmap(lambda i: bad if i == 0 else good)
+
+
+_WORDS = _mostly(st.sampled_from(["Hi", "Weather in Oslo?", "Sunny, 18 C.", "é 🙂"]), TEXT)
+_PART = _mostly(st.builds(lambda key, text: {"type": "text", key: text}, st.sampled_from(["text", "value"]), _WORDS),
+                st.fixed_dictionaries({"type": st.sampled_from(["image", "image_url", "audio", "video", "file"])
+                                       | JSON_VALUES}, optional={"text": JSON_VALUES}) | JSON_VALUES)
+_CONTENT = _mostly(_WORDS | st.lists(_PART, min_size=1, max_size=2), JSON_VALUES)
+_ARGUMENTS = st.dictionaries(st.sampled_from(["city", "days"]), _WORDS | st.integers(), max_size=2)
+_ARGUMENTS = _mostly(_ARGUMENTS | _ARGUMENTS.map(json.dumps), JSON_VALUES)
+_NAME = _mostly(st.sampled_from(["get_weather", "now"]), TEXT | JSON_VALUES)
+_FUNCTION = st.builds(lambda name, arguments: {"name": name, "arguments": arguments}, _NAME, _ARGUMENTS)
+_CALLS = _mostly(st.lists(_FUNCTION.map(lambda f: {"type": "function", "function": f}) | _FUNCTION, min_size=1,
+                          max_size=2), JSON_VALUES)
+
+
+def _turn(role):
+    return st.builds(lambda content: {"role": role, "content": content}, _CONTENT)
+
+
+_CALL_TURN = st.builds(lambda calls, content: {"role": "assistant", "content": content, "tool_calls": calls},
+                       _CALLS, st.none() | _WORDS)
+_EXCHANGE = (st.tuples(_turn("user"), _turn("assistant"))
+             | st.tuples(_turn("user"), _CALL_TURN, _turn("tool"), _turn("assistant")))
+_SHAREGPT = {"user": "human", "assistant": "gpt", "tool": "observation"}
+
+
+def _as_sharegpt(message):
+    if "tool_calls" in message:
+        calls = message["tool_calls"]
+        return {"from": "function_call", "value": json.dumps(calls) if isinstance(calls, list) else calls}
+    return {"from": _SHAREGPT[message["role"]], "value": message["content"]}
+
+
+_MESSAGES = _mostly(st.lists(_EXCHANGE, min_size=1, max_size=3).map(lambda xs: [m for x in xs for m in x]),
+                    st.lists(_turn("user") | _turn("assistant") | _turn("tool") | _CALL_TURN | JSON_VALUES,
+                             max_size=4))
+_TOOLS = _mostly(st.lists(_FUNCTION.map(lambda f: {"name": f["name"], "parameters": {}}), max_size=2), JSON_VALUES)
+_TOOLS = _TOOLS | _TOOLS.map(json.dumps)
+
+
+def _shaped_row(kind, sharegpt):
+    """One row of a file of `kind` (plain, kto or pairs), in OpenAI or ShareGPT turns."""
+    extras = {"tools": _TOOLS}
+    if kind == "kto":
+        extras["label"] = _mostly(st.booleans(), JSON_VALUES)
+    messages = _MESSAGES
+    if kind == "pairs":  # the conversation ends with the user; chosen and rejected are the answers
+        messages = st.builds(lambda ms, u: ms + [u], _MESSAGES, _turn("user"))
+        extras["chosen"] = _mostly(_WORDS | _turn("assistant"), JSON_VALUES)
+        extras["rejected"] = _mostly(_WORDS | _turn("assistant"), JSON_VALUES)
+    column = "messages"
+    if sharegpt:
+        column = "conversations"
+        messages = messages.map(lambda ms: [_as_sharegpt(m) if isinstance(m, dict) else m for m in ms])
+    return st.fixed_dictionaries({column: messages, **extras})
+
+
+SHAPED_ROWS = st.tuples(st.sampled_from(["plain", "kto", "pairs"]), st.booleans()).flatmap(
+    lambda kind_style: st.lists(_shaped_row(*kind_style), min_size=1, max_size=5))
+ROLES = {"system", "user", "assistant", "tool"}
 
 
 def _deep(depth: int) -> str:
@@ -100,7 +169,31 @@ def test_normalize_rows_returns_examples_or_a_data_error(rows, fmt, skip_invalid
         for example in result.examples:
             # every example must survive being written as UTF-8 JSON (what the run folder's data/ holds)
             json.dumps(example, ensure_ascii=False).encode("utf-8")
-            assert set(example) in ({"messages"}, {"text"})
+            assert set(example) in ({"messages"}, {"messages", "tools"}, {"text"})
+
+
+@FUZZ
+@given(rows=SHAPED_ROWS, skip_invalid=st.booleans())
+def test_tool_calls_content_parts_and_preference_rows_normalise_or_a_data_error(rows, skip_invalid):
+    """The canonical shape holds for whatever passes: roles, text content, parsed tool calls and schemas; a KTO
+    file's examples are exactly its rows labelled true."""
+    result = _only_data_errors(lambda: normalize_rows(rows, skip_invalid=skip_invalid))
+    if result is None:
+        return
+    for example in result.examples:
+        json.dumps(example, ensure_ascii=False).encode("utf-8")
+        assert set(example) in ({"messages"}, {"messages", "tools"})
+        for message in example["messages"]:
+            assert message["role"] in ROLES and isinstance(message["content"], str)
+            for tool_call in message.get("tool_calls", []):
+                assert tool_call["type"] == "function" and isinstance(tool_call["function"]["arguments"], dict)
+                assert tool_call["function"]["name"].strip()
+        for schema in example.get("tools", []):
+            assert schema["type"] == "function" and schema["function"]["name"].strip()
+    assert len(result.examples) + len(result.skipped) + result.label_false == len(rows)
+    if result.preference == "kto":
+        assert [r["prompt"] + r["completion"] for r in result.preference_rows if r["label"]] == \
+            [ex["messages"] for ex in result.examples]
 
 
 @FUZZ

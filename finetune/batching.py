@@ -1,26 +1,24 @@
 """Padding-free batches: a micro-batch's examples laid end to end in one row, each attending only to itself.
 
-Padding a batch to its longest example spends compute on pad tokens. Concatenating the examples into
-one row of `sum(lengths)` tokens spends none, but only stays the same computation if no example
-attends to another one. How that is guaranteed depends on the attention kernel:
+Padding a batch to its longest example spends compute on pad tokens. Concatenating the examples into one row of
+`sum(lengths)` tokens spends none, and stays the same computation as long as no example attends to another one.
+Two modes guarantee that:
 
-- `sdpa` / `eager`: a 4D block-diagonal causal mask (1, 1, T, T). transformers passes a 4D mask
-  through unchanged. (Reset `position_ids` alone are NOT enough on CPU: with a KV cache object, or
-  through other code paths, transformers builds a plain causal mask over the whole row and the second
-  example sees the first.) `sdpa` takes a bool mask (True = may attend); `eager` adds the mask to the
-  scores, so it gets a float one (0 = may attend, dtype-min = blocked).
-- FlashAttention (`flash_attention_2/3`): no mask; per-example `position_ids` select its varlen path.
-- On CPU, `sdpa`/`eager` models use `segments` instead (finetune/segment_attention.py): causal attention per
-  example from the row's boundaries (`cu_seq_lens_q`), no (T, T) mask and no work across examples. Same result
-  as the masked kernel, ~2x faster attention there.
+- `position_ids` (the library's mechanism): position ids restart at 0 for each example and no attention mask is
+  passed. transformers then builds each layer's own mask (causal or sliding-window) per example
+  (`masking_utils.find_packed_sequence_indices`), and FlashAttention takes its varlen path. This needs a forward
+  without a KV cache, which `forward` below guarantees.
+- `segments` (ours, CPU only): per-example attention from the row's boundaries (`cu_seq_lens_q`), no (T, T) mask
+  and no work across examples (finetune/segment_attention.py). It computes plain causal attention only, so models
+  with sliding windows or soft-capping use `position_ids`.
 
-Labels are shifted here (`shift_labels[i]` is the target predicted at position i) and each example's
-last position gets IGNORE_INDEX, so no position predicts the first token of the next example.
-Position ids restart at 0 for each example, so rotary embeddings see what they see unpacked.
+Labels are shifted here (`shift_labels[i]` is the target predicted at position i) and each example's last position
+gets IGNORE_INDEX, so no position predicts the first token of the next example. Position ids restart at 0 for each
+example, so rotary embeddings see what they see unpacked.
 
-`padding_free_mode(model)` picks the mode and *checks on the model itself* that a packed row gives the
-logits of the examples run alone; models where it can't be verified (recurrent/state-space layers,
-custom attention) train on padded batches instead.
+`padding_free_mode(model)` picks the mode and *checks on the model itself* that a packed row gives the logits of the
+examples run alone, with examples longer than the model's sliding window; models where it can't be verified
+(recurrent/state-space layers, custom attention) train on padded batches instead.
 """
 
 from __future__ import annotations
@@ -33,9 +31,7 @@ from .templates import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
-MASK_MODES = {"sdpa": "bool_mask", "eager": "float_mask"}
-VARLEN_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3")
-MODES = ("bool_mask", "float_mask", "position_ids", "segments")
+MODES = ("position_ids", "segments")
 
 
 def shifted(labels: list[int]) -> list[int]:
@@ -43,24 +39,8 @@ def shifted(labels: list[int]) -> list[int]:
     return list(labels[1:]) + [IGNORE_INDEX]
 
 
-def block_causal_mask(lengths: list[int], *, float_mask: bool = False) -> torch.Tensor:
-    """(1, 1, T, T) mask for examples of `lengths` laid end to end: causal within an example, blocked across.
-
-    Bool: True where a query may attend to a key (sdpa). Float: 0 there and float32-min elsewhere (eager adds
-    it to the scores; float32 so it stays finite whatever dtype the scores are promoted from).
-    """
-    segment = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))  # (T,) example index
-    total = int(segment.numel())
-    causal = torch.ones(total, total, dtype=torch.bool).tril()
-    allowed = (segment[:, None] == segment[None, :]) & causal  # (T, T)
-    if not float_mask:
-        return allowed[None, None]
-    mask = torch.zeros(total, total, dtype=torch.float32).masked_fill_(~allowed, torch.finfo(torch.float32).min)
-    return mask[None, None]
-
-
 class PaddingFreeCollator:
-    """`{"input_ids", "labels"}` features → one row: input_ids, position_ids, shift_labels (1, T) [+ 4D mask]."""
+    """`{"input_ids", "labels"}` features → one row: input_ids, position_ids, shift_labels (1, T) [+ cu_seq_lens_q]."""
 
     def __init__(self, mode: str):
         if mode not in MODES:
@@ -76,8 +56,6 @@ class PaddingFreeCollator:
         }
         if self.mode == "segments":  # example boundaries, as FlashAttention varlen takes them
             batch["cu_seq_lens_q"] = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        elif self.mode != "position_ids":
-            batch["attention_mask"] = block_causal_mask(lengths, float_mask=self.mode == "float_mask")
         return batch
 
 
@@ -101,43 +79,63 @@ class PaddedCollator:
 
 
 # ----------------------------------------------------------------------------- choosing, with a check
-def padding_free_mode(model) -> str | None:
-    """The padding-free mode for this model's attention, or None when packed examples can't be isolated.
+SEGMENT_KERNELS = ("sdpa", "eager")  # the attention implementations per-example attention stands in for, on CPU
 
-    The decision is verified on the model: two short random examples run packed must give the logits they give
-    alone. Recurrent or convolutional layers (which carry state across the row whatever the mask says) and
-    custom attention fail this and get None.
+
+def padding_free_mode(model, max_length: int | None = None) -> str | None:
+    """The padding-free mode for this model, or None when packed examples can't be isolated.
+
+    The decision is verified on the model: two random examples run packed must give the logits they give alone. They
+    are longer than the model's sliding window when examples of `max_length` tokens (None: any length) can be, so a
+    packing that ignores the window fails. Recurrent or convolutional layers (which carry state across the row
+    whatever the mask says) and custom attention fail this and get None.
     """
+    lengths = check_lengths(model, max_length)
     impl = getattr(model.config, "_attn_implementation", None) or "eager"
-    mode = MASK_MODES.get(impl) or ("position_ids" if impl in VARLEN_IMPLEMENTATIONS else None)
-    if mode is None:
-        log.info("padding-free batches are off: attention `%s` has no known way to isolate packed examples", impl)
-        return None
     on_cpu = next(model.parameters()).device.type == "cpu"
-    if mode in MASK_MODES.values() and on_cpu and not getattr(model.config, "attention_dropout", 0.0):
+    if impl in SEGMENT_KERNELS and on_cpu and not getattr(model.config, "attention_dropout", 0.0):
         try:  # per-example attention: faster than a (T, T) mask on CPU; the same check decides
-            if packed_logits_match(model, "segments"):
+            if packed_logits_match(model, PaddingFreeCollator("segments"), lengths):
                 return "segments"
-        except (TypeError, ValueError, RuntimeError, KeyError) as e:
-            log.info("per-example attention is off (%s: %s); using a block-diagonal mask", type(e).__name__, e)
+        except (TypeError, ValueError, RuntimeError, KeyError) as e:  # e.g. a sliding window or soft-capping
+            log.info("per-example attention is off (%s: %s); using transformers' packed-sequence masks",
+                     type(e).__name__, e)
     try:
-        isolated = packed_logits_match(model, mode)
-    except (TypeError, ValueError, RuntimeError) as e:  # a model whose forward rejects position_ids or a 4D mask
+        isolated = packed_logits_match(model, PaddingFreeCollator("position_ids"), lengths)
+    except (TypeError, ValueError, RuntimeError) as e:  # a model whose forward rejects position_ids
         log.info("padding-free batches are off: a packed forward pass failed (%s: %s)", type(e).__name__, e)
         return None
     if not isolated:
         log.warning("padding-free batches are off: packed examples change each other's logits on this model")
         return None
-    return mode
+    return "position_ids"
+
+
+def sliding_window(model) -> int | None:
+    """The sliding-window width (tokens a query sees, itself included) if any layer of the model attends through one."""
+    config = model.config.get_text_config()
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if not window or (layer_types is not None and "sliding_attention" not in layer_types):
+        return None
+    return int(window)
+
+
+def check_lengths(model, max_length: int | None = None) -> tuple[int, int]:
+    """Lengths of the two examples the isolation check packs: longer than the window where examples can be."""
+    window = sliding_window(model)
+    if window is None or (max_length is not None and max_length <= window):
+        return 7, 5
+    return window + 7, window + 5
 
 
 @torch.no_grad()
-def packed_logits_match(model, mode: str, lengths: tuple[int, int] = (7, 5)) -> bool:
-    """Whether the second of two packed examples gets the logits it gets alone.
+def packed_logits_match(model, collator, lengths: tuple[int, int] = (7, 5)) -> bool:
+    """Whether the second of two packed examples (`collator` packs them) gets the logits it gets alone.
 
     "Match" is relative to a deliberately leaky run of the same row (plain causal mask): the packed error must be
     under a tenth of the leak. That holds in fp32 (error ~1e-6) and in bf16 (rounding ≪ leak), and fails when the
-    mask is ignored (error = leak).
+    mask is ignored (error = leak) or ignores a sliding window the examples exceed.
     """
     device = next(model.parameters()).device
     vocab = model.get_input_embeddings().weight.shape[0]
@@ -147,9 +145,8 @@ def packed_logits_match(model, mode: str, lengths: tuple[int, int] = (7, 5)) -> 
     model.eval()
     try:
         alone = _logits(model, {"input_ids": second[None]}, device)
-        packed = _logits(model, PaddingFreeCollator(mode)([{"input_ids": first.tolist(), "labels": first.tolist()},
-                                                           {"input_ids": second.tolist(),
-                                                            "labels": second.tolist()}]), device)
+        packed = _logits(model, collator([{"input_ids": first.tolist(), "labels": first.tolist()},
+                                          {"input_ids": second.tolist(), "labels": second.tolist()}]), device)
         row = torch.cat([first, second])[None]
         leaky = _logits(model, {"input_ids": row, "attention_mask": torch.ones_like(row)}, device)
     finally:
@@ -157,7 +154,8 @@ def packed_logits_match(model, mode: str, lengths: tuple[int, int] = (7, 5)) -> 
     tail = slice(lengths[0], None)
     error = (packed[tail] - alone).abs().max().item()
     leak = (leaky[tail] - alone).abs().max().item()
-    log.debug("packed-isolation check (%s): error %.3g, leak %.3g", mode, error, leak)
+    log.debug("packed-isolation check (%s, lengths %s): error %.3g, leak %.3g",
+              getattr(collator, "mode", collator), lengths, error, leak)
     return error < 0.1 * leak
 
 
@@ -167,7 +165,8 @@ def _logits(model, batch: dict[str, torch.Tensor], device) -> torch.Tensor:
 
 
 def forward(model, inputs: dict[str, torch.Tensor], **kwargs):
-    """`model(**inputs, use_cache=False)`; a `segments` batch runs with per-example attention."""
+    """`model(**inputs, use_cache=False)`: no cache, so transformers builds packed masks from `position_ids`; a
+    `segments` batch runs with per-example attention."""
     if "cu_seq_lens_q" not in inputs:
         return model(**inputs, use_cache=False, **kwargs)
     from .segment_attention import segments_attention

@@ -234,7 +234,7 @@ class FastSFTTrainer(SFTTrainer):
         super().__init__(*args, **kwargs)
         pad_id = self.processing_class.pad_token_id
         self.eval_collator = PaddedCollator(pad_id)
-        self.batching = padding_free_mode(self.model) if padding_free else None
+        self.batching = padding_free_mode(self.model, self.args.max_length) if padding_free else None
         self.data_collator = PaddingFreeCollator(self.batching) if self.batching else self.eval_collator
         self.use_logits_to_keep = accepts_logits_to_keep(self.model)
         self.ce_grad_buffer = ReusedBuffer()

@@ -1,9 +1,10 @@
 """Attention over a padding-free row, one example (segment) at a time: exact isolation, no (T, T) mask.
 
-A padding-free row holds several examples end to end. With `sdpa` or `eager` and a (T, T) block-diagonal mask,
-the kernel still computes every query against every key of the row and throws most of it away, and on CPU
-PyTorch's masked flash kernel is slow at these sizes. Here each example gets causal attention over its own
-tokens only, so the work is sum(n_i^2) instead of T^2 and no mask is built or read.
+A padding-free row holds several examples end to end. With `sdpa` or `eager` and the (T, T) block-diagonal mask
+transformers builds from the reset `position_ids`, the kernel still computes every query against every key of the
+row and throws most of it away, and on CPU PyTorch's masked flash kernel is slow at these sizes. Here each example gets causal attention over its own
+tokens only, so the work is sum(n_i^2) instead of T^2 and no mask is built or read. It computes plain causal
+attention only: layers with a sliding window, soft-capping or sinks refuse it and keep transformers' packed masks.
 
 `SegmentAttention` is an autograd function on FlashAttention's recipe, with batched matmuls:
 
@@ -49,7 +50,8 @@ def segment_attention_forward(module, query, key, value, attention_mask=None, dr
                          f"got query {tuple(query.shape)} and key {tuple(key.shape)}")
     if dropout:
         raise ValueError(f"`{ATTENTION_NAME}` attention has no attention dropout; this model uses {dropout}")
-    # plain causal softmax attention only: anything else the model asks for makes the caller use a mask instead
+    # plain causal softmax attention only: anything else the model asks for makes the caller use
+    # transformers' packed masks instead (exact for windows and soft-capping; ours is measured on plain causal)
     unsupported = [name for name in ("softcap", "sliding_window", "s_aux", "position_bias") if kwargs.get(name) is not None]
     if unsupported or getattr(module, "is_causal", True) is False:
         raise ValueError(f"`{ATTENTION_NAME}` attention is plain causal attention; this model also needs "

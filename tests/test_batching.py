@@ -13,10 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from finetune import segment_attention
-from finetune.batching import (PaddedCollator, PaddingFreeCollator, check_lengths, forward, padding_free_mode,
+from finetune.speed import segment_attention
+from finetune.speed.batching import (PaddedCollator, PaddingFreeCollator, check_lengths, forward, padding_free_mode,
                                packed_logits_match, shifted, sliding_window)
-from finetune.fast_trainer import (ReusedBuffer, target_cross_entropy, target_cross_entropy_and_hits,
+from finetune.speed.fast_trainer import (ReusedBuffer, target_cross_entropy, target_cross_entropy_and_hits,
                                    target_token_loss)
 from finetune.templates import IGNORE_INDEX
 
@@ -349,7 +349,7 @@ def test_frozen_weights_stored_in_bf16_train_bit_identically(demo_model_dir, tmp
 
     from safetensors.torch import load_file
 
-    from finetune import fast_trainer
+    from finetune.speed import fast_trainer
     from finetune.config import RunConfig
     from finetune.train import train
 
@@ -371,8 +371,8 @@ def test_frozen_weights_stored_in_bf16_train_bit_identically(demo_model_dir, tmp
     assert len(real(half.model)) == 7 * half.model.config.num_hidden_layers + 1, "q,k,v,o,gate,up,down + the head"
     head, embeddings = half.model.get_output_embeddings(), half.model.get_input_embeddings()
     assert head.weight is embeddings.weight, "the tied head shares the embedding weight again after training"
-    monkeypatch.setattr(fast_trainer, "frozen_linears", lambda model: [])  # the control: fp32 storage
-    full = train(RunConfig(**common, output_dir=str(tmp_path / "fp32")))
+    full = train(RunConfig(**common, speed_levers_off=["half_frozen_weights"],  # the control: fp32 storage
+                           output_dir=str(tmp_path / "fp32")))
 
     def losses(run):
         records = map(json.loads, (run.output_dir / "metrics.jsonl").read_text().splitlines())

@@ -9,7 +9,7 @@ Two modes guarantee that:
   (`masking_utils.find_packed_sequence_indices`), and FlashAttention takes its varlen path. This needs a forward
   without a KV cache, which `forward` below guarantees.
 - `segments` (ours, CPU only): per-example attention from the row's boundaries (`cu_seq_lens_q`), no (T, T) mask
-  and no work across examples (finetune/segment_attention.py). It computes plain causal attention only, so models
+  and no work across examples (segment_attention.py). It computes plain causal attention only, so models
   with sliding windows or soft-capping use `position_ids`.
 
 Labels are shifted here (`shift_labels[i]` is the target predicted at position i) and each example's last position
@@ -27,7 +27,7 @@ import logging
 
 import torch
 
-from .templates import IGNORE_INDEX
+from ..templates import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -40,22 +40,27 @@ def shifted(labels: list[int]) -> list[int]:
 
 
 class PaddingFreeCollator:
-    """`{"input_ids", "labels"}` features → one row: input_ids, position_ids, shift_labels (1, T) [+ cu_seq_lens_q]."""
+    """`{"input_ids", "labels"}` features → one row: input_ids, position_ids, shift_labels (1, T) [+ cu_seq_lens_q].
+
+    transformers' `DataCollatorWithFlattening` lays the row out (labels -100 at each example's first token); the
+    loss reads targets by position, so they are shifted here once, across the row.
+    """
 
     def __init__(self, mode: str):
+        from transformers import DataCollatorWithFlattening
+
         if mode not in MODES:
             raise ValueError(f"unknown padding-free mode {mode!r}; use one of {', '.join(MODES)}")
         self.mode = mode
+        self.flatten = DataCollatorWithFlattening(separator_id=IGNORE_INDEX, return_flash_attn_kwargs=True)
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        lengths = [len(f["input_ids"]) for f in features]
-        batch = {
-            "input_ids": torch.tensor([t for f in features for t in f["input_ids"]])[None],
-            "position_ids": torch.cat([torch.arange(n) for n in lengths])[None],
-            "shift_labels": torch.tensor([t for f in features for t in shifted(f["labels"])])[None],
-        }
+        row = self.flatten(features)
+        labels = row["labels"]  # (1, T); the first position of every example is IGNORE_INDEX
+        batch = {"input_ids": row["input_ids"], "position_ids": row["position_ids"],
+                 "shift_labels": torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)}
         if self.mode == "segments":  # example boundaries, as FlashAttention varlen takes them
-            batch["cu_seq_lens_q"] = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+            batch["cu_seq_lens_q"] = row["cu_seq_lens_q"]
         return batch
 
 
@@ -82,8 +87,9 @@ class PaddedCollator:
 SEGMENT_KERNELS = ("sdpa", "eager")  # the attention implementations per-example attention stands in for, on CPU
 
 
-def padding_free_mode(model, max_length: int | None = None) -> str | None:
-    """The padding-free mode for this model, or None when packed examples can't be isolated.
+def padding_free_mode(model, max_length: int | None = None, *, segments: bool = True) -> str | None:
+    """The padding-free mode for this model, or None when packed examples can't be isolated (`segments`: may
+    per-example attention be chosen).
 
     The decision is verified on the model: two random examples run packed must give the logits they give alone. They
     are longer than the model's sliding window when examples of `max_length` tokens (None: any length) can be, so a
@@ -93,7 +99,7 @@ def padding_free_mode(model, max_length: int | None = None) -> str | None:
     lengths = check_lengths(model, max_length)
     impl = getattr(model.config, "_attn_implementation", None) or "eager"
     on_cpu = next(model.parameters()).device.type == "cpu"
-    if impl in SEGMENT_KERNELS and on_cpu and not getattr(model.config, "attention_dropout", 0.0):
+    if segments and impl in SEGMENT_KERNELS and on_cpu and not getattr(model.config, "attention_dropout", 0.0):
         try:  # per-example attention: faster than a (T, T) mask on CPU; the same check decides
             if packed_logits_match(model, PaddingFreeCollator("segments"), lengths):
                 return "segments"

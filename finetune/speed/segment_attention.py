@@ -2,20 +2,21 @@
 
 A padding-free row holds several examples end to end. With `sdpa` or `eager` and the (T, T) block-diagonal mask
 transformers builds from the reset `position_ids`, the kernel still computes every query against every key of the
-row and throws most of it away, and on CPU PyTorch's masked flash kernel is slow at these sizes. Here each example gets causal attention over its own
-tokens only, so the work is sum(n_i^2) instead of T^2 and no mask is built or read. It computes plain causal
-attention only: layers with a sliding window, soft-capping or sinks refuse it and keep transformers' packed masks.
+row and throws most of it away, and on CPU PyTorch's masked flash kernel is slow at these sizes. Here each example
+gets causal attention over its own tokens only, so the work is sum(n_i^2) instead of T^2 and no mask is built or
+read. It computes plain causal attention only: layers with a sliding window, soft-capping or sinks refuse it and
+keep transformers' packed masks (exact for those; this kernel is measured on plain causal models only).
 
 `SegmentAttention` is an autograd function on FlashAttention's recipe, with batched matmuls:
 
 - forward, per block of an example's queries: scores = (Q * scale) K^T, a causal -inf bias, fp32 softmax,
   out = P V; it keeps Q, K, V and O;
 - backward: dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O)), dQ = dS K * scale, dK = dS^T (Q * scale).
-  P is kept from the forward, in the matmul dtype, for examples of up to `KEEP_PROBABILITIES_UP_TO` tokens.
-  That makes attention's forward + backward ~18% faster, and costs memory: on a SmolLM2-135M-shaped model the
-  saved activations grow by 13% at 256 tokens and by 21% at 512. For longer examples, whose probabilities grow
-  with the square of the length, backward recomputes P exactly as forward did. Either way dS uses P as rounded
-  to the matmul dtype (under bf16 autocast, like the P V product), so the two paths give the same bits.
+  P is kept from the forward, in the matmul dtype, for examples of up to `KEEP_PROBABILITIES_UP_TO` tokens:
+  faster backward for more saved memory (both measured in benchmarks/RESULTS.md). For longer examples, whose
+  probabilities grow with the square of the length, backward recomputes P exactly as forward did. Either way dS
+  uses P as rounded to the matmul dtype (under bf16 autocast, like the P V product), so the two paths give the
+  same bits.
 
 Grouped-query heads: Q is laid out (KV, T, g, D), so a block's rows of the g query heads that share a key/value
 head form one (r * g, D) matrix, and every product is one batched matmul over the KV heads with nothing repeated

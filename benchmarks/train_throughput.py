@@ -3,6 +3,8 @@
     python benchmarks/train_throughput.py --quick          # 32 Alpaca rows, 1 epoch, < 5 min on 2 CPU cores
     python benchmarks/train_throughput.py --levers         # ours with each speed lever switched off in turn
 
+Levers are switched through the run config (`padding_free`, `speed`, `speed_levers_off`), as a user would.
+
 Same model (SmolLM2-135M-shaped Llama, random weights, built locally), same tokenizer (byte-level BPE
 trained locally on the Alpaca rows), same rows in the same order, same LoRA (r=8, alpha 16, dropout
 0.05 on q_proj/v_proj), same effective batch (2 x 4 accumulation), max length 512, same learning-rate
@@ -181,37 +183,27 @@ def worker_trl(model_dir: Path, rows: int, out: Path, variant: str) -> dict:
     return {"train_runtime": result.metrics["train_runtime"], "losses": step_losses(trainer.state.log_history)}
 
 
+# ours' variants: config changes only (finetune.speed's switches), nothing patched
+OURS_VARIANTS = {
+    "padded": {"padding_free": False}, "fp32": {"precision": "fp32"}, "checkpointing": {"gradient_checkpointing": True},
+    "full_logits": {"speed_levers_off": ["target_head"]},  # the LM head over every position
+    "lever_baseline": {"padding_free": False, "speed_levers_off": ["target_head"]},  # padded batches, full logits
+    "plain_ce": {"speed_levers_off": ["chunked_loss"]},  # an fp32 copy of the logits + autograd's log-softmax
+    "fp32_storage": {"speed_levers_off": ["half_frozen_weights"]},  # frozen linear weights kept fp32 (autocast casts)
+    "mask_attention": {"speed_levers_off": ["segments"]},  # transformers' (T, T) packed mask through sdpa
+    "torch_dropout": {"speed_levers_off": ["cpu_dropout"]},  # PyTorch's own masks (serial on non-Intel CPUs)
+    "speed_off": {"speed": False},  # stock TRL SFTTrainer through our pipeline (our settings, TRL's data path)
+}
+
+
 def worker_ours(model_dir: Path, rows: int, out: Path, variant: str) -> dict:
-    from finetune import fast_trainer
     from finetune.train import train
 
-    changes = {"padded": {"padding_free": False}, "fp32": {"precision": "fp32"},
-               "checkpointing": {"gradient_checkpointing": True}}.get(variant, {})
-    if variant in ("full_logits", "lever_baseline"):  # the LM head over every position, as before
-        fast_trainer.accepts_logits_to_keep = lambda model: False
-    if variant == "lever_baseline":  # nothing of ours: padded batches, full logits
-        changes = {"padding_free": False}
-    if variant == "plain_ce":  # the cross-entropy as before: an fp32 copy of the logits + autograd's log-softmax
-        import torch.nn.functional as F
-
-        fast_trainer.target_cross_entropy_and_hits = lambda logits, targets, divisor, **_: (
-            F.cross_entropy(logits.float(), targets, reduction="sum") / divisor, (logits.argmax(-1) == targets).sum())
-    if variant == "fp32_storage":  # frozen linear weights kept in fp32 during training (autocast casts them)
-        fast_trainer.frozen_linears = lambda model: []
-    if variant == "mask_attention":  # the (T, T) block-diagonal mask through sdpa instead of per-example attention
-        from finetune import batching
-
-        real_check = batching.packed_logits_match
-        batching.packed_logits_match = lambda model, mode: mode != "segments" and real_check(model, mode)
-    if variant == "torch_dropout":  # PyTorch's own dropout masks (a serial generator on non-Intel CPUs)
-        import contextlib
-
-        fast_trainer.cpu_dropout = lambda model: contextlib.nullcontext(0)
     if variant == "threads1":  # one intra-op thread: on a shared 2-core box, 2 OpenMP threads can stall each other
         import torch
 
         torch.set_num_threads(1)
-    result = train(run_config(model_dir, rows, out, **changes))
+    result = train(run_config(model_dir, rows, out, **OURS_VARIANTS.get(variant, {})))
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {"train_runtime": result.results["train_runtime"], "losses": [x for x in losses if x is not None]}
 
@@ -339,7 +331,8 @@ LEVER_PLAN = [("ours", "ours", ""), ("ours padded", "ours", "padded"), ("ours fu
               ("ours + grad checkpointing", "ours", "checkpointing"), ("trl", "trl", ""),
               ("trl no checkpointing", "trl", "no_checkpointing"), ("ours 1 thread", "ours", "threads1"),
               ("ours plain CE", "ours", "plain_ce"), ("ours fp32 frozen weights", "ours", "fp32_storage"),
-              ("ours masked attention", "ours", "mask_attention"), ("ours torch dropout", "ours", "torch_dropout")]
+              ("ours masked attention", "ours", "mask_attention"), ("ours torch dropout", "ours", "torch_dropout"),
+              ("ours speed off (stock SFTTrainer)", "ours", "speed_off")]
 
 
 def main() -> None:

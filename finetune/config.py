@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from .errors import ConfigError
+from .speed import LEVERS
 
 # The real default base model for connected users. Named here and nowhere else.
 DEFAULT_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -104,6 +105,11 @@ class RunConfig:
                             "row, each attending only to itself (same loss and gradients as padded batches, "
                             "no compute spent on padding). Models where that can't be verified use padded "
                             "batches.", "training")
+    speed: bool = _f(True, "Our speed layer (finetune/speed: padding-free batches, LM head on answer tokens only, "
+                     "and more; same loss and gradients). `speed: off` trains with stock TRL `SFTTrainer` (its "
+                     "collator and loss) instead.", "training")
+    speed_levers_off: list[str] | None = _f(None, "Levers of the speed layer to switch off, e.g. [segments, "
+                                            f"cpu_dropout]; any of {', '.join(LEVERS)}. Unset: all on.", "training")
     precision: Precision = _f("auto", "`auto` picks bf16 where supported (CUDA or a bf16 CPU), else fp16 on "
                               "CUDA, else fp32.", "training")
     early_stopping_patience: int | None = _f(None, "Stop after this many evaluations without a better "
@@ -170,6 +176,9 @@ class RunConfig:
             _check(len(self.lora_target_modules) > 0 and all(isinstance(m, str) and m
                                                                for m in self.lora_target_modules),
                    "lora_target_modules", "must be `all-linear` or a non-empty list of module names")
+        unknown = [lever for lever in self.speed_levers_off or [] if lever not in LEVERS]
+        _check(not unknown, "speed_levers_off", f"has unknown lever(s) {', '.join(map(repr, unknown))}; choose from "
+               f"{', '.join(LEVERS)} (padding-free batches are switched by `padding_free`)")
         _check(bool(self.base_model.strip()), "base_model", "is empty; give a Hub id, a local folder or `demo`")
         _check(bool(self.output_dir.strip()), "output_dir", "is empty; give a folder for the run")
 

@@ -83,7 +83,7 @@ def estimate_memory(config: RunConfig, shape: ModelShape, *, on_gpu: bool = True
         weights = int(n * 0.55)
     elif config.method == "lora" and not half and _cpu_autocasts(config.precision):
         # LoRA under bf16 autocast on CPU: the frozen linear weights are stored in bf16 while training
-        # (finetune.fast_trainer.frozen_linears_stored_in); the embeddings and norms stay fp32
+        # (finetune.speed.fast_trainer.frozen_linears_stored_in); the embeddings and norms stay fp32
         embeddings = shape.vocab_size * shape.hidden_size
         weights = embeddings * 4 + (n - embeddings) * 2
     else:

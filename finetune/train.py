@@ -235,6 +235,18 @@ def _schedule(config: RunConfig, n_train: int) -> tuple[int, int, int]:
     return total, eval_every, save_every
 
 
+def sft_trainer(config: RunConfig, **kwargs):
+    """Stock TRL `SFTTrainer` (`speed: off`: its collator and loss on our encoded rows), or ours: the same loss
+    computed faster (finetune/speed), with the levers `config` leaves on. `kwargs` go to either unchanged."""
+    if not config.speed:
+        from trl import SFTTrainer
+
+        return SFTTrainer(**kwargs)
+    from .speed.fast_trainer import FastSFTTrainer
+
+    return FastSFTTrainer(**kwargs, padding_free=config.padding_free, levers_off=config.speed_levers_off)
+
+
 def _sft_args(config: RunConfig, precision: str, total_steps: int, eval_every: int, save_every: int,
               has_eval: bool):
     from trl import SFTConfig
@@ -303,7 +315,6 @@ def _train(config: RunConfig, observer: TrainObserver, out: Path, rows: list[dic
     from transformers.trainer_utils import get_last_checkpoint
 
     from .data import length_stats, load_examples, write_split_files
-    from .fast_trainer import FastSFTTrainer
     from .models import load_tokenizer, resolve_base_model, resolve_precision
     from .templates import apply_template_choice, encode_example
 
@@ -339,10 +350,8 @@ def _train(config: RunConfig, observer: TrainObserver, out: Path, rows: list[dic
     args = _sft_args(config, precision, total_steps, eval_every, save_every, eval_ds is not None)
     write_status(out, "running", total_steps=total_steps)  # lets the app draw progress and an ETA
     callbacks = _make_callbacks(config, out / "metrics.jsonl", observer, stop_flag)
-    # TRL's SFTTrainer with the same loss, computed faster: padding-free batches, LM head on target tokens only
-    trainer = FastSFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                             processing_class=tokenizer, peft_config=_peft_config(config), callbacks=callbacks,
-                             padding_free=config.padding_free)
+    trainer = sft_trainer(config, model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                          processing_class=tokenizer, peft_config=_peft_config(config), callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # raw log dicts; TerminalProgress prints compact lines instead
     shards = None
     if debug_shards_enabled():  # diagnostic: which training rows this process batches (see finetune/distributed.py)

@@ -13,10 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from finetune import segment_attention
-from finetune.batching import (PaddedCollator, PaddingFreeCollator, block_causal_mask, forward, padding_free_mode,
-                               packed_logits_match, shifted)
-from finetune.fast_trainer import (ReusedBuffer, target_cross_entropy, target_cross_entropy_and_hits,
+from finetune.speed import segment_attention
+from finetune.speed.batching import (PaddedCollator, PaddingFreeCollator, check_lengths, forward, padding_free_mode,
+                               packed_logits_match, shifted, sliding_window)
+from finetune.speed.fast_trainer import (ReusedBuffer, target_cross_entropy, target_cross_entropy_and_hits,
                                    target_token_loss)
 from finetune.templates import IGNORE_INDEX
 
@@ -82,23 +82,12 @@ class LeakyCollator(PaddingFreeCollator):
 # ----------------------------------------------------------------------------- pure
 def test_shifted_labels_never_cross_an_example():
     assert shifted([IGNORE_INDEX, 5, 6]) == [5, 6, IGNORE_INDEX]
-    batch = PaddingFreeCollator("bool_mask")([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]},
+    batch = PaddingFreeCollator("position_ids")([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]},
                                               {"input_ids": [4, 5], "labels": [-100, 5]}])
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
     # position 2 (last of the first example) must not be trained to predict token 4 (first of the second)
     assert batch["shift_labels"].tolist() == [[2, 3, -100, 5, -100]]
-
-
-def test_block_causal_mask_is_causal_within_and_blocked_across():
-    allowed = block_causal_mask([2, 3])[0, 0]
-    assert allowed.tolist() == [[True, False, False, False, False],
-                                [True, True, False, False, False],
-                                [False, False, True, False, False],
-                                [False, False, True, True, False],
-                                [False, False, True, True, True]]
-    floats = block_causal_mask([2, 3], float_mask=True)[0, 0]
-    assert torch.equal(floats == 0, allowed) and floats.min() == torch.finfo(torch.float32).min
 
 
 def test_padded_collator_pads_inputs_and_ignores_pad_targets():
@@ -110,8 +99,8 @@ def test_padded_collator_pads_inputs_and_ignores_pad_targets():
 
 
 # ----------------------------------------------------------------------------- equivalence on the demo model
-@pytest.mark.parametrize("attn, mode", [("sdpa", "bool_mask"), ("eager", "float_mask"), ("sdpa", "position_ids"),
-                                        ("sdpa", "segments"), ("eager", "segments")])
+@pytest.mark.parametrize("attn, mode", [("sdpa", "position_ids"), ("eager", "position_ids"), ("sdpa", "segments"),
+                                        ("eager", "segments")])
 def test_packed_batch_equals_examples_one_by_one(demo_model_dir, attn, mode):
     model = load_demo(demo_model_dir, attn)
     feats = examples(model.config.vocab_size)
@@ -134,7 +123,7 @@ def test_padded_batch_equals_examples_one_by_one(demo_model_dir):
 def test_target_only_head_equals_full_logits_loss_and_gradients(demo_model_dir, padding_free):
     model = load_demo(demo_model_dir)
     feats = examples(model.config.vocab_size)
-    batch = (PaddingFreeCollator("bool_mask") if padding_free else PaddedCollator(0))(feats)
+    batch = (PaddingFreeCollator("position_ids") if padding_free else PaddedCollator(0))(feats)
     fast = batch_loss_and_grads(model, batch, use_logits_to_keep=True)
     full = batch_loss_and_grads(model, batch, use_logits_to_keep=False)
     assert worst_relative_difference(fast, full) < 1e-5
@@ -144,7 +133,7 @@ def test_target_only_head_equals_full_logits_loss_and_gradients(demo_model_dir, 
                                         rel=1e-5)
 
 
-@pytest.mark.parametrize("attn, mode", [("sdpa", "bool_mask"), ("eager", "float_mask"), ("sdpa", "segments")])
+@pytest.mark.parametrize("attn, mode", [("sdpa", "position_ids"), ("eager", "position_ids"), ("sdpa", "segments")])
 def test_changing_one_example_leaves_the_others_logits_unchanged(demo_model_dir, attn, mode):
     model = load_demo(demo_model_dir, attn).eval()
     feats = examples(model.config.vocab_size)
@@ -168,13 +157,12 @@ def test_mode_follows_the_attention_kernel_and_is_verified(demo_model_dir, monke
     # on CPU: per-example attention, for both kernels
     assert padding_free_mode(load_demo(demo_model_dir, "sdpa")) == "segments"
     assert padding_free_mode(load_demo(demo_model_dir, "eager")) == "segments"
-    # where per-example attention does not isolate (here: made to attend across the whole row), the masks
+    # where per-example attention does not isolate (here: made to attend across the whole row), transformers' masks
     monkeypatch.setattr(segment_attention.SegmentAttention, "apply", _whole_row_attention)
-    assert padding_free_mode(load_demo(demo_model_dir, "sdpa")) == "bool_mask"
-    assert padding_free_mode(load_demo(demo_model_dir, "eager")) == "float_mask"
-    assert padding_free_mode(load_demo(demo_model_dir, "flex_attention")) is None  # no known isolation: padded
+    assert padding_free_mode(load_demo(demo_model_dir, "sdpa")) == "position_ids"
+    assert padding_free_mode(load_demo(demo_model_dir, "eager")) == "position_ids"
     # eager adds the mask to the scores: a bool mask there is wrong, and the check says so
-    assert not packed_logits_match(load_demo(demo_model_dir, "eager"), "bool_mask")
+    assert not packed_logits_match(load_demo(demo_model_dir, "eager"), WindowlessMaskCollator(float_mask=False))
 
 
 def test_a_model_with_state_across_the_row_is_never_packed():
@@ -184,6 +172,87 @@ def test_a_model_with_state_across_the_row_is_never_packed():
     torch.manual_seed(0)
     model = MambaForCausalLM(MambaConfig(vocab_size=64, hidden_size=32, state_size=8, num_hidden_layers=2))
     assert padding_free_mode(model) is None
+
+
+# ----------------------------------------------------------------------------- sliding windows (real architectures)
+WINDOWED = ["mistral", "phi3", "qwen2", "gemma2"]  # window 16 (tests/real_models.py); Gemma-2 alternates with full
+
+
+def windowless_mask(lengths: list[int], *, float_mask: bool) -> torch.Tensor:
+    """The old hand-built (1, 1, T, T) block-diagonal causal mask: right for full attention, blind to any window."""
+    segment = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))  # (T,) example index
+    allowed = (segment[:, None] == segment[None, :]) & torch.ones(len(segment), len(segment), dtype=torch.bool).tril()
+    if not float_mask:
+        return allowed[None, None]
+    return torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)[None, None]
+
+
+class WindowlessMaskCollator(PaddingFreeCollator):
+    """Packs with `windowless_mask` (bool for sdpa, float for eager), as the old `bool_mask`/`float_mask` modes did."""
+
+    def __init__(self, float_mask: bool):
+        super().__init__("position_ids")
+        self.float_mask = float_mask
+
+    def __call__(self, features):
+        batch = super().__call__(features)
+        batch["attention_mask"] = windowless_mask([len(f["input_ids"]) for f in features], float_mask=self.float_mask)
+        return batch
+
+
+def windowed_model(family: str):
+    from real_models import tiny_model
+
+    return tiny_model(family, window=16).train()  # sdpa, eager for Gemma-2; no dropout in these configs
+
+
+def long_examples(vocab: int) -> list[dict]:
+    """Two examples longer than the window of 16 (40 and 23 tokens), with prompt tokens that carry no loss."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for length, prompt in ((40, 6), (23, 3)):
+        ids = torch.randint(3, vocab, (length,), generator=g).tolist()
+        out.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:]})
+    return out
+
+
+@pytest.mark.parametrize("family", WINDOWED)
+def test_packed_examples_longer_than_the_window_equal_each_example_alone(family):
+    """Loss and every parameter gradient of the chosen padding-free batch equal each example run alone (which
+    attends through the window), and the old windowless mask does not."""
+    model = windowed_model(family)
+    assert sliding_window(model) == 16
+    feats = long_examples(model.config.vocab_size)
+    reference = reference_loss_and_grads(model, feats)
+    mode = padding_free_mode(model)
+    assert mode == "position_ids", "sliding windows (and Gemma-2's soft-capping) are left to transformers' masks"
+    packed = batch_loss_and_grads(model, PaddingFreeCollator(mode)(feats))
+    assert worst_relative_difference(packed, reference) < TOLERANCE
+    float_mask = model.config._attn_implementation == "eager"
+    windowless = batch_loss_and_grads(model, WindowlessMaskCollator(float_mask)(feats))
+    assert worst_relative_difference(windowless, reference) > 10 * TOLERANCE
+
+
+@pytest.mark.parametrize("family", WINDOWED)
+def test_the_isolation_check_packs_past_the_window_and_refuses_a_windowless_mask(family):
+    model = windowed_model(family).eval()
+    lengths = check_lengths(model)
+    assert lengths == (23, 21)  # both longer than the window of 16
+    assert packed_logits_match(model, PaddingFreeCollator("position_ids"), lengths)
+    float_mask = model.config._attn_implementation == "eager"
+    assert not packed_logits_match(model, WindowlessMaskCollator(float_mask), lengths)
+    # a window that no example can exceed never matters: the check stays short
+    assert check_lengths(model, max_length=16) == (7, 5) and check_lengths(model, max_length=17) == (23, 21)
+
+
+def test_a_model_without_a_window_keeps_per_example_attention():
+    """Llama (full attention, no soft-capping), and Qwen2 with its window switched off: `segments` on CPU."""
+    from real_models import tiny_model
+
+    for family in ("llama", "qwen2"):
+        model = tiny_model(family, window=None)
+        assert sliding_window(model) is None and check_lengths(model) == (7, 5)
+        assert padding_free_mode(model) == "segments"
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -280,7 +349,7 @@ def test_frozen_weights_stored_in_bf16_train_bit_identically(demo_model_dir, tmp
 
     from safetensors.torch import load_file
 
-    from finetune import fast_trainer
+    from finetune.speed import fast_trainer
     from finetune.config import RunConfig
     from finetune.train import train
 
@@ -302,8 +371,8 @@ def test_frozen_weights_stored_in_bf16_train_bit_identically(demo_model_dir, tmp
     assert len(real(half.model)) == 7 * half.model.config.num_hidden_layers + 1, "q,k,v,o,gate,up,down + the head"
     head, embeddings = half.model.get_output_embeddings(), half.model.get_input_embeddings()
     assert head.weight is embeddings.weight, "the tied head shares the embedding weight again after training"
-    monkeypatch.setattr(fast_trainer, "frozen_linears", lambda model: [])  # the control: fp32 storage
-    full = train(RunConfig(**common, output_dir=str(tmp_path / "fp32")))
+    full = train(RunConfig(**common, speed_levers_off=["half_frozen_weights"],  # the control: fp32 storage
+                           output_dir=str(tmp_path / "fp32")))
 
     def losses(run):
         records = map(json.loads, (run.output_dir / "metrics.jsonl").read_text().splitlines())

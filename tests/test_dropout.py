@@ -1,10 +1,10 @@
-"""CPU dropout with NumPy-drawn masks (finetune/dropout.py): nn.Dropout's distribution and arithmetic."""
+"""CPU dropout with NumPy-drawn masks (finetune/speed/dropout.py): nn.Dropout's distribution and arithmetic."""
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from finetune.dropout import cpu_dropout, dropout, dropped
+from finetune.speed.dropout import cpu_dropout, dropout, dropped
 from finetune.models import load_base_model
 
 

@@ -2,20 +2,18 @@
 
 The loss is TRL's: the sum of next-token cross-entropies over target tokens (labels != -100) divided by
 the number of target tokens in the whole accumulated batch (`num_items_in_batch`), so gradient
-accumulation weighs every target token equally. What changes is how it is computed:
+accumulation weighs every target token equally. What changes is how it is computed (the levers of
+`finetune.speed`, each switchable with `levers_off`):
 
-- the vocabulary projection (the largest matmul for small models: 576 x 49152 per token for
-  SmolLM2-135M) runs only on positions that predict a target token, via the model's own
-  `logits_to_keep` (which also applies any model-specific logit scaling or soft-capping);
-- training micro-batches are padding-free (`finetune.batching`) when the model passes the isolation
-  check; evaluation keeps padded batches, so eval_loss is computed exactly as before;
-- the cross-entropy forms its gradient in the forward pass, chunk by chunk (`target_cross_entropy`), so no
-  fp32 copy of the logits and no fp32 log-softmax are kept for backward: less peak memory, same arithmetic;
-- while `train()` runs under bf16/fp16 autocast, frozen fp32 `nn.Linear` weights are stored in that half type
-  (`frozen_linears_stored_in`): autocast would round them to it at every forward anyway, so the arithmetic is
-  bit-identical, but the fp32 copy, the per-forward cast and the cast copies kept for backward are gone;
-- on CPU, dropout masks (LoRA's dropout) are drawn with a vectorised generator (`finetune.dropout`): same
-  distribution, other draws;
+- training micro-batches are padding-free (`batching`) when the model passes the isolation check; evaluation
+  keeps padded batches, so eval_loss is computed exactly as before;
+- `target_head`: the vocabulary projection (the largest matmul for small models) runs only on positions that
+  predict a target token, via the model's own `logits_to_keep` (which also applies any logit soft-capping);
+- `chunked_loss`: the cross-entropy forms its gradient in the forward pass, chunk by chunk
+  (`target_cross_entropy`), so no fp32 copy of the logits and no fp32 log-softmax are kept for backward;
+- `half_frozen_weights`: while `train()` runs under bf16/fp16 autocast, frozen fp32 `nn.Linear` weights are
+  stored in that half type (`frozen_linears_stored_in`): bit-identical arithmetic, less memory;
+- `cpu_dropout`: on CPU, dropout masks (LoRA's dropout) are drawn with a vectorised generator (`dropout`);
 - TRL's per-step entropy metric (a softmax over every position's full logits) is not computed;
   `mean_token_accuracy` is, on the target positions.
 """
@@ -28,11 +26,13 @@ import inspect
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from trl import SFTTrainer
 
+from . import LEVERS
 from .batching import PaddedCollator, PaddingFreeCollator, forward, padding_free_mode
 from .dropout import cpu_dropout
-from .templates import IGNORE_INDEX
+from ..templates import IGNORE_INDEX
 
 
 def accepts_logits_to_keep(model) -> bool:
@@ -59,10 +59,12 @@ class TargetLoss(NamedTuple):
 
 
 def target_token_loss(model, batch: dict[str, torch.Tensor], num_items_in_batch=None, *,
-                      use_logits_to_keep: bool = True, grad_buffer: ReusedBuffer | None = None) -> TargetLoss:
+                      use_logits_to_keep: bool = True, chunked: bool = True,
+                      grad_buffer: ReusedBuffer | None = None) -> TargetLoss:
     """Sum of cross-entropies over target tokens / `num_items_in_batch` (default: this batch's target count).
 
-    `batch` is a collated batch with `shift_labels` (finetune.batching). `grad_buffer`: see `ReusedBuffer`.
+    `batch` is a collated batch with `shift_labels` (`batching`). `chunked`: `target_cross_entropy_and_hits`
+    (else the plain `F.cross_entropy`, the `chunked_loss` lever off). `grad_buffer`: see `ReusedBuffer`.
     """
     inputs = {k: v for k, v in batch.items() if k != "shift_labels"}
     targets = batch["shift_labels"]  # (B, T)
@@ -71,7 +73,11 @@ def target_token_loss(model, batch: dict[str, torch.Tensor], num_items_in_batch=
     wanted = targets[keep]  # (K,)
     count = keep.sum() if num_items_in_batch is None else num_items_in_batch
     divisor = torch.as_tensor(count, device=logits.device, dtype=torch.float32).clamp(min=1)
-    loss, hits = target_cross_entropy_and_hits(logits, wanted, divisor, grad_buffer=grad_buffer)
+    if chunked:
+        loss, hits = target_cross_entropy_and_hits(logits, wanted, divisor, grad_buffer=grad_buffer)
+    else:
+        loss = F.cross_entropy(logits.float(), wanted, reduction="sum") / divisor
+        hits = (logits.detach().argmax(-1) == wanted).sum()
     return TargetLoss(loss, logits, wanted, hits)
 
 
@@ -96,10 +102,9 @@ class ReusedBuffer:
     """Memory for the cross-entropy's (K, V) gradient, reused by every micro-batch instead of allocated anew.
 
     On CPU a fresh tensor that size is a fresh memory mapping (glibc maps every block above 32 MB and unmaps it on
-    free), and writing it faults in and zeroes every page: inside a training step on the benchmark machine that
-    took 45-72 ms for K = 485-592 targets. Reused, the cross-entropy's forward took 0.62 s instead of 1.16 s over
-    two epochs of the benchmark's micro-batches (about 1% of the step). For a caller whose backward of one loss
-    finishes before the next loss is computed (Trainer's training_step); it grows to the largest gradient seen.
+    free), and writing it faults in and zeroes every page (cost: benchmarks/RESULTS.md). For a caller whose
+    backward of one loss finishes before the next loss is computed (Trainer's training_step); it grows to the
+    largest gradient seen.
     """
 
     def __init__(self) -> None:
@@ -118,9 +123,9 @@ class _TargetCrossEntropy(torch.autograd.Function):
     """Cross-entropy whose gradient is formed in the forward pass, `chunk_rows` rows at a time.
 
     The plain computation keeps, at the top of the activation pile, an fp32 copy of the logits and the fp32
-    log-softmax saved for backward (2 x K x V x 4 bytes: ~350 MB for K = 900 answer tokens and a 49,152-token
-    vocabulary), then builds an fp32 gradient of the same size in backward. Here only the gradient is kept, in
-    the logits' own dtype (K x V x 2 bytes in bf16), plus one chunk's fp32 temporaries. The arithmetic is
+    log-softmax saved for backward (2 x K x V x 4 bytes), then builds an fp32 gradient of the same size in
+    backward. Here only the gradient is kept, in the logits' own dtype (K x V x 2 bytes in bf16), plus one chunk's
+    fp32 temporaries. The arithmetic is
     the same: softmax in fp32, minus one at the target, divided by `divisor`, cast once to the logits' dtype.
     """
 
@@ -192,8 +197,8 @@ def frozen_linears_stored_in(model, dtype: torch.dtype):
 
     transformers maps the checkpoint file into memory and the weights are views of that map, which is released only
     when no tensor views it any more. So the other frozen fp32 weights (embeddings, norms) are copied out of it too:
-    otherwise the fp32 pages would stay resident next to their bf16 copies (measured: 420 MB less peak RSS with the
-    copy on the benchmark model, 0 without).
+    otherwise the fp32 pages would stay resident next to their bf16 copies (without the copy this saved nothing;
+    benchmarks/RESULTS.md).
     """
     layers = frozen_linears(model)
     for p in model.parameters():  # out of the checkpoint's memory map (see above), before anything is converted
@@ -228,15 +233,25 @@ def uses_dora(model) -> bool:
 
 
 class FastSFTTrainer(SFTTrainer):
-    """SFTTrainer whose dataset rows are `{"input_ids", "labels"}` (our encoding, labels -100 off-target)."""
+    """SFTTrainer whose dataset rows are `{"input_ids", "labels"}` (our encoding, labels -100 off-target).
 
-    def __init__(self, *args, padding_free: bool = True, **kwargs):
+    `padding_free`: pack training micro-batches where the model passes the isolation check. `levers_off`: names
+    from `finetune.speed.LEVERS` to compute the plain way instead (the benchmark measures each one so).
+    """
+
+    def __init__(self, *args, padding_free: bool = True, levers_off=(), **kwargs):
+        levers_off = set(levers_off or ())
+        unknown = sorted(levers_off - set(LEVERS))
+        if unknown:
+            raise ValueError(f"unknown speed lever(s) {unknown}; choose from {', '.join(LEVERS)}")
         super().__init__(*args, **kwargs)
+        self.levers = frozenset(LEVERS) - levers_off  # the levers pulled
         pad_id = self.processing_class.pad_token_id
         self.eval_collator = PaddedCollator(pad_id)
-        self.batching = padding_free_mode(self.model) if padding_free else None
+        self.batching = padding_free_mode(self.model, self.args.max_length,
+                                          segments="segments" in self.levers) if padding_free else None
         self.data_collator = PaddingFreeCollator(self.batching) if self.batching else self.eval_collator
-        self.use_logits_to_keep = accepts_logits_to_keep(self.model)
+        self.use_logits_to_keep = "target_head" in self.levers and accepts_logits_to_keep(self.model)
         self.ce_grad_buffer = ReusedBuffer()
         # our compute_loss always divides by num_items_in_batch, so Trainer must count it and not rescale
         self.model_accepts_loss_kwargs = True
@@ -247,11 +262,12 @@ class FastSFTTrainer(SFTTrainer):
 
     def train(self, *args, **kwargs):
         half = self.autocast_half_dtype()
-        store_half = half is not None and not uses_dora(self.model)
+        store_half = half is not None and not uses_dora(self.model) and "half_frozen_weights" in self.levers
         with contextlib.ExitStack() as stack:
             if store_half:
                 stack.enter_context(frozen_linears_stored_in(self.model, half))
-            stack.enter_context(cpu_dropout(self.model))  # LoRA's dropout masks, vectorised on CPU (finetune.dropout)
+            if "cpu_dropout" in self.levers:  # LoRA's dropout masks, vectorised on CPU (`dropout`)
+                stack.enter_context(cpu_dropout(self.model))
             return super().train(*args, **kwargs)
 
     def _get_num_items_in_batch(self, batch_samples, device):
@@ -274,6 +290,7 @@ class FastSFTTrainer(SFTTrainer):
         mode = "train" if self.model.training else "eval"
         loss, logits, wanted, hits = target_token_loss(
             model, inputs, num_items_in_batch, use_logits_to_keep=self.use_logits_to_keep,
+            chunked="chunked_loss" in self.levers,
             grad_buffer=self.ce_grad_buffer if mode == "train" else None)  # training_step: backward before the next
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # num_items_in_batch counts every rank; DDP averages grads

@@ -1,9 +1,8 @@
-"""Dropout on CPU with NumPy's generator: the same distribution as `nn.Dropout`, about 3x faster per call.
+"""Dropout on CPU with NumPy's generator: the same distribution as `nn.Dropout`, drawn faster.
 
 On CPUs that are not Intel's, PyTorch draws dropout masks with a serial Mersenne Twister, one element at a time
 (its MKL path is enabled for Intel CPUs only). LoRA puts a dropout in front of every adapted layer, on the layer's
-whole input: 60 masks of T x 576 per micro-batch for SmolLM2-135M with LoRA on q_proj and v_proj. On the benchmark
-machine (an AMD EPYC) turning that dropout off made the step 9.5% faster.
+whole input, so those draws are a measurable share of a CPU training step (benchmarks/RESULTS.md).
 
 `cpu_dropout(model)` makes the model's `nn.Dropout` layers draw with NumPy's SFC64 generator instead, seeded from
 PyTorch's own generator at each call, so `torch.manual_seed` and the RNG states that Trainer saves in checkpoints

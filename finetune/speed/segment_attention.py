@@ -1,20 +1,22 @@
 """Attention over a padding-free row, one example (segment) at a time: exact isolation, no (T, T) mask.
 
-A padding-free row holds several examples end to end. With `sdpa` or `eager` and a (T, T) block-diagonal mask,
-the kernel still computes every query against every key of the row and throws most of it away, and on CPU
-PyTorch's masked flash kernel is slow at these sizes. Here each example gets causal attention over its own
-tokens only, so the work is sum(n_i^2) instead of T^2 and no mask is built or read.
+A padding-free row holds several examples end to end. With `sdpa` or `eager` and the (T, T) block-diagonal mask
+transformers builds from the reset `position_ids`, the kernel still computes every query against every key of the
+row and throws most of it away, and on CPU PyTorch's masked flash kernel is slow at these sizes. Here each example
+gets causal attention over its own tokens only, so the work is sum(n_i^2) instead of T^2 and no mask is built or
+read. It computes plain causal attention only: layers with a sliding window, soft-capping or sinks refuse it and
+keep transformers' packed masks (exact for those; this kernel is measured on plain causal models only).
 
 `SegmentAttention` is an autograd function on FlashAttention's recipe, with batched matmuls:
 
 - forward, per block of an example's queries: scores = (Q * scale) K^T, a causal -inf bias, fp32 softmax,
   out = P V; it keeps Q, K, V and O;
 - backward: dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O)), dQ = dS K * scale, dK = dS^T (Q * scale).
-  P is kept from the forward, in the matmul dtype, for examples of up to `KEEP_PROBABILITIES_UP_TO` tokens.
-  That makes attention's forward + backward ~18% faster, and costs memory: on a SmolLM2-135M-shaped model the
-  saved activations grow by 13% at 256 tokens and by 21% at 512. For longer examples, whose probabilities grow
-  with the square of the length, backward recomputes P exactly as forward did. Either way dS uses P as rounded
-  to the matmul dtype (under bf16 autocast, like the P V product), so the two paths give the same bits.
+  P is kept from the forward, in the matmul dtype, for examples of up to `KEEP_PROBABILITIES_UP_TO` tokens:
+  faster backward for more saved memory (both measured in benchmarks/RESULTS.md). For longer examples, whose
+  probabilities grow with the square of the length, backward recomputes P exactly as forward did. Either way dS
+  uses P as rounded to the matmul dtype (under bf16 autocast, like the P V product), so the two paths give the
+  same bits.
 
 Grouped-query heads: Q is laid out (KV, T, g, D), so a block's rows of the g query heads that share a key/value
 head form one (r * g, D) matrix, and every product is one batched matmul over the KV heads with nothing repeated
@@ -49,7 +51,8 @@ def segment_attention_forward(module, query, key, value, attention_mask=None, dr
                          f"got query {tuple(query.shape)} and key {tuple(key.shape)}")
     if dropout:
         raise ValueError(f"`{ATTENTION_NAME}` attention has no attention dropout; this model uses {dropout}")
-    # plain causal softmax attention only: anything else the model asks for makes the caller use a mask instead
+    # plain causal softmax attention only: anything else the model asks for makes the caller use
+    # transformers' packed masks instead (exact for windows and soft-capping; ours is measured on plain causal)
     unsupported = [name for name in ("softcap", "sliding_window", "s_aux", "position_bias") if kwargs.get(name) is not None]
     if unsupported or getattr(module, "is_causal", True) is False:
         raise ValueError(f"`{ATTENTION_NAME}` attention is plain causal attention; this model also needs "

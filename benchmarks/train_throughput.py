@@ -1,7 +1,7 @@
 """Training throughput, side by side: the pad-to-512 tutorial, TRL SFTTrainer defaults, and ours.
 
-    python benchmarks/train_throughput.py --quick          # 32 Alpaca rows, 1 epoch, < 5 min on 2 CPU cores
-    python benchmarks/train_throughput.py --levers         # ours with each speed lever switched off in turn
+    python -m benchmarks.train_throughput --quick          # 32 Alpaca rows, 1 epoch, < 5 min on 2 CPU cores
+    python -m benchmarks.train_throughput --levers         # ours with each speed lever switched off in turn
 
 Same model (SmolLM2-135M-shaped Llama, random weights, built locally), same tokenizer (byte-level BPE
 trained locally on the Alpaca rows), same rows in the same order, same LoRA (r=8, alpha 16, dropout
@@ -36,7 +36,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 ALPACA = ROOT.parent / "shared" / "datasets" / "alpaca_en_demo.json"
 ASSET_VERSION = 1  # bump when the model or tokenizer build changes
@@ -235,10 +234,10 @@ def run_worker(name: str, model_dir: Path, rows: int, variant: str) -> dict:
 
 def spawn(name: str, model_dir: Path, rows: int, variant: str = "") -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        cmd = [sys.executable, __file__, "--worker", name, "--variant", variant, "--rows", str(rows),
-               "--model-dir", str(model_dir), "--result", f.name]
+        cmd = [sys.executable, "-m", "benchmarks.train_throughput", "--worker", name, "--variant", variant,
+               "--rows", str(rows), "--model-dir", str(model_dir), "--result", f.name]
         env = {**os.environ, "TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
         if proc.returncode != 0:
             raise RuntimeError(f"pipeline {name}/{variant or 'default'} failed:\n{proc.stderr[-3000:]}")
         return json.loads(Path(f.name).read_text())

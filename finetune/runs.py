@@ -50,7 +50,6 @@ LOG_TAIL_LINES = 30
 # Seconds between SIGTERM (graceful: the trainer saves and marks the run "stopped") and SIGKILL.
 DEFAULT_STOP_TIMEOUT_S = 120.0
 _RUN_ID = re.compile(r"[A-Za-z0-9_-]{16,64}")
-_PROJECT_ROOT = Path(__file__).resolve().parents[1]  # where `python -m finetune` imports this package from
 
 
 class RunNotFound(FinetuneError):
@@ -587,7 +586,6 @@ class RunManager:
     def _launch(self, run_id: str, run_dir: Path, hub_token: str | None) -> None:
         env = environment_with_token(os.environ, hub_token)
         env.update(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PROJECT_ROOT), env.get("PYTHONPATH")]))
         with (run_dir / "log.txt").open("ab") as log:
             # An argument list (no shell); a new session so signals to the app never reach the trainer.
             processes = int((_read_json(run_dir / "launch.json") or {}).get("num_processes", 1))

@@ -17,7 +17,7 @@ QA = ROOT / "examples" / "data" / "python_qa.jsonl"
 
 
 def run_cli(*args: str, env: dict | None = None, stdin: str | None = None, timeout: int = 300):
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "finetune", *args], capture_output=True, text=True, env=full_env,
                           input=stdin, timeout=timeout, cwd=ROOT)
 

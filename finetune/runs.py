@@ -19,6 +19,7 @@ error or a crash cannot take the app down, and a restarted app finds every run o
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -36,6 +37,8 @@ from pathlib import Path
 from .config import RunConfig
 from .errors import FinetuneError
 from .hub import environment_with_token
+
+log = logging.getLogger(__name__)
 
 WORKSPACE_ENV = "FINETUNE_WORKSPACE"
 # Disk hygiene: finished/stopped/failed runs older than this many days, then the oldest ones while the runs
@@ -255,7 +258,7 @@ def _pid_alive(pid: int | None, run_dir: Path) -> bool:
         if proc.status() == psutil.STATUS_ZOMBIE:
             return False
         return any(run_dir.name in part for part in proc.cmdline())
-    except Exception:  # noqa: BLE001 - psutil.NoSuchProcess, AccessDenied, ...: not ours
+    except Exception:  # psutil.NoSuchProcess, AccessDenied, ...: not ours
         return False
 
 
@@ -467,7 +470,7 @@ class RunManager:
                         done.remove((created, run_dir))
             if max_total_bytes is not None:
                 total = _folder_bytes(self.runs_dir)
-                for created, run_dir in done:
+                for _created, run_dir in done:
                     if total <= max_total_bytes:
                         break
                     total -= _folder_bytes(run_dir)
@@ -556,8 +559,8 @@ class RunManager:
         while not self._closed.wait(self.poll_interval_s):
             try:
                 self.pump()
-            except Exception as e:  # noqa: BLE001 - the queue must keep going; the error lands in the run
-                print(f"run queue: {type(e).__name__}: {e}", file=sys.stderr)
+            except Exception as e:  # the queue must keep going; the error lands in the run
+                log.error("run queue: %s: %s", type(e).__name__, e)
 
     def _check_active(self) -> None:
         run_id = self._active

@@ -63,7 +63,7 @@ def build_assets(folder: Path) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from finetune.demo import SPECIAL_TOKENS, IM_END, IM_START, PAD_TOKEN
+    from finetune.demo import IM_END, IM_START, PAD_TOKEN, SPECIAL_TOKENS
     from finetune.templates import CHATML_TEMPLATE
 
     rows = json.loads(ALPACA.read_text(encoding="utf-8"))

@@ -24,7 +24,6 @@ from finetune.config import RunConfig
 from finetune.distributed import DEBUG_SHARDS_ENV, LaunchSettings, launch_settings, validate_launch
 from finetune.errors import ConfigError
 from finetune.train import train
-
 from test_train import greedy_answer, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,8 +1,8 @@
 """Inference for the compare view: generation speed with the adapter on and off, and the memory of one model
 with a switchable adapter against two loaded models.
 
-    python benchmarks/inference.py                 # 64 new tokens per answer, 3 prompts, ~2 minutes on 2 cores
-    python benchmarks/inference.py --new-tokens 128 --prompts 5
+    python -m benchmarks.inference                 # 64 new tokens per answer, 3 prompts, ~2 minutes on 2 cores
+    python -m benchmarks.inference --new-tokens 128 --prompts 5
 
 Model: the SmolLM2-135M-shaped benchmark model of `train_throughput.py` (same cache) with a LoRA adapter
 (r=8, alpha 16 on q_proj/v_proj, initialised with non-zero B so that "on" and "off" really differ).
@@ -32,11 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import train_throughput as bench  # noqa: E402 - the same model and tokenizer, built once and cached
+from benchmarks import train_throughput as bench  # the same model and tokenizer, built once and cached
 
 ADAPTER_VERSION = 1  # bump when the adapter build changes
 LORA = dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
@@ -113,10 +109,10 @@ def worker(setup: str, model_dir: Path, n_prompts: int, new_tokens: int) -> dict
 
 def spawn(setup: str, model_dir: Path, n_prompts: int, new_tokens: int) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        cmd = [sys.executable, __file__, "--worker", setup, "--model-dir", str(model_dir), "--prompts",
-               str(n_prompts), "--new-tokens", str(new_tokens), "--result", f.name]
+        cmd = [sys.executable, "-m", "benchmarks.inference", "--worker", setup, "--model-dir", str(model_dir),
+               "--prompts", str(n_prompts), "--new-tokens", str(new_tokens), "--result", f.name]
         env = {**os.environ, "TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=bench.ROOT)
         if proc.returncode != 0:
             raise RuntimeError(f"inference worker {setup} failed:\n{proc.stderr[-3000:]}")
         return json.loads(Path(f.name).read_text())

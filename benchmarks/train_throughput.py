@@ -1,7 +1,7 @@
 """Training throughput, side by side: the pad-to-512 tutorial, TRL SFTTrainer defaults, and ours.
 
-    python benchmarks/train_throughput.py --quick          # 32 Alpaca rows, 1 epoch, < 5 min on 2 CPU cores
-    python benchmarks/train_throughput.py --levers         # ours with each speed lever switched off in turn
+    python -m benchmarks.train_throughput --quick          # 32 Alpaca rows, 1 epoch, < 5 min on 2 CPU cores
+    python -m benchmarks.train_throughput --levers         # ours with each speed lever switched off in turn
 
 Levers are switched through the run config (`padding_free`, `speed`, `speed_levers_off`), as a user would.
 
@@ -38,7 +38,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 ALPACA = ROOT.parent / "shared" / "datasets" / "alpaca_en_demo.json"
 ASSET_VERSION = 1  # bump when the model or tokenizer build changes
@@ -66,7 +65,7 @@ def build_assets(folder: Path) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from finetune.demo import SPECIAL_TOKENS, IM_END, IM_START, PAD_TOKEN
+    from finetune.demo import IM_END, IM_START, PAD_TOKEN, SPECIAL_TOKENS
     from finetune.templates import CHATML_TEMPLATE
 
     rows = json.loads(ALPACA.read_text(encoding="utf-8"))
@@ -227,10 +226,10 @@ def run_worker(name: str, model_dir: Path, rows: int, variant: str) -> dict:
 
 def spawn(name: str, model_dir: Path, rows: int, variant: str = "") -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        cmd = [sys.executable, __file__, "--worker", name, "--variant", variant, "--rows", str(rows),
-               "--model-dir", str(model_dir), "--result", f.name]
+        cmd = [sys.executable, "-m", "benchmarks.train_throughput", "--worker", name, "--variant", variant,
+               "--rows", str(rows), "--model-dir", str(model_dir), "--result", f.name]
         env = {**os.environ, "TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
         if proc.returncode != 0:
             raise RuntimeError(f"pipeline {name}/{variant or 'default'} failed:\n{proc.stderr[-3000:]}")
         return json.loads(Path(f.name).read_text())

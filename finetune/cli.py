@@ -1,14 +1,17 @@
-"""`python -m finetune {train,eval,merge,chat,preview,push,demo}`.
+"""`finetune {train,eval,merge,chat,preview,push,demo}` (or `python -m finetune ...`).
 
 Expected mistakes (bad config, bad data, missing model) print one `error: ...` line and exit 2;
-anything else is a bug and keeps its traceback.
+anything else is a bug and keeps its traceback. The package's log messages reach stderr as plain lines
+(info by default; `--quiet`: warnings and errors; `--verbose`: debug too).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 import sys
 import warnings
@@ -64,9 +67,8 @@ def _yaml_keys(path: str) -> set[str]:
 
 # ----------------------------------------------------------------------------- commands
 def cmd_train(args) -> int:
-    from .train import train
-
     from .distributed import finish_process, is_main_process
+    from .train import train
 
     config = config_from_args(args)
     try:
@@ -223,36 +225,80 @@ def cmd_demo(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- log messages
+def _verbosity_flags() -> argparse.ArgumentParser:
+    """`-q`/`-v`, accepted before the command and after it (`finetune -q train x.yaml`, `finetune train x.yaml -q`)."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("-q", "--quiet", dest="log_level", action="store_const", const=logging.WARNING,
+                   default=argparse.SUPPRESS, help="print only warnings and errors")
+    g.add_argument("-v", "--verbose", dest="log_level", action="store_const", const=logging.DEBUG,
+                   default=argparse.SUPPRESS, help="print debug messages too")
+    return p
+
+
+class _PlainFormatter(logging.Formatter):
+    """The message alone; warnings and errors say so, like the CLI's own `error: ...` lines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
+
+
+@contextlib.contextmanager
+def _log_to_stderr(level: int):
+    """While a command runs, the package's log records at `level` and above go to stderr (so a run's own
+    messages, e.g. "padding-free batches are off: ...", reach the user and the app's log.txt). Under
+    torchrun only rank 0 prints below warnings. Afterwards logging is as it was: `main()` can run in-process."""
+    from .distributed import is_main_process
+
+    logger = logging.getLogger("finetune")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_PlainFormatter())
+    previous = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(level if is_main_process() else max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
+
+
 # ----------------------------------------------------------------------------- parser
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m finetune",
+def build_parser(prog: str = "finetune") -> argparse.ArgumentParser:
+    flags = _verbosity_flags()
+    p = argparse.ArgumentParser(prog=prog, parents=[flags],
                                 description="LoRA, QLoRA and full fine-tuning of causal language models.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    t = sub.add_parser("train", help="fine-tune from a YAML config (fields can be overridden: --key value)")
+    t = sub.add_parser("train", parents=[flags],
+                       help="fine-tune from a YAML config (fields can be overridden: --key value)")
     _add_config_args(t, config_required=False)
     t.set_defaults(func=cmd_train)
 
-    pv = sub.add_parser("preview", help="show examples as the model sees them (loss in [[ ]]) and dataset stats")
+    pv = sub.add_parser("preview", parents=[flags],
+                        help="show examples as the model sees them (loss in [[ ]]) and dataset stats")
     pv.add_argument("-n", type=int, default=3, help="examples to show (default: 3)")
     _add_config_args(pv, config_required=False, config_help="run config (YAML), or a data file (.jsonl, .json, .csv, "
                      ".parquet, .txt) to preview with the default model; every field below overrides it")
     pv.set_defaults(func=cmd_preview)
 
-    e = sub.add_parser("eval", help="loss/perplexity and answers of base vs fine-tuned on a split")
+    e = sub.add_parser("eval", parents=[flags], help="loss/perplexity and answers of base vs fine-tuned on a split")
     e.add_argument("run_dir", help="run folder (output_dir of a training run)")
     e.add_argument("--split", default="test", choices=["train", "validation", "test"])
     e.add_argument("--max-new-tokens", type=int, default=128)
     e.add_argument("--limit", type=int, default=None, help="evaluate at most N examples")
     e.set_defaults(func=cmd_eval)
 
-    m = sub.add_parser("merge", help="merge a LoRA/QLoRA adapter into its (unquantised) base")
+    m = sub.add_parser("merge", parents=[flags], help="merge a LoRA/QLoRA adapter into its (unquantised) base")
     m.add_argument("run_dir", help="run folder or adapter folder")
     m.add_argument("--out", default=None, help="output folder (default: RUN_DIR/merged)")
     m.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     m.set_defaults(func=cmd_merge)
 
-    c = sub.add_parser("chat", help="chat in the terminal with the fine-tuned model (--compare: base too)")
+    c = sub.add_parser("chat", parents=[flags],
+                       help="chat in the terminal with the fine-tuned model (--compare: base too)")
     c.add_argument("run_dir", help="run folder")
     c.add_argument("--compare", action="store_true", help="answer with the base model first, then fine-tuned")
     c.add_argument("--system", default=None, help="system prompt")
@@ -264,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.set_defaults(func=cmd_chat)
 
-    ps = sub.add_parser("push", help="push the adapter and/or merged model with a model card (token: HF_TOKEN)")
+    ps = sub.add_parser("push", parents=[flags],
+                        help="push the adapter and/or merged model with a model card (token: HF_TOKEN)")
     ps.add_argument("run_dir", help="run folder")
     ps.add_argument("--repo", required=True, help="repo name (`name` under your user, or `org/name`)")
     ps.add_argument("--what", default="adapter", choices=["adapter", "merged", "both"])
@@ -272,17 +319,18 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--message", default=None, help="commit message")
     ps.set_defaults(func=cmd_push)
 
-    d = sub.add_parser("demo", help="build (once) and print the folder of the offline demo model")
+    d = sub.add_parser("demo", parents=[flags], help="build (once) and print the folder of the offline demo model")
     d.set_defaults(func=cmd_demo)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "finetune") -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes are not for our users
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     try:
-        return args.func(args)
+        with _log_to_stderr(getattr(args, "log_level", logging.INFO)):
+            return args.func(args)
     except FinetuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR

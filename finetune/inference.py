@@ -261,7 +261,7 @@ class ChatModel:
                     model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                    streamer=streamer, stopping_criteria=StoppingCriteriaList([_Cancel(cancelled)]),
                                    **settings)
-            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread below
+            except BaseException as e:  # re-raised in the caller's thread below
                 failure.append(e)
                 streamer.end()  # wake the consumer
 
@@ -315,7 +315,7 @@ def attach_adapter(base, adapter_dir: Path):
 
     try:
         return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
-    except Exception as e:  # noqa: BLE001 - most often: the adapter was trained on another base model
+    except Exception as e:  # most often: the adapter was trained on another base model
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"could not load the adapter in {adapter_dir} onto its base model: {first}; check that "
                          "the run's base model is the one it was trained on") from None

@@ -134,7 +134,7 @@ def model_shape(base_model: str) -> ModelShape | None:
 
             hit = try_to_load_from_cache(name, "config.json")
             config_file = Path(hit) if isinstance(hit, str) else None
-        except Exception:  # noqa: BLE001 - a malformed id: unknown shape
+        except Exception:  # a malformed id: unknown shape
             config_file = None
     return _shape_from_config(config_file) if config_file else None
 
@@ -161,7 +161,7 @@ def available_memory() -> tuple[str, int, bool]:
         if torch.cuda.is_available():
             free, _total = torch.cuda.mem_get_info()
             return f"GPU {torch.cuda.get_device_name(0)}", int(free), True
-    except Exception:  # noqa: BLE001 - no usable CUDA: fall back to RAM
+    except Exception:  # no usable CUDA: fall back to RAM
         pass
     import psutil
 

@@ -120,7 +120,7 @@ def load_tokenizer(path: str, *, revision: str | None = None, trust_remote_code:
 
     try:
         tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
-    except Exception as e:  # noqa: BLE001 - reworded for people below
+    except Exception as e:  # reworded for people below
         raise ModelError(_load_failure("tokenizer", path, e)) from None
     if tok.pad_token is None:  # batching needs a pad token; its positions never carry loss
         tok.pad_token = tok.eos_token
@@ -145,7 +145,7 @@ def load_base_model(path: str, *, load_in_4bit: bool = False, precision: str = "
         kwargs["dtype"] = compute_dtype(precision) if torch.cuda.is_available() else torch.float32
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise ModelError(_load_failure("model", path, e)) from None
     if torch.cuda.is_available() and not load_in_4bit:
         model.to("cuda")

@@ -19,6 +19,7 @@ error or a crash cannot take the app down, and a restarted app finds every run o
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -37,6 +38,8 @@ from .config import RunConfig
 from .errors import FinetuneError
 from .hub import environment_with_token
 
+log = logging.getLogger(__name__)
+
 WORKSPACE_ENV = "FINETUNE_WORKSPACE"
 # Disk hygiene: finished/stopped/failed runs older than this many days, then the oldest ones while the runs
 # folder is over this many GB (1 GB = 1e9 bytes), are deleted at start and after each run. Unset: keep all.
@@ -50,7 +53,6 @@ LOG_TAIL_LINES = 30
 # Seconds between SIGTERM (graceful: the trainer saves and marks the run "stopped") and SIGKILL.
 DEFAULT_STOP_TIMEOUT_S = 120.0
 _RUN_ID = re.compile(r"[A-Za-z0-9_-]{16,64}")
-_PROJECT_ROOT = Path(__file__).resolve().parents[1]  # where `python -m finetune` imports this package from
 
 
 class RunNotFound(FinetuneError):
@@ -256,7 +258,7 @@ def _pid_alive(pid: int | None, run_dir: Path) -> bool:
         if proc.status() == psutil.STATUS_ZOMBIE:
             return False
         return any(run_dir.name in part for part in proc.cmdline())
-    except Exception:  # noqa: BLE001 - psutil.NoSuchProcess, AccessDenied, ...: not ours
+    except Exception:  # psutil.NoSuchProcess, AccessDenied, ...: not ours
         return False
 
 
@@ -468,7 +470,7 @@ class RunManager:
                         done.remove((created, run_dir))
             if max_total_bytes is not None:
                 total = _folder_bytes(self.runs_dir)
-                for created, run_dir in done:
+                for _created, run_dir in done:
                     if total <= max_total_bytes:
                         break
                     total -= _folder_bytes(run_dir)
@@ -557,8 +559,8 @@ class RunManager:
         while not self._closed.wait(self.poll_interval_s):
             try:
                 self.pump()
-            except Exception as e:  # noqa: BLE001 - the queue must keep going; the error lands in the run
-                print(f"run queue: {type(e).__name__}: {e}", file=sys.stderr)
+            except Exception as e:  # the queue must keep going; the error lands in the run
+                log.error("run queue: %s: %s", type(e).__name__, e)
 
     def _check_active(self) -> None:
         run_id = self._active
@@ -587,7 +589,6 @@ class RunManager:
     def _launch(self, run_id: str, run_dir: Path, hub_token: str | None) -> None:
         env = environment_with_token(os.environ, hub_token)
         env.update(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PROJECT_ROOT), env.get("PYTHONPATH")]))
         with (run_dir / "log.txt").open("ab") as log:
             # An argument list (no shell); a new session so signals to the app never reach the trainer.
             processes = int((_read_json(run_dir / "launch.json") or {}).get("num_processes", 1))

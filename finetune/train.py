@@ -80,7 +80,7 @@ def library_versions() -> dict[str, str]:
     try:
         import bitsandbytes
         versions["bitsandbytes"] = bitsandbytes.__version__
-    except Exception:  # noqa: BLE001 - optional at run time for LoRA/full
+    except Exception:  # optional at run time for LoRA/full
         pass
     return versions
 
@@ -326,7 +326,7 @@ def _train(config: RunConfig, observer: TrainObserver, out: Path, rows: list[dic
     # --- setup: base model source, tokenizer + template, data
     source = resolve_base_model(config)
     if source.notice and is_main_process():
-        print(source.notice, file=sys.stderr)
+        log.info(source.notice)
     tokenizer = load_tokenizer(source.path, revision=config.model_revision,
                                trust_remote_code=config.trust_remote_code)
     template_used = apply_template_choice(tokenizer, config.chat_template)

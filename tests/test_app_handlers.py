@@ -12,12 +12,12 @@ import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from finetune.config import RunConfig  # noqa: E402
-from finetune.errors import ConfigError  # noqa: E402
-from finetune.runs import RunStatus  # noqa: E402
-from ui import compare_tab, data_tab, export_tab, settings_tab, train_tab  # noqa: E402
-from ui.context import create_context, owner_of, session_owner  # noqa: E402
-from ui.forms import config_from_values  # noqa: E402
+from finetune.config import RunConfig
+from finetune.errors import ConfigError
+from finetune.runs import RunStatus
+from ui import compare_tab, data_tab, export_tab, settings_tab, train_tab
+from ui.context import create_context, owner_of, session_owner
+from ui.forms import config_from_values
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {"base_model": "demo", "method": "lora", "max_seq_length": 256}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -10,14 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from finetune.cli import EXIT_USER_ERROR, main
+from finetune.cli import EXIT_USER_ERROR, _log_to_stderr, build_parser, main
+from finetune.demo import DEMO_LABEL, DEMO_VERSION
 
 ROOT = Path(__file__).resolve().parents[1]
 QA = ROOT / "examples" / "data" / "python_qa.jsonl"
 
 
 def run_cli(*args: str, env: dict | None = None, stdin: str | None = None, timeout: int = 300):
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "finetune", *args], capture_output=True, text=True, env=full_env,
                           input=stdin, timeout=timeout, cwd=ROOT)
 
@@ -122,6 +124,43 @@ def test_help_lists_every_config_field():
     train_help = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
     for name in RunConfig.field_help():
         assert f"--{name}" in train_help, name
+
+
+# ----------------------------------------------------------------------------- log messages: --quiet, --verbose
+def test_info_messages_reach_stderr_unless_quiet(capsys, tmp_path, monkeypatch):
+    """A library info message (building the demo model) is printed by default, not with --quiet."""
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "a"))
+    assert main(["demo"]) == 0
+    out, err = capsys.readouterr()
+    built = tmp_path / "a" / f"demo-v{DEMO_VERSION}"
+    assert out == f"{built}\n"
+    assert err.startswith(f"Building the {DEMO_LABEL} into {built}\n") and err.endswith(f"\n{DEMO_LABEL}\n")
+
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "b"))
+    assert main(["demo", "--quiet"]) == 0  # builds again, without saying so
+    out, err = capsys.readouterr()
+    assert out == f"{tmp_path / 'b' / built.name}\n"
+    assert "Building" not in err and err.endswith(f"\n{DEMO_LABEL}\n")
+    assert logging.getLogger("finetune").handlers == []  # main() leaves logging as it found it
+
+
+def test_verbosity_flags_go_before_or_after_the_command():
+    parse = build_parser().parse_args
+    assert parse(["-q", "demo"]).log_level == parse(["demo", "--quiet"]).log_level == logging.WARNING
+    assert parse(["--verbose", "merge", "x"]).log_level == parse(["merge", "x", "-v"]).log_level == logging.DEBUG
+    assert not hasattr(parse(["demo"]), "log_level")  # main() then uses INFO
+
+
+@pytest.mark.parametrize("level, shown", [(logging.DEBUG, ["debug detail", "what was decided", "warning: odd"]),
+                                          (logging.INFO, ["what was decided", "warning: odd"]),
+                                          (logging.WARNING, ["warning: odd"])])
+def test_log_levels_and_format(capsys, level, shown):
+    log = logging.getLogger("finetune.somewhere")
+    with _log_to_stderr(level):
+        log.debug("debug detail")
+        log.info("what was decided")
+        log.warning("odd")
+    assert capsys.readouterr().err.splitlines() == shown
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -923,9 +923,8 @@ def test_hub_errors_become_messages_for_people():
 def test_hub_id_offline_goes_through_load_dataset(tmp_path):
     """Real `datasets.load_dataset` in offline mode (it never touches the network), in a fresh process."""
     code = "from finetune.data import read_rows\nread_rows('someorg/no-such-dataset')"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path),
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode != 0
     assert ("finetune.errors.DataError: could not reach the Hugging Face Hub to load dataset "
@@ -937,10 +936,9 @@ def test_unreachable_hub_gives_the_offline_message_at_once(tmp_path):
     offline mode, so the message comes in seconds instead of after the clients' ~25 s of retries."""
     code = "from finetune.data import read_rows\nread_rows('someorg/no-such-dataset')"
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
-    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path),  # port 9 (discard): refused at once
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path))  # port 9 (discard): refused at once
     start = time.monotonic()
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=120)
     elapsed = time.monotonic() - start
     assert done.returncode != 0

@@ -24,7 +24,6 @@ from finetune.config import RunConfig
 from finetune.distributed import DEBUG_SHARDS_ENV, LaunchSettings, launch_settings, validate_launch
 from finetune.errors import ConfigError
 from finetune.train import train
-
 from test_train import greedy_answer, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +57,7 @@ def run_settings(dataset: Path, out: Path, **changes) -> dict:
 def torchrun(config_yaml: Path, *overrides: str, timeout: float = 150) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc_per_node 2 -m finetune train CONFIG.yaml ...` (standalone: a free port)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1",  # 2 processes on 2 cores: one thread each, no oversubscription
-           DEBUG_SHARDS_ENV: "1", "PYTHONPATH": str(ROOT)}
+           DEBUG_SHARDS_ENV: "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(PROCS),
            "-m", "finetune", "train", str(config_yaml), *overrides]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

@@ -16,10 +16,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
+
 from app_server import ROOT, free_port, serve_app
 from hub_server import HubStandIn, Token
 from test_app_client import App
-
 from ui import build_app
 from ui.compare_tab import CHAT_CONCURRENCY
 from ui.context import create_context

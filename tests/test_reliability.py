@@ -129,7 +129,7 @@ sys.exit(main(sys.argv[1:]))
 def _cli(args: list[str], *, env: dict | None = None, code: str | None = None) -> subprocess.CompletedProcess:
     command = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "finetune", *args]
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", **(env or {})})
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
 
 
 def test_out_of_memory_ends_with_a_clear_message_and_suggestions(tmp_path):

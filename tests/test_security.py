@@ -19,16 +19,15 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from hub_server import HubStandIn, Token  # noqa: E402
-
-from finetune.cli import build_parser, config_from_args  # noqa: E402
-from finetune.config import RunConfig  # noqa: E402
-from finetune.errors import ConfigError  # noqa: E402
-from finetune.hub import resolve_token  # noqa: E402
-from finetune.models import TRUST_REMOTE_CODE_WARNING  # noqa: E402
-from finetune.runs import RunManager, RunNotFound  # noqa: E402
-from ui import compare_tab, export_tab, train_tab  # noqa: E402
-from ui.context import create_context  # noqa: E402
+from finetune.cli import build_parser, config_from_args
+from finetune.config import RunConfig
+from finetune.errors import ConfigError
+from finetune.hub import resolve_token
+from finetune.models import TRUST_REMOTE_CODE_WARNING
+from finetune.runs import RunManager, RunNotFound
+from hub_server import HubStandIn, Token
+from ui import compare_tab, export_tab, train_tab
+from ui.context import create_context
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASET = ROOT / "examples" / "data" / "python_qa.jsonl"
@@ -98,9 +97,8 @@ def test_in_a_space_hub_loads_never_carry_the_owners_token(hub, tmp_path, monkey
     ask the Hub without the owner's HF_TOKEN, so the private repo is "not found". The control, outside a Space,
     shows the same kind of load does send HF_TOKEN implicitly (what the guard removes)."""
     from app_server import free_port, serve_app
-    from test_app_client import App
-
     from finetune.hub import resolve_model_source
+    from test_app_client import App
 
     hub.add_repo("owner/secret-model", {"config.json": b"{}"}, private=True)
     monkeypatch.setenv("HF_TOKEN", OWNER_TOKEN)

@@ -10,8 +10,8 @@ import gradio as gr
 from .compare_tab import create_compare_tab, wire_compare_tab
 from .context import AppContext, create_context, session_owner
 from .data_tab import create_data_tab, wire_data_tab
-from .forms import DATA_FIELDS
 from .export_tab import create_export_tab, wire_export_tab
+from .forms import DATA_FIELDS
 from .settings_tab import create_settings_tab, settings_form, update_memory, wire_settings_tab
 from .train_tab import create_train_tab, run_choices, wire_train_tab
 

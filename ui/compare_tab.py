@@ -78,7 +78,7 @@ def load_model(ctx: AppContext, owner: str, run_id: str | None, path_or_id: str 
         model = ctx.chat_models.get(folder)
     except FinetuneError as e:
         return error_md(str(e)), None
-    except Exception as e:  # noqa: BLE001 - e.g. a corrupt adapter: inline, not a traceback
+    except Exception as e:  # e.g. a corrupt adapter: inline, not a traceback
         log.exception("loading a model for Compare failed")
         return error_md(f"Could not load the model ({type(e).__name__}: {e})."), None
     return describe(model, folder), str(folder)

@@ -292,7 +292,7 @@ def load_data(ctx: AppContext, owner: str, values: dict[str, Any], settings: dic
     except FinetuneError as e:
         return (error_md(str(e)), None, gr.update(visible=False), None, None, {},
                 gr.update(open=isinstance(e, DataError) and "column" in str(e).lower()))
-    except Exception as e:  # noqa: BLE001 - a bug: say so inline, keep the traceback in the server log
+    except Exception as e:  # a bug: say so inline, keep the traceback in the server log
         log.exception("loading data failed")
         return (error_md(f"Unexpected error while loading the data ({type(e).__name__}: {e})."), None,
                 gr.update(visible=False), None, None, {}, gr.update())

@@ -100,7 +100,7 @@ def push(ctx: AppContext, owner: str, run_id: str | None, repo: str, what: str, 
                           progress=report)
     except FinetuneError as e:
         return error_md(scrub(str(e), token))
-    except Exception as e:  # noqa: BLE001 - unexpected: still never echo the token
+    except Exception as e:  # unexpected: still never echo the token
         log.error("push failed: %s", scrub(f"{type(e).__name__}: {e}", token))
         return error_md(scrub(f"Push failed ({type(e).__name__}: {e})", token))
     links = ", ".join(f"[{r.repo_id}]({r.url})" for r in result.repos)

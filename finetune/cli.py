@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .config import RunConfig, parse_value
 from .errors import FinetuneError
+from .run_folder import RunFolder
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -135,7 +136,7 @@ def cmd_eval(args) -> int:
 def cmd_merge(args) -> int:
     from .merge import merge_adapter
 
-    out = args.out or str(Path(args.run_dir) / "merged")
+    out = args.out or str(RunFolder(args.run_dir).merged_dir)
     report = merge_adapter(args.run_dir, out, dtype=args.dtype)
     print(f"merged model written to {report.out_dir} (max |logit diff| vs base+adapter: "
           f"{report.max_abs_logit_diff:.2e})")
@@ -189,11 +190,11 @@ def cmd_push(args) -> int:
     if args.what in ("merged", "both"):
         from .merge import merge_adapter
 
-        run = Path(args.run_dir)
-        if (run / "model").is_dir():
-            merged_dir = run / "model"
+        run = RunFolder(args.run_dir)
+        if run.model_dir.is_dir():
+            merged_dir = run.model_dir
         else:
-            merged_dir = Path(merge_adapter(args.run_dir, str(run / "merged")).out_dir)
+            merged_dir = Path(merge_adapter(args.run_dir, str(run.merged_dir)).out_dir)
     result = push_run(args.run_dir, args.repo, what=args.what, token=token, private=not args.public,
                       commit_message=args.message, merged_dir=merged_dir)
     print(result)

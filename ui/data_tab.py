@@ -39,7 +39,7 @@ def example_datasets() -> list[str]:
 
 @dataclass
 class DataSource:
-    dataset: str            # what run.yaml's `dataset` says before the run manager copies the file in
+    dataset: str            # what the run config's `dataset` says before the run manager copies the file in
     file: Path | None       # a local file to copy into the run folder (None for Hub ids)
     name: str               # shown to people, and the copied file's name
 

@@ -99,28 +99,23 @@ def _print_results(r: dict, final_dir: Path) -> None:
 
 
 def cmd_preview(args) -> int:
-    from .data import load_examples, split_stats
-    from .models import load_tokenizer, resolve_base_model
-    from .templates import apply_template_choice, encode_example, preview_text, render_preview
+    from .prepare import prepare_data
+    from .templates import preview_text, render_preview
 
     config = config_from_args(args)
-    source = resolve_base_model(config)
-    if source.notice:
-        print(source.notice, file=sys.stderr)
-    tok = load_tokenizer(source.path, revision=config.model_revision, trust_remote_code=config.trust_remote_code)
-    template = apply_template_choice(tok, config.chat_template)
-    data = load_examples(config)
-    print(f"format: {data.format}   template: {template}   source: {data.source}")
+    prepared = prepare_data(config)  # what training encodes: the same data, template and lengths
+    data, tok = prepared.examples, prepared.model.tokenizer
+    if prepared.model.source.notice:
+        print(prepared.model.source.notice, file=sys.stderr)
+    print(f"format: {data.format}   template: {prepared.model.template}   source: {data.source}")
     if data.skipped:
         print(f"skipped {len(data.skipped)} invalid rows, e.g. row {data.skipped[0].row}: {data.skipped[0].reason}")
     print(f"duplicates removed: {data.splits.duplicates_removed}")
     for i, ex in enumerate(data.splits.train[: args.n]):
         segs = render_preview(ex, tok, max_seq_length=config.max_seq_length, train_on_prompt=config.train_on_prompt)
         print(f"\n--- example {i + 1} (loss on text inside [[ ]]) ---\n{preview_text(segs)}")
-    stats = split_stats(data.splits, lambda ex: encode_example(ex, tok, max_seq_length=config.max_seq_length)["length"],
-                        config.max_seq_length)
     print("\ntoken lengths per split (max_seq_length = %d):" % config.max_seq_length)
-    for split, s in stats.items():
+    for split, s in prepared.stats.items():
         print(f"  {split:<10} " + "  ".join(f"{k}={v}" for k, v in s.items()))
     return 0
 

@@ -84,27 +84,6 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # ru_maxrss is KiB on Linux
 
 
-# ----------------------------------------------------------------------------- data → tokens
-def tokenize_split(examples: list[dict], tokenizer, config: RunConfig):
-    """Encode examples with our template and loss mask; drop ones left without any loss token.
-
-    Returns (dataset or None, number dropped, untruncated token length of every example)."""
-    from datasets import Dataset
-
-    from .templates import encode_example
-
-    rows, dropped, lengths = [], 0, []
-    for ex in examples:
-        enc = encode_example(ex, tokenizer, max_seq_length=config.max_seq_length,
-                             train_on_prompt=config.train_on_prompt)
-        lengths.append(enc["length"])
-        if any(label != -100 for label in enc["labels"]):
-            rows.append({"input_ids": enc["input_ids"], "labels": enc["labels"]})
-        else:  # a prompt alone filled max_seq_length: nothing to learn from it
-            dropped += 1
-    return (Dataset.from_list(rows) if rows else None), dropped, lengths
-
-
 # ----------------------------------------------------------------------------- callbacks
 def _make_callbacks(config: RunConfig, run: RunFolder, observer: TrainObserver, stop_flag: dict):
     from transformers import TrainerCallback
@@ -292,10 +271,10 @@ def _train(config: RunConfig, observer: TrainObserver, out: Path, rows: list[dic
     from transformers import EarlyStoppingCallback, PrinterCallback, set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
-    from .data import length_stats, load_examples, write_split_files
+    from .data import write_split_files
     from .fast_trainer import FastSFTTrainer
-    from .models import load_tokenizer, resolve_base_model, resolve_precision
-    from .templates import apply_template_choice, encode_example
+    from .models import resolve_precision
+    from .prepare import prepare_data
 
     validate_launch(config)  # launcher (FSDP, DeepSpeed) + method combinations that can't work
     run = RunFolder(out)
@@ -303,24 +282,21 @@ def _train(config: RunConfig, observer: TrainObserver, out: Path, rows: list[dic
     set_seed(config.seed)
     precision = resolve_precision(config.precision)
 
-    # --- setup: base model source, tokenizer + template, data
-    source = resolve_base_model(config)
+    # --- setup: data, base model source, tokenizer + template, encoded examples (as `preview` shows them)
+    prepared = prepare_data(config, rows)
+    source, tokenizer, data = prepared.model.source, prepared.model.tokenizer, prepared.examples
     if source.notice and is_main_process():
         print(source.notice, file=sys.stderr)
-    tokenizer = load_tokenizer(source.path, revision=config.model_revision,
-                               trust_remote_code=config.trust_remote_code)
-    template_used = apply_template_choice(tokenizer, config.chat_template)
-    data = load_examples(config, rows)
+    template_used = prepared.model.template
     if is_main_process():  # every process splits the same way (seeded); one writes
         write_split_files(data.splits, run.data_dir)
-    train_ds, dropped_train, train_lengths = tokenize_split(data.splits.train, tokenizer, config)
-    eval_ds, _, eval_lengths = tokenize_split(data.splits.validation, tokenizer, config)
-    test_ds, _, test_lengths = tokenize_split(data.splits.test, tokenizer, config)
+    train_ds, eval_ds, test_ds = (prepared.dataset(split) for split in ("train", "validation", "test"))
     if train_ds is None:
         raise DataError(f"no training example has any answer tokens left within `max_seq_length` "
                         f"({config.max_seq_length}); raise `max_seq_length` or shorten the prompts")
-    stats = {name: length_stats(lengths, config.max_seq_length)  # from the encoding above, not a second pass
-             for name, lengths in (("train", train_lengths), ("validation", eval_lengths), ("test", test_lengths))}
+    dropped_train, stats = prepared.dropped("train"), prepared.stats
+    train_ids = [enc["input_ids"] for enc in prepared.encoded["train"]] if debug_shards_enabled() else None
+    del prepared  # the datasets hold the tokens now: free the Python lists before the model loads
     if is_main_process():
         run.write_config(config)  # resolved config, written before the slow part
 
@@ -337,9 +313,7 @@ def _train(config: RunConfig, observer: TrainObserver, out: Path, rows: list[dic
     trainer.remove_callback(PrinterCallback)  # raw log dicts; TerminalProgress prints compact lines instead
     shards = None
     if debug_shards_enabled():  # diagnostic: which training rows this process batches (see finetune/distributed.py)
-        shards = trainer.data_collator = ShardRecorder(trainer.data_collator, [
-            encode_example(ex, tokenizer, max_seq_length=config.max_seq_length,
-                           train_on_prompt=config.train_on_prompt)["input_ids"] for ex in data.splits.train])
+        shards = trainer.data_collator = ShardRecorder(trainer.data_collator, train_ids)
 
     # --- train: test loss before, the loop (SIGTERM = graceful stop), test loss after
     test_before = trainer.evaluate(test_ds, metric_key_prefix="test")["test_loss"] if test_ds is not None else None

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.cli import EXIT_USER_ERROR, main
+from finetune.cli import EXIT_USER_ERROR, build_parser, config_from_args, main
 
 ROOT = Path(__file__).resolve().parents[1]
 QA = ROOT / "examples" / "data" / "python_qa.jsonl"
@@ -148,6 +148,35 @@ def test_preview_shows_loss_marks_and_stats(demo_model_dir):
     assert "format: messages" in proc.stdout
     assert "<|im_start|>assistant\n[[" in proc.stdout and "<|im_end|>]]" in proc.stdout
     assert "train " in proc.stdout and "truncated=" in proc.stdout
+
+
+def test_preview_measures_lengths_with_the_loss_mask_training_uses(capsys, demo_model_dir, tmp_path):
+    """`train_on_prompt: true` needs no prompt mask, so a template that can't mask prompts (it re-renders its
+    header as turns are added, without generation markers) previews, and its lengths are training's."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from finetune.data import length_stats, load_examples
+    from finetune.templates import encode_example
+
+    model = shutil.copytree(demo_model_dir, tmp_path / "model")
+    tok = AutoTokenizer.from_pretrained(str(model))
+    tok.chat_template = ("{{ messages | length }} turns\n{% for message in messages %}"
+                         "{{ message['role'] + ':\n' + message['content'] + '\n' }}{% endfor %}"
+                         "{% if add_generation_prompt %}{{ 'assistant:\n' }}{% endif %}")
+    tok.save_pretrained(str(model))
+    args = ["--base_model", str(model), "--dataset", str(QA), "--chat_template", "tokenizer",
+            "--train_on_prompt", "true", "--max_seq_length", "64"]
+    assert main(["preview", *args, "-n", "1"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "template: tokenizer" in out and "\n[[2 turns\nuser:\n" in out  # every token carries loss
+    config = config_from_args(build_parser().parse_args(["preview", *args]))
+    tok = AutoTokenizer.from_pretrained(str(model))
+    train = [encode_example(ex, tok, max_seq_length=64, train_on_prompt=True)["length"]
+             for ex in load_examples(config).splits.train]
+    expected = "  ".join(f"{k}={v}" for k, v in length_stats(train, 64).items())
+    assert f"  train      {expected}\n" in out
 
 
 def test_eval_merge_chat_on_the_trained_run(cli_run):

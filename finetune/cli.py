@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .config import RunConfig, parse_value
 from .errors import FinetuneError
+from .run_folder import RunFolder
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -100,19 +101,16 @@ def _print_results(r: dict, final_dir: Path) -> None:
 
 
 def cmd_preview(args) -> int:
-    from .data import load_examples, split_stats
-    from .models import load_tokenizer, resolve_base_model
-    from .templates import apply_template_choice, encode_example, preview_text, render_preview
+    from .prepare import prepare_data
+    from .templates import preview_text, render_preview
 
     _data_file_as_dataset(args)
     config = config_from_args(args)
-    source = resolve_base_model(config)
-    if source.notice:
-        print(source.notice, file=sys.stderr)
-    tok = load_tokenizer(source.path, revision=config.model_revision, trust_remote_code=config.trust_remote_code)
-    template = apply_template_choice(tok, config.chat_template)
-    data = load_examples(config)
-    print(f"format: {data.format}   template: {template}   source: {data.source}")
+    prepared = prepare_data(config)  # what training encodes: the same data, template and lengths
+    data, tok = prepared.examples, prepared.model.tokenizer
+    if prepared.model.source.notice:
+        print(prepared.model.source.notice, file=sys.stderr)
+    print(f"format: {data.format}   template: {prepared.model.template}   source: {data.source}")
     for notice in data.notices:
         print(f"note: {notice}")
     if data.skipped:
@@ -121,10 +119,8 @@ def cmd_preview(args) -> int:
     for i, ex in enumerate(data.splits.train[: args.n]):
         segs = render_preview(ex, tok, max_seq_length=config.max_seq_length, train_on_prompt=config.train_on_prompt)
         print(f"\n--- example {i + 1} (loss on text inside [[ ]]) ---\n{preview_text(segs)}")
-    stats = split_stats(data.splits, lambda ex: encode_example(ex, tok, max_seq_length=config.max_seq_length)["length"],
-                        config.max_seq_length)
     print("\ntoken lengths per split (max_seq_length = %d):" % config.max_seq_length)
-    for split, s in stats.items():
+    for split, s in prepared.stats.items():
         print(f"  {split:<10} " + "  ".join(f"{k}={v}" for k, v in s.items()))
     return 0
 
@@ -152,7 +148,7 @@ def cmd_eval(args) -> int:
 def cmd_merge(args) -> int:
     from .merge import merge_adapter
 
-    out = args.out or str(Path(args.run_dir) / "merged")
+    out = args.out or str(RunFolder(args.run_dir).merged_dir)
     report = merge_adapter(args.run_dir, out, dtype=args.dtype)
     print(f"merged model written to {report.out_dir} (max |logit diff| vs base+adapter: "
           f"{report.max_abs_logit_diff:.2e})")
@@ -206,11 +202,11 @@ def cmd_push(args) -> int:
     if args.what in ("merged", "both"):
         from .merge import merge_adapter
 
-        run = Path(args.run_dir)
-        if (run / "model").is_dir():
-            merged_dir = run / "model"
+        run = RunFolder(args.run_dir)
+        if run.model_dir.is_dir():
+            merged_dir = run.model_dir
         else:
-            merged_dir = Path(merge_adapter(args.run_dir, str(run / "merged")).out_dir)
+            merged_dir = Path(merge_adapter(args.run_dir, str(run.merged_dir)).out_dir)
     result = push_run(args.run_dir, args.repo, what=args.what, token=token, private=not args.public,
                       commit_message=args.message, merged_dir=merged_dir)
     print(result)

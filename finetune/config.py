@@ -121,8 +121,8 @@ class RunConfig:
     save_steps: int | None = _f(None, "Save a checkpoint every N steps (default: with each evaluation).",
                                 "training")
     save_total_limit: int = _f(2, "Keep at most this many checkpoints (the best one is always kept).", "training")
-    output_dir: str = _f("outputs/run", "Run folder: adapter/ or model/, checkpoints/, metrics.jsonl, "
-                         "results.json, run.yaml.", "training")
+    output_dir: str = _f("outputs/run", "Run folder: adapter/ or model/, checkpoints/, the metrics, results and "
+                         "resolved config (layout: finetune/run_folder.py).", "training")
     resume_from_checkpoint: str | None = _f(None, "Checkpoint folder to resume from, or `latest` for the newest "
                                             "one in output_dir/checkpoints.", "training")
 

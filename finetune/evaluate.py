@@ -23,6 +23,7 @@ import torch
 
 from .config import RunConfig
 from .errors import DataError
+from .run_folder import CONFIG_FILE, RunFolder
 from .templates import IGNORE_INDEX, encode_example
 from .train import perplexity
 
@@ -172,9 +173,10 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", max_new_tokens: in
 
     run = locate_run(run_dir)
     if run.run_dir is None:
-        raise DataError(f"{run_dir} is an adapter folder without its run; evaluate the run folder (with run.yaml "
-                        "and data/), e.g. the folder above it")
-    split_path = run.run_dir / "data" / f"{split}.jsonl"
+        raise DataError(f"{run_dir} is an adapter folder without its run; evaluate the run folder (with "
+                        f"{CONFIG_FILE} and data/), e.g. the folder above it")
+    folder = RunFolder(run.run_dir)
+    split_path = folder.split_file(split)
     examples = read_jsonl_examples(split_path)
     if not examples:
         raise DataError(f"{split_path} is empty: the run has no {split} examples; train with `test_fraction` > 0 "
@@ -182,7 +184,7 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", max_new_tokens: in
     pairs = [p for p in map(prompt_and_reference, examples) if p is not None]
     to_answer = pairs[:limit] if limit is not None else pairs
     chat = chat or ChatModel.from_run(run.run_dir)
-    cfg = run.config or RunConfig()  # no run.yaml: training's defaults
+    cfg = run.config or RunConfig()  # no config saved: training's defaults
     loss_settings = dict(max_seq_length=cfg.max_seq_length, batch_size=cfg.batch_size,
                          train_on_prompt=cfg.train_on_prompt)
 
@@ -214,7 +216,7 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", max_new_tokens: in
     bar.close()
 
     summary = _summary(split, examples, rows, losses, chat, max_new_tokens, pairs)
-    write_eval_files(run.run_dir / "eval", rows, summary)
+    write_eval_files(folder, rows, summary)
     return summary
 
 
@@ -232,14 +234,14 @@ def _summary(split: str, examples: list[dict], rows: list[dict], losses: dict[st
     return summary
 
 
-def write_eval_files(folder: Path, rows: list[dict], summary: dict) -> None:
-    """answers.jsonl (one object per row), answers.csv (ANSWER_COLUMNS) and summary.json."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with (folder / "answers.jsonl").open("w", encoding="utf-8") as f:
+def write_eval_files(run: RunFolder, rows: list[dict], summary: dict) -> None:
+    """The run's eval/ folder: answers.jsonl (one object per row), answers.csv (ANSWER_COLUMNS) and summary.json."""
+    run.eval_dir.mkdir(parents=True, exist_ok=True)
+    with run.answers_file.open("w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    with (folder / "answers.csv").open("w", encoding="utf-8", newline="") as f:
+    with run.answers_csv.open("w", encoding="utf-8", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=ANSWER_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    (folder / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    run.eval_summary_file.write_text(json.dumps(summary, indent=2), encoding="utf-8")

@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 from .config import DEMO_MODEL_ID
 from .errors import HubError, ModelError
+from .run_folder import RunFolder, folder_bytes
 
 log = logging.getLogger(__name__)
 
@@ -430,7 +431,7 @@ def push_run(run_dir: str | Path, repo_name: str, *, what: PushWhat = "adapter",
         user = check_token(token, write=True, namespace=namespace)
         namespace = namespace or user
         parts = [_Part(kind, f"{namespace}/{name}{MERGED_SUFFIX if kind == 'merged' and what == 'both' else ''}",
-                       folder, _folder_bytes(folder)) for kind, folder in folders]
+                       folder, folder_bytes(folder)) for kind, folder in folders]
         total = sum(p.nbytes for p in parts) or 1
         done, pushed = 0, []
         for part in parts:
@@ -467,13 +468,14 @@ def _folders_to_push(run_dir: Path, method: str, what: PushWhat,
         if method == "full":
             raise ModelError(f"{run_dir} is a full fine-tuning run: it has no adapter; push it with "
                              "`what: merged` (its model/ folder is the standalone model)")
-        adapter = run_dir / "adapter"
+        adapter = RunFolder(run_dir).adapter_dir
         if not (adapter / "adapter_config.json").is_file():
             raise ModelError(f"{adapter} has no adapter_config.json; the run did not finish saving its adapter "
                              "(train it again, or resume it)")
         out.append(("adapter", adapter))
     if what in ("merged", "both"):
-        merged = Path(merged_dir) if merged_dir is not None else (run_dir / "model" if method == "full" else None)
+        merged = Path(merged_dir) if merged_dir is not None else \
+            (RunFolder(run_dir).model_dir if method == "full" else None)
         if merged is None:
             raise ModelError("pushing a merged model needs the merged folder: run `python -m finetune merge "
                              f"{run_dir}` first and pass its output as `merged_dir`")
@@ -482,10 +484,6 @@ def _folders_to_push(run_dir: Path, method: str, what: PushWhat,
                              "weights); merge the adapter again")
         out.append(("merged", merged))
     return out
-
-
-def _folder_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
 def _push_part(run_dir: Path, part: _Part, *, token: str, private: bool, commit_message: str | None,
@@ -533,25 +531,26 @@ def _stage_extras(run_dir: Path, part: _Part, staging: Path, license: str | None
 
     import yaml
 
+    run = RunFolder(run_dir)
     extras: dict[str, Path] = {}
-    curve = plot_loss_curve(run_dir / "metrics.jsonl", staging / LOSS_CURVE_FILE)
+    curve = plot_loss_curve(run.read_metrics(), staging / LOSS_CURVE_FILE)
     if curve:
         extras[LOSS_CURVE_FILE] = curve
-    config_data = redact_local_paths(yaml.safe_load((run_dir / "run.yaml").read_text(encoding="utf-8")))
+    config_data = redact_local_paths(run.read_config().to_dict())
     extras[CONFIG_FILE] = staging / CONFIG_FILE
     extras[CONFIG_FILE].write_text(
         f"# Resolved training config of this model (local paths shortened to their file names).\n"
         f"# Re-run with: python -m finetune train {CONFIG_FILE}\n"
         + yaml.safe_dump(config_data, sort_keys=False, allow_unicode=True), encoding="utf-8")
-    if (run_dir / RESULTS_FILE).is_file():
-        results = redact_local_paths(json.loads((run_dir / RESULTS_FILE).read_text(encoding="utf-8")))
+    results = run.read_results()
+    if results is not None:
         extras[RESULTS_FILE] = staging / RESULTS_FILE
-        extras[RESULTS_FILE].write_text(json.dumps(results, indent=2), encoding="utf-8")
+        extras[RESULTS_FILE].write_text(json.dumps(redact_local_paths(results), indent=2), encoding="utf-8")
     tokenizer_dir = part.folder
     if part.kind == "merged":
         extras.update(_merged_model_extras(run_dir, part.folder, staging))
         if "chat_template.jinja" in extras:  # the template travels from the adapter: render the example there
-            tokenizer_dir = run_dir / "adapter"
+            tokenizer_dir = run.adapter_dir
     card = build_model_card(run_dir, part.repo_id, kind=part.kind, license=license,
                             loss_curve=LOSS_CURVE_FILE if curve else None, tokenizer_dir=tokenizer_dir)
     extras["README.md"] = staging / "README.md"
@@ -576,7 +575,7 @@ def _merged_model_extras(run_dir: Path, folder: Path, staging: Path) -> dict[str
         GenerationConfig.from_model_config(AutoConfig.from_pretrained(str(folder))).save_pretrained(str(staging))
         extras["generation_config.json"] = staging / "generation_config.json"
     if not _has_chat_template(folder):
-        template = run_dir / "adapter" / "chat_template.jinja"
+        template = RunFolder(run_dir).adapter_dir / "chat_template.jinja"
         if template.is_file():
             extras["chat_template.jinja"] = Path(shutil.copy(template, staging / "chat_template.jinja"))
         else:

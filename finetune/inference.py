@@ -18,7 +18,6 @@ concurrent caller's generation sees.
 
 from __future__ import annotations
 
-import json
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import torch
 
 from .config import RunConfig
 from .errors import ModelError
+from .run_folder import CONFIG_FILE, STATUS_FILE, RunFolder, read_json_object
 
 END_OF_TURN = "<|im_end|>"  # ChatML's end of turn; also a stop token when the vocabulary has it
 
@@ -44,7 +44,7 @@ class TrainedRun:
     base_path: str              # local folder or Hub id of the base model
     adapter_dir: Path | None    # LoRA/QLoRA: the PEFT adapter (+ tokenizer)
     model_dir: Path | None      # full fine-tune: the standalone model (+ tokenizer)
-    config: RunConfig | None    # run.yaml, when there is one
+    config: RunConfig | None    # the run's config, when there is one
 
     @property
     def method(self) -> str:
@@ -74,38 +74,39 @@ def locate_run(path: str | Path) -> TrainedRun:
     """Find adapter or full model, run config and base model of a run folder (or of its adapter/ folder)."""
     p = Path(path).expanduser()
     if not p.is_dir():
-        raise ModelError(f"run folder not found: {p}; give a run folder (with run.yaml and adapter/ or model/) "
+        raise ModelError(f"run folder not found: {p}; give a run folder (with {CONFIG_FILE} and adapter/ or model/) "
                          "or an adapter folder (with adapter_config.json)")
+    here, parent = RunFolder(p), RunFolder(p.parent)
     adapter_dir = model_dir = None
     if (p / "adapter_config.json").is_file():
-        adapter_dir, run_dir = p, (p.parent if (p.parent / "run.yaml").is_file() else None)
-    elif (p / "adapter" / "adapter_config.json").is_file():
-        adapter_dir, run_dir = p / "adapter", p
-    elif (p / "model" / "config.json").is_file():
-        model_dir, run_dir = p / "model", p
-    elif p.name == "model" and (p / "config.json").is_file() and (p.parent / "run.yaml").is_file():
+        adapter_dir, run_dir = p, (p.parent if parent.has_config else None)
+    elif (here.adapter_dir / "adapter_config.json").is_file():
+        adapter_dir, run_dir = here.adapter_dir, p
+    elif (here.model_dir / "config.json").is_file():
+        model_dir, run_dir = here.model_dir, p
+    elif p == parent.model_dir and (p / "config.json").is_file() and parent.has_config:
         model_dir, run_dir = p, p.parent
-    elif (p / "run.yaml").is_file():
-        raise ModelError(f"{p} has run.yaml but neither adapter/ nor model/: the run hasn't finished training "
-                         "(see its status.json); wait for it, or resume it with `resume_from_checkpoint: latest`")
+    elif here.has_config:
+        raise ModelError(f"{p} has {CONFIG_FILE} but neither adapter/ nor model/: the run hasn't finished training "
+                         f"(see its {STATUS_FILE}); wait for it, or resume it with `resume_from_checkpoint: latest`")
     else:
         raise ModelError(f"no adapter_config.json in {p}; point to a run folder or its adapter/ subfolder")
-    has_yaml = run_dir is not None and (run_dir / "run.yaml").is_file()
-    config = RunConfig.from_yaml(run_dir / "run.yaml") if has_yaml else None
-    results = _read_json(run_dir / "results.json") if run_dir is not None else {}
+    run = RunFolder(run_dir) if run_dir is not None else None
+    config = run.read_config() if run is not None and run.has_config else None
+    results = (run.read_results() or {}) if run is not None else {}
     base = _base_model_path(adapter_dir or model_dir, adapter_dir is not None, config, results)
     return TrainedRun(run_dir=run_dir, base_path=base, adapter_dir=adapter_dir, model_dir=model_dir, config=config)
 
 
 def _base_model_path(trained_dir: Path, is_adapter: bool, config: RunConfig | None, results: dict) -> str:
-    """Prefer a base that exists on this machine: results.json's resolved path, then the adapter's record,
-    then run.yaml's `base_model` (which may be `demo` or a Hub id)."""
+    """Prefer a base that exists on this machine: the run's results' resolved path, then the adapter's record,
+    then the run config's `base_model` (which may be `demo` or a Hub id)."""
     from .demo import demo_model_path
     from .models import HUB_ID, resolve_base_model
 
     recorded = [results.get("base_model_path")]
     if is_adapter:
-        recorded.append(_read_json(trained_dir / "adapter_config.json").get("base_model_name_or_path"))
+        recorded.append((read_json_object(trained_dir / "adapter_config.json") or {}).get("base_model_name_or_path"))
     for candidate in recorded:
         if candidate and (Path(candidate) / "config.json").is_file():
             return str(candidate)
@@ -120,15 +121,7 @@ def _base_model_path(trained_dir: Path, is_adapter: bool, config: RunConfig | No
     missing = [c for c in recorded if c]
     why = f"{missing[0]} doesn't exist any more" if missing else "nothing records it"
     raise ModelError(f"can't find the base model that {trained_dir} was trained from: {why}, and there is no "
-                     "run.yaml beside it; point to the run folder, or put the base model back in place")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+                     f"{CONFIG_FILE} beside it; point to the run folder, or put the base model back in place")
 
 
 def stop_token_ids(tokenizer, generation_config=None) -> list[int]:

@@ -59,7 +59,7 @@ def merge_adapter(run_or_adapter_dir: str | Path, out_dir: str | Path, *, dtype:
     revision = config.model_revision if config else None
     trust = bool(config and config.trust_remote_code)
 
-    # Never the 4-bit path, whatever run.yaml says: load_in_4bit=False, then verify.
+    # Never the 4-bit path, whatever the run's config says: load_in_4bit=False, then verify.
     base = load_base_model(run.base_path, load_in_4bit=False, precision=dtype, revision=revision,
                            trust_remote_code=trust)
     refuse_quantized(base, run.base_path)

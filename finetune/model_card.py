@@ -1,14 +1,13 @@
 """The model card (`README.md`) pushed with a run, and the loss-curve image it shows.
 
-Everything comes from the run folder: `run.yaml` (hyper-parameters), `results.json` (metrics),
-`metrics.jsonl` (loss curve) and the saved tokenizer (prompt format). The YAML front matter is what
-the Hub indexes, and the Hub rejects values that are not Hub ids, so local paths never go there:
+Everything comes from the run folder (`finetune.run_folder`): the resolved config (hyper-parameters), the
+results (metrics), the metrics records (loss curve) and the saved tokenizer (prompt format). The YAML front
+matter is what the Hub indexes, and the Hub rejects values that are not Hub ids, so local paths never go there:
 `base_model` is set only for a Hub base model, `datasets` only for a dataset that came from the Hub.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -19,13 +18,14 @@ import yaml
 
 from .config import RunConfig
 from .errors import ModelError
+from .run_folder import CONFIG_FILE as RUN_CONFIG_FILE
+from .run_folder import RESULTS_FILE, RunFolder
 
 log = logging.getLogger(__name__)
 
 CardKind = Literal["adapter", "merged"]
 LOSS_CURVE_FILE = "loss_curve.png"
-CONFIG_FILE = "training_config.yaml"
-RESULTS_FILE = "results.json"
+CONFIG_FILE = "training_config.yaml"  # the run's config, as pushed (RESULTS_FILE keeps the run folder's name)
 
 # `org/name` (or a bare `name` for the few root-level models like `gpt2`): what the Hub accepts in metadata.
 HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
@@ -39,14 +39,11 @@ EXAMPLE_MESSAGES = [{"role": "user", "content": "What is the capital of France?"
 # ----------------------------------------------------------------------------- reading the run folder
 def read_run(run_dir: str | Path) -> tuple[RunConfig, dict[str, Any]]:
     """(resolved config, results) of a run folder; results is {} for a run that never finished."""
-    run_dir = Path(run_dir)
-    config_path = run_dir / "run.yaml"
-    if not config_path.is_file():
-        raise ModelError(f"{run_dir} is not a run folder (no run.yaml); give the `output_dir` of a training run")
-    config = RunConfig.from_yaml(config_path)
-    results_path = run_dir / RESULTS_FILE
-    results = json.loads(results_path.read_text(encoding="utf-8")) if results_path.is_file() else {}
-    return config, results
+    run = RunFolder(run_dir)
+    if not run.has_config:
+        raise ModelError(f"{run_dir} is not a run folder (no {RUN_CONFIG_FILE}); give the `output_dir` of a "
+                         "training run")
+    return run.read_config(), run.read_results() or {}
 
 
 def is_demo_run(config: RunConfig, results: dict[str, Any]) -> bool:
@@ -68,7 +65,7 @@ def hub_base_model(config: RunConfig, results: dict[str, Any]) -> str | None:
 def hub_dataset(config: RunConfig, results: dict[str, Any]) -> str | None:
     """The dataset's Hub id when it came from the Hub, else None (a local file must never reach the card).
 
-    `results.json` records where the data came from (`data.dataset_source`: hub | file | rows); a run
+    The run's results record where the data came from (`data.dataset_source`: hub | file | rows); a run
     without that record gets a conservative guess: an `org/name` that is not a path on this machine
     and doesn't end like a data file.
     """
@@ -102,23 +99,9 @@ def redact_local_paths(value: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------- loss curve
-def read_metrics(metrics_jsonl: str | Path) -> list[dict[str, Any]]:
-    """The records of `metrics.jsonl`; a torn last line (training still writing) is skipped."""
-    path = Path(metrics_jsonl)
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return [r for r in records if isinstance(r, dict)]
-
-
-def plot_loss_curve(metrics_jsonl: str | Path, out_png: str | Path) -> Path | None:
-    """Train and validation loss against optimizer step, as a PNG. None when there is no loss to plot."""
-    records = read_metrics(metrics_jsonl)
+def plot_loss_curve(records: list[dict[str, Any]], out_png: str | Path) -> Path | None:
+    """Train and validation loss of a run's metrics records against optimizer step, as a PNG. None when there
+    is no loss to plot."""
     train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None and "step" in r]
     val = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None and "step" in r]
     if not train and not val:
@@ -155,7 +138,7 @@ def build_model_card(run_dir: str | Path, repo_id: str, *, kind: CardKind = "ada
     run_dir = Path(run_dir)
     config, results = read_run(run_dir)
     if tokenizer_dir is None:
-        tokenizer_dir = run_dir / ("model" if config.method == "full" else "adapter")
+        tokenizer_dir = RunFolder(run_dir).final_dir_for(config.method)
     parts = [
         _front_matter(config, results, kind, license),
         f"# {repo_id.split('/')[-1]}\n",
@@ -281,7 +264,7 @@ def _results_section(results: dict, loss_curve: str | None) -> str:
         out.append("| Metric | Value |\n|---|---|\n" + "\n".join(rows) + "\n")
         out.append("Perplexity is exp(mean loss per token) on the assistant tokens; lower is better.\n")
     else:
-        out.append("No metrics were recorded (results.json is missing).\n")
+        out.append(f"No metrics were recorded ({RESULTS_FILE} is missing).\n")
     if loss_curve:
         out.append(f"![Training and validation loss]({loss_curve})\n")
     return "\n".join(out)

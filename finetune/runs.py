@@ -1,16 +1,19 @@
 """Run manager: run folders, a FIFO training queue, one training subprocess at a time, stop, status.
 
 The app (and anything else that wants to start runs in the background) goes through `RunManager`;
-it never imports gradio. A run is a folder `<workspace>/runs/<unguessable id>/` holding:
+it never imports gradio. A run is a folder `<workspace>/runs/<unguessable id>/` laid out as
+`finetune.run_folder` describes: the config the subprocess trains from (no secrets), its status, everything
+`finetune.train.train` writes, and the manager's own files:
 
     owner.json     who may see the run (a browser session id or a Hub user) and when it was created
-    run.yaml       the resolved RunConfig the subprocess trains from (no secrets)
+    launch.json    how many processes train it (a resumed run launches the same way)
     input/         the dataset file, copied in under a sanitised name (uploads, pasted rows, examples)
-    log.txt        stdout + stderr of `python -m finetune train run.yaml`
-    status.json    queued | running | stopping | finished | stopped | failed (+ pid, error); the trainer
-                   writes running/finished/stopped/failed itself, the manager writes queued/stopping and
-                   the failure of a process that died without saying so
-    ...            everything `finetune.train.train` writes (metrics.jsonl, results.json, adapter/, ...)
+    log.txt        stdout + stderr of `python -m finetune train <config>`
+    stop_requested present while a stop the manager asked for is pending
+
+The status is queued | running | stopping | finished | stopped | failed (+ pid, error): the trainer writes
+running/finished/stopped/failed itself, the manager writes queued/stopping and the failure of a process that
+died without saying so.
 
 Training runs as a subprocess (argument list, never a shell) in its own session, so an out-of-memory
 error or a crash cannot take the app down, and a restarted app finds every run on disk again.
@@ -18,7 +21,6 @@ error or a crash cannot take the app down, and a restarted app finds every run o
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -37,6 +39,7 @@ from pathlib import Path
 from .config import RunConfig
 from .errors import FinetuneError
 from .hub import environment_with_token
+from .run_folder import CONFIG_FILE, RunFolder, folder_bytes, read_json_object, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +136,8 @@ class RunStatus:
     queue_position: int | None = None   # 1 = next to start; None when not queued
     error: str | None = None
     log_tail: str = ""
-    metrics: list[dict] = field(default_factory=list)   # metrics.jsonl records
-    results: dict | None = None                         # results.json, once written
+    metrics: list[dict] = field(default_factory=list)   # the metrics records so far
+    results: dict | None = None                         # the final results, once written
     total_steps: int | None = None                      # optimizer steps the run will take (estimate)
     config: RunConfig | None = None
 
@@ -149,10 +152,7 @@ class RunStatus:
     @property
     def final_dir(self) -> Path | None:
         """adapter/ or model/, once the run saved one."""
-        for name in ("adapter", "model"):
-            if (self.run_dir / name).is_dir():
-                return self.run_dir / name
-        return None
+        return RunFolder(self.run_dir).final_dir
 
 
 @dataclass
@@ -175,37 +175,6 @@ class RunSummary:
 
 # ============================================================================ small file helpers
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _write_json(path: Path, data: dict) -> None:
-    """Atomic: a reader never sees half a file."""
-    tmp = path.with_name(path.name + f".{secrets.token_hex(4)}.tmp")
-    tmp.write_text(json.dumps(data), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    """metrics.jsonl records; a half-written last line (the trainer is appending) is skipped."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
-
-
 def tail(path: Path, lines: int = LOG_TAIL_LINES, *, max_bytes: int = 64_000) -> str:
     """The last `lines` lines of a text file (reads at most `max_bytes` from its end). Progress bars
     redraw with carriage returns: only the last redraw of each line is kept."""
@@ -222,13 +191,13 @@ def tail(path: Path, lines: int = LOG_TAIL_LINES, *, max_bytes: int = 64_000) ->
     return "\n".join(kept[-lines - 1:]).strip("\n") if kept else ""
 
 
-def train_command(python: str, run_yaml: str | Path, num_processes: int = 1) -> list[str]:
-    """The argument list that trains `run_yaml`: the CLI itself, or through `accelerate launch` (data parallel
+def train_command(python: str, config_file: str | Path, num_processes: int = 1) -> list[str]:
+    """The argument list that trains `config_file`: the CLI itself, or through `accelerate launch` (data parallel
     over `num_processes` GPUs; only its main process writes the run folder)."""
     if num_processes > 1:
         return [python, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
-                "-m", "finetune", "train", str(run_yaml)]
-    return [python, "-m", "finetune", "train", str(run_yaml)]
+                "-m", "finetune", "train", str(config_file)]
+    return [python, "-m", "finetune", "train", str(config_file)]
 
 
 def estimate_total_steps(config: RunConfig, n_train: int) -> int:
@@ -299,7 +268,7 @@ class RunManager:
     # ------------------------------------------------------------------ public API
     def submit(self, config: RunConfig, owner: str, *, dataset_file: str | Path | None = None,
                dataset_name: str | None = None, num_processes: int = 1, hub_token: str | None = None) -> str:
-        """Create a run folder for `owner`, write its run.yaml and queue it; return the run id.
+        """Create a run folder for `owner`, write its config and queue it; return the run id.
 
         `dataset_file` (an upload, pasted rows saved to a file, a bundled example) is copied into the
         run's `input/` folder under a sanitised `dataset_name` and the config points at the copy.
@@ -314,15 +283,16 @@ class RunManager:
         run_id = secrets.token_urlsafe(18)  # 144 random bits: unguessable, URL- and path-safe
         run_dir = self.runs_dir / run_id
         run_dir.mkdir()
-        _write_json(run_dir / "owner.json", {"owner": owner, "created": time.time()})
-        _write_json(run_dir / "launch.json", {"num_processes": int(num_processes)})
+        run = RunFolder(run_dir)
+        write_json_atomic(run.owner_file, {"owner": owner, "created": time.time()})
+        write_json_atomic(run.launch_file, {"num_processes": int(num_processes)})
         if dataset_file is not None:
-            copied = copy_into(run_dir / "input", Path(dataset_file), dataset_name)
+            copied = copy_into(run.input_dir, Path(dataset_file), dataset_name)
             config = config.replace(dataset=str(copied))
         config = config.replace(output_dir=str(run_dir))
-        config.to_yaml(run_dir / "run.yaml")
+        run.write_config(config)
         with self._lock:
-            _write_json(run_dir / "status.json", {"state": "queued", "time": time.time()})
+            run.write_status({"state": "queued", "time": time.time()})
             self._queue.append(run_id)
             if hub_token:
                 self._hub_tokens[run_id] = hub_token
@@ -335,37 +305,39 @@ class RunManager:
         with self._lock:
             state, info = self._state(run_id, run_dir)
             position = self._queue.index(run_id) + 1 if run_id in self._queue else None
+        run = RunFolder(run_dir)
         config = self._config(run_dir)
-        metrics = read_metrics(run_dir)
-        results = _read_json(run_dir / "results.json")
+        metrics = run.read_metrics()
+        results = run.read_results()
         total = info.get("total_steps") or self._total_steps(run_dir, config)
         if results and results.get("global_step") and state == "finished":
             total = results["global_step"]  # early stopping may end before the planned total: a full bar
         # (a stopped or failed run keeps the planned total: its bar shows how far it got)
         return RunStatus(run_id=run_id, run_dir=run_dir, state=state, created=self._created(run_dir),
-                         queue_position=position, error=info.get("error"), log_tail=tail(run_dir / "log.txt"),
+                         queue_position=position, error=info.get("error"), log_tail=tail(run.log_file),
                          metrics=metrics, results=results, total_steps=total, config=config)
 
     def resume(self, run_id: str, owner: str) -> str:
         """Queue a failed or stopped run again in its own folder, continuing from its newest complete checkpoint
         (`resume_from_checkpoint`) with the same config; without a checkpoint it starts over. Returns the state."""
         run_dir = self.run_dir(run_id, owner)
+        run = RunFolder(run_dir)
         with self._lock:
             state, _ = self._state(run_id, run_dir)
             if state not in ("failed", "stopped"):
                 raise FinetuneError(f"run `{run_id[:8]}` is {state}; only a failed or stopped run can be resumed")
             config = self._config(run_dir)
             if config is None:
-                raise FinetuneError(f"run `{run_id[:8]}` has no readable run.yaml, so it can't be resumed; "
+                raise FinetuneError(f"run `{run_id[:8]}` has no readable {CONFIG_FILE}, so it can't be resumed; "
                                     "start a new run")
-            checkpoint = latest_complete_checkpoint(run_dir)
+            checkpoint = run.latest_complete_checkpoint()
             config = config.replace(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-            config.to_yaml(run_dir / "run.yaml")
-            (run_dir / "stop_requested").unlink(missing_ok=True)
+            run.write_config(config)
+            run.stop_request_file.unlink(missing_ok=True)
             note = f"resuming from {checkpoint.name}" if checkpoint else "no complete checkpoint: starting over"
-            with (run_dir / "log.txt").open("a", encoding="utf-8") as log:
+            with run.log_file.open("a", encoding="utf-8") as log:
                 log.write(f"\n=== {note} ===\n")
-            _write_json(run_dir / "status.json", {"state": "queued", "time": time.time()})
+            run.write_status({"state": "queued", "time": time.time()})
             self._queue.append(run_id)
         self.pump()
         return self.status(run_id, owner).state
@@ -380,22 +352,22 @@ class RunManager:
         saves a checkpoint and the adapter, then marks itself `stopped`), and SIGKILL after
         `stop_timeout_s`. Returns the new state."""
         run_dir = self.run_dir(run_id, owner)
+        run = RunFolder(run_dir)
         with self._lock:
             if run_id in self._queue:
                 self._queue.remove(run_id)
-                _write_json(run_dir / "status.json", {"state": "stopped", "time": time.time(),
-                                                      "error": "stopped before it started"})
+                run.write_status({"state": "stopped", "time": time.time(), "error": "stopped before it started"})
                 return "stopped"
             state, _ = self._state(run_id, run_dir)
             if state not in ("running", "stopping") or run_id != self._active:
                 return state
-            (run_dir / "stop_requested").write_text(str(time.time()), encoding="utf-8")
+            run.stop_request_file.write_text(str(time.time()), encoding="utf-8")
             self._signal(signal.SIGTERM)
             self._kill_at = time.time() + self.stop_timeout_s
-            status = _read_json(run_dir / "status.json") or {}
+            status = run.read_status()
             if status.get("state") == "running":
                 status.update(state="stopping", time=time.time())
-                _write_json(run_dir / "status.json", status)
+                run.write_status(status)
             return "stopping"
 
     def list_runs(self, owner: str) -> list[RunSummary]:
@@ -407,13 +379,13 @@ class RunManager:
             with self._lock:
                 state, _ = self._state(run_dir.name, run_dir)
             config = self._config(run_dir)
-            results = _read_json(run_dir / "results.json") or {}
+            results = RunFolder(run_dir).read_results() or {}
             summaries.append(RunSummary(
                 run_id=run_dir.name, state=state, created=self._created(run_dir),
                 base_model=config.base_model if config else "?", method=config.method if config else "?",
                 dataset=Path(config.dataset).name if config and config.dataset else "?",
                 train_loss=results.get("train_loss"),
-                has_weights=(run_dir / "adapter").is_dir() or (run_dir / "model").is_dir()))
+                has_weights=RunFolder(run_dir).final_dir is not None))
         return sorted(summaries, key=lambda s: s.created, reverse=True)
 
     def run_dir(self, run_id: str, owner: str) -> Path:
@@ -469,19 +441,19 @@ class RunManager:
                         deleted.append(run_dir.name)
                         done.remove((created, run_dir))
             if max_total_bytes is not None:
-                total = _folder_bytes(self.runs_dir)
+                total = folder_bytes(self.runs_dir)
                 for _created, run_dir in done:
                     if total <= max_total_bytes:
                         break
-                    total -= _folder_bytes(run_dir)
+                    total -= RunFolder(run_dir).size_bytes()
                     shutil.rmtree(run_dir, ignore_errors=True)
                     deleted.append(run_dir.name)
             return deleted
 
     # ------------------------------------------------------------------ state
     def _state(self, run_id: str, run_dir: Path) -> tuple[str, dict]:
-        """The run's state from status.json, corrected by what we know about its process."""
-        info = _read_json(run_dir / "status.json") or {}
+        """The run's state from its status file, corrected by what we know about its process."""
+        info = RunFolder(run_dir).read_status()
         state = info.get("state")
         if state in ("running", "stopping"):
             alive = self._alive(run_id, run_dir, info)
@@ -500,44 +472,45 @@ class RunManager:
         return _pid_alive(info.get("pid"), run_dir)
 
     def _record_death(self, run_dir: Path, info: dict) -> dict:
-        """A process that died while status.json said running: stopped if we asked it to, else failed."""
+        """A process that died while its status said running: stopped if we asked it to, else failed."""
+        run = RunFolder(run_dir)
         code = self._proc.returncode if self._proc is not None and self._active == run_dir.name else None
-        if (run_dir / "stop_requested").exists():
+        if run.stop_request_file.exists():
             info = {**info, "state": "stopped", "error": "stopped before the trainer could save; "
                     "the last checkpoint (if any) is in checkpoints/"}
         else:
             how = f" (exit code {code})" if code not in (None, 0) else ""
             if code is not None and code < 0:
                 how = f" (killed by signal {-code}{', SIGKILL: often out of memory' if code == -9 else ''})"
-            last = tail(run_dir / "log.txt", 8)
+            last = tail(run.log_file, 8)
             info = {**info, "state": "failed",
                     "error": f"the training process ended unexpectedly{how}." + (f" Last log lines:\n{last}"
                                                                                  if last else "")}
         info["time"] = time.time()
-        _write_json(run_dir / "status.json", info)
+        run.write_status(info)
         return info
 
     def _owner(self, run_dir: Path) -> str | None:
-        data = _read_json(run_dir / "owner.json")
+        data = read_json_object(RunFolder(run_dir).owner_file)
         return data.get("owner") if data else None
 
     def _created(self, run_dir: Path) -> float:
-        data = _read_json(run_dir / "owner.json") or {}
+        data = read_json_object(RunFolder(run_dir).owner_file) or {}
         return float(data.get("created") or run_dir.stat().st_mtime)
 
     def _config(self, run_dir: Path) -> RunConfig | None:
         try:
-            return RunConfig.from_yaml(run_dir / "run.yaml")
+            return RunFolder(run_dir).read_config()
         except FinetuneError:
             return None
 
     def _total_steps(self, run_dir: Path, config: RunConfig | None) -> int | None:
-        """From data/train.jsonl, which the trainer writes before its first step."""
+        """From the training split file (data/train.jsonl), which the trainer writes before its first step."""
         if config is None:
             return None
         if config.max_steps > 0:
             return config.max_steps
-        n_train = _count_lines(run_dir / "data" / "train.jsonl")
+        n_train = _count_lines(RunFolder(run_dir).split_file("train"))
         return estimate_total_steps(config, n_train) if n_train else None
 
     # ------------------------------------------------------------------ the queue and the process
@@ -547,7 +520,7 @@ class RunManager:
         for run_dir in self.runs_dir.iterdir():
             if not _RUN_ID.fullmatch(run_dir.name):
                 continue
-            info = _read_json(run_dir / "status.json") or {}
+            info = RunFolder(run_dir).read_status()
             if info.get("state") == "queued":
                 queued.append((self._created(run_dir), run_dir.name))
             elif info.get("state") in ("running", "stopping") and self._active is None \
@@ -565,7 +538,7 @@ class RunManager:
     def _check_active(self) -> None:
         run_id = self._active
         run_dir = self.runs_dir / run_id
-        info = _read_json(run_dir / "status.json") or {}
+        info = RunFolder(run_dir).read_status()
         if self._alive(run_id, run_dir, info):
             if self._kill_at is not None and time.time() > self._kill_at:
                 self._signal(signal.SIGKILL)
@@ -581,7 +554,7 @@ class RunManager:
             run_id = self._queue.popleft()
             run_dir = self.runs_dir / run_id
             hub_token = self._hub_tokens.pop(run_id, None)  # leaves memory now, whether the run starts or not
-            if (_read_json(run_dir / "status.json") or {}).get("state") != "queued":
+            if RunFolder(run_dir).read_status().get("state") != "queued":
                 continue  # stopped while waiting
             self._launch(run_id, run_dir, hub_token)
             return
@@ -589,19 +562,20 @@ class RunManager:
     def _launch(self, run_id: str, run_dir: Path, hub_token: str | None) -> None:
         env = environment_with_token(os.environ, hub_token)
         env.update(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-        with (run_dir / "log.txt").open("ab") as log:
+        run = RunFolder(run_dir)
+        with run.log_file.open("ab") as log:
             # An argument list (no shell); a new session so signals to the app never reach the trainer.
-            processes = int((_read_json(run_dir / "launch.json") or {}).get("num_processes", 1))
-            command = train_command(self.python, run_dir / "run.yaml", processes)  # a list: no shell
+            processes = int((read_json_object(run.launch_file) or {}).get("num_processes", 1))
+            command = train_command(self.python, run.config_file, processes)  # a list: no shell
             self._proc = subprocess.Popen(command,
                                           cwd=str(run_dir), stdout=log, stderr=subprocess.STDOUT,
                                           stdin=subprocess.DEVNULL, env=env, start_new_session=True)
         self._active = run_id
-        _write_json(run_dir / "status.json", {"state": "running", "pid": self._proc.pid, "time": time.time()})
+        run.write_status({"state": "running", "pid": self._proc.pid, "time": time.time()})
 
     def _signal(self, sig: int) -> None:
         pid = self._proc.pid if self._proc is not None else \
-            (_read_json(self.runs_dir / self._active / "status.json") or {}).get("pid")
+            RunFolder(self.runs_dir / self._active).read_status().get("pid")
         if not pid:
             return
         try:
@@ -610,22 +584,5 @@ class RunManager:
             pass
 
 
-def latest_complete_checkpoint(run_dir: Path) -> Path | None:
-    """The newest `checkpoints/checkpoint-N` that was written completely (the Trainer writes trainer_state.json
-    last), or None. A process killed while saving leaves a partial folder, which resuming must skip."""
-    folder = run_dir / "checkpoints"
-    found = []
-    for path in folder.glob("checkpoint-*") if folder.is_dir() else ():
-        step = path.name.rpartition("-")[2]
-        if step.isdigit() and _read_json(path / "trainer_state.json") is not None:
-            found.append((int(step), path))
-    return max(found)[1] if found else None
-
-
-def _folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-
-
 __all__ = ["ACTIVE_STATES", "DONE_STATES", "Retention", "RunManager", "RunNotFound", "RunStatus", "RunSummary",
-           "copy_into", "estimate_total_steps", "latest_complete_checkpoint", "read_metrics", "safe_filename", "tail",
-           "workspace_from_env"]
+           "copy_into", "estimate_total_steps", "safe_filename", "tail", "workspace_from_env"]

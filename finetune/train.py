@@ -5,7 +5,6 @@ setup (folder, model, data) → train (with metrics, stop and early stopping) �
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -21,13 +20,21 @@ from typing import Any
 import torch
 
 from .config import RunConfig
-from .distributed import (ShardRecorder, allow_training_wrap, any_process, debug_shards_enabled, is_main_process,
-                          prepare_process, validate_launch)
+from .distributed import (
+    ShardRecorder,
+    allow_training_wrap,
+    any_process,
+    debug_shards_enabled,
+    is_main_process,
+    prepare_process,
+    validate_launch,
+)
 from .errors import ConfigError, DataError
+from .run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
-# Fields of metrics.jsonl, in order. Missing values are null, never absent.
+# Fields of a metrics record, in order. Missing values are null, never absent.
 METRIC_FIELDS = ("step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm", "num_tokens", "elapsed_s")
 
 
@@ -52,18 +59,11 @@ class RunResult:
 
 # ----------------------------------------------------------------------------- run folder
 def write_status(output_dir: Path, state: str, **extra: Any) -> None:
-    """status.json: what the app polls. Written atomically so a reader never sees half a file, and by the main
-    process only under a multi-process launcher (one writer per run folder)."""
+    """The run's status: what the app polls. Written by the main process only under a multi-process launcher
+    (one writer per run folder)."""
     if not is_main_process():
         return
-    data = {"state": state, "pid": os.getpid(), "time": time.time(), **extra}
-    tmp = output_dir / "status.json.tmp"
-    tmp.write_text(json.dumps(data), encoding="utf-8")
-    os.replace(tmp, output_dir / "status.json")
-
-
-def final_dir_for(config: RunConfig) -> Path:
-    return Path(config.output_dir) / ("model" if config.method == "full" else "adapter")
+    RunFolder(output_dir).write_status({"state": state, "pid": os.getpid(), "time": time.time(), **extra})
 
 
 def perplexity(loss: float | None) -> float | None:
@@ -73,7 +73,11 @@ def perplexity(loss: float | None) -> float | None:
 
 
 def library_versions() -> dict[str, str]:
-    import accelerate, datasets, peft, transformers, trl  # noqa: E401
+    import accelerate
+    import datasets
+    import peft
+    import transformers
+    import trl
     versions = {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__,
                 "trl": trl.__version__, "peft": peft.__version__, "accelerate": accelerate.__version__,
                 "datasets": datasets.__version__}
@@ -91,40 +95,19 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # ru_maxrss is KiB on Linux
 
 
-# ----------------------------------------------------------------------------- data → tokens
-def tokenize_split(examples: list[dict], tokenizer, config: RunConfig):
-    """Encode examples with our template and loss mask; drop ones left without any loss token.
-
-    Returns (dataset or None, number dropped, untruncated token length of every example)."""
-    from datasets import Dataset
-
-    from .templates import encode_example
-
-    rows, dropped, lengths = [], 0, []
-    for ex in examples:
-        enc = encode_example(ex, tokenizer, max_seq_length=config.max_seq_length,
-                             train_on_prompt=config.train_on_prompt)
-        lengths.append(enc["length"])
-        if any(label != -100 for label in enc["labels"]):
-            rows.append({"input_ids": enc["input_ids"], "labels": enc["labels"]})
-        else:  # a prompt alone filled max_seq_length: nothing to learn from it
-            dropped += 1
-    return (Dataset.from_list(rows) if rows else None), dropped, lengths
-
-
 # ----------------------------------------------------------------------------- callbacks
-def _make_callbacks(config: RunConfig, metrics_path: Path, observer: TrainObserver, stop_flag: dict):
+def _make_callbacks(config: RunConfig, run: RunFolder, observer: TrainObserver, stop_flag: dict):
     from transformers import TrainerCallback
 
     TerminalProgress = _terminal_progress_class()
 
     class MetricsCallback(TrainerCallback):
-        """Turns Trainer logs into metrics.jsonl records and feeds the observer; honours stop requests."""
+        """Turns Trainer logs into the run's metrics records and feeds the observer; honours stop requests."""
 
         def __init__(self):
             self.t0 = time.time()
             self.num_tokens = None
-            self.training = False  # evaluations before/after the loop go to results.json, not the curve
+            self.training = False  # evaluations before/after the loop go to the results, not the curve
 
         def on_train_begin(self, args, state, control, **kw):
             self.training = True
@@ -135,7 +118,7 @@ def _make_callbacks(config: RunConfig, metrics_path: Path, observer: TrainObserv
         def on_log(self, args, state, control, logs=None, **kw):
             logs = logs or {}
             if not self.training or not any(k in logs for k in ("loss", "eval_loss")):
-                return  # the final train summary and test evaluations are reported in results.json
+                return  # the final train summary and test evaluations are reported in the results
             if "num_tokens" in logs:
                 self.num_tokens = logs["num_tokens"]
             record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4),
@@ -143,8 +126,7 @@ def _make_callbacks(config: RunConfig, metrics_path: Path, observer: TrainObserv
                       "learning_rate": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"),
                       "num_tokens": self.num_tokens, "elapsed_s": round(time.time() - self.t0, 3)}
             if state.is_world_process_zero:
-                with metrics_path.open("a", encoding="utf-8") as f:
-                    f.write(json.dumps(record) + "\n")
+                run.append_metrics(record)
                 observer.on_log(record)
             self.on_step_end(args, state, control)  # a stop decided on this record takes effect at this step
 
@@ -253,7 +235,7 @@ def _sft_args(config: RunConfig, precision: str, total_steps: int, eval_every: i
 
     early = bool(config.early_stopping_patience) and has_eval
     return SFTConfig(
-        output_dir=str(Path(config.output_dir) / "checkpoints"),
+        output_dir=str(RunFolder(config.output_dir).checkpoints_dir),
         num_train_epochs=config.num_train_epochs, max_steps=config.max_steps,
         learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler_type,
         warmup_steps=math.ceil(config.warmup_ratio * total_steps),
@@ -314,57 +296,53 @@ def _train(config: RunConfig, observer: TrainObserver, out: Path, rows: list[dic
     from transformers import EarlyStoppingCallback, PrinterCallback, set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
-    from .data import length_stats, load_examples, write_split_files
-    from .models import load_tokenizer, resolve_base_model, resolve_precision
-    from .templates import apply_template_choice, encode_example
+    from .data import write_split_files
+    from .models import resolve_precision
+    from .prepare import prepare_data
 
     validate_launch(config)  # launcher (FSDP, DeepSpeed) + method combinations that can't work
+    run = RunFolder(out)
     t_start = time.time()
     set_seed(config.seed)
     precision = resolve_precision(config.precision)
 
-    # --- setup: base model source, tokenizer + template, data
-    source = resolve_base_model(config)
+    # --- setup: data, base model source, tokenizer + template, encoded examples (as `preview` shows them)
+    prepared = prepare_data(config, rows)
+    source, tokenizer, data = prepared.model.source, prepared.model.tokenizer, prepared.examples
     if source.notice and is_main_process():
         log.info(source.notice)
-    tokenizer = load_tokenizer(source.path, revision=config.model_revision,
-                               trust_remote_code=config.trust_remote_code)
-    template_used = apply_template_choice(tokenizer, config.chat_template)
-    data = load_examples(config, rows)
+    template_used = prepared.model.template
     if is_main_process():  # every process splits the same way (seeded); one writes
-        write_split_files(data.splits, out / "data")
-    train_ds, dropped_train, train_lengths = tokenize_split(data.splits.train, tokenizer, config)
-    eval_ds, _, eval_lengths = tokenize_split(data.splits.validation, tokenizer, config)
-    test_ds, _, test_lengths = tokenize_split(data.splits.test, tokenizer, config)
+        write_split_files(data.splits, run.data_dir)
+    train_ds, eval_ds, test_ds = (prepared.dataset(split) for split in ("train", "validation", "test"))
     if train_ds is None:
         raise DataError(f"no training example has any answer tokens left within `max_seq_length` "
                         f"({config.max_seq_length}); raise `max_seq_length` or shorten the prompts")
-    stats = {name: length_stats(lengths, config.max_seq_length)  # from the encoding above, not a second pass
-             for name, lengths in (("train", train_lengths), ("validation", eval_lengths), ("test", test_lengths))}
+    dropped_train, stats = prepared.dropped("train"), prepared.stats
+    train_ids = [enc["input_ids"] for enc in prepared.encoded["train"]] if debug_shards_enabled() else None
+    del prepared  # the datasets hold the tokens now: free the Python lists before the model loads
     if is_main_process():
-        config.to_yaml(out / "run.yaml")  # resolved config, written before the slow part
+        run.write_config(config)  # resolved config, written before the slow part
 
     # --- model and trainer
     model = _load_model(config, source.path, precision)
     total_steps, eval_every, save_every = _schedule(config, len(train_ds))
     args = _sft_args(config, precision, total_steps, eval_every, save_every, eval_ds is not None)
     write_status(out, "running", total_steps=total_steps)  # lets the app draw progress and an ETA
-    callbacks = _make_callbacks(config, out / "metrics.jsonl", observer, stop_flag)
+    callbacks = _make_callbacks(config, run, observer, stop_flag)
     trainer = sft_trainer(config, model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                           processing_class=tokenizer, peft_config=_peft_config(config), callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # raw log dicts; TerminalProgress prints compact lines instead
     shards = None
     if debug_shards_enabled():  # diagnostic: which training rows this process batches (see finetune/distributed.py)
-        shards = trainer.data_collator = ShardRecorder(trainer.data_collator, [
-            encode_example(ex, tokenizer, max_seq_length=config.max_seq_length,
-                           train_on_prompt=config.train_on_prompt)["input_ids"] for ex in data.splits.train])
+        shards = trainer.data_collator = ShardRecorder(trainer.data_collator, train_ids)
 
     # --- train: test loss before, the loop (SIGTERM = graceful stop), test loss after
     test_before = trainer.evaluate(test_ds, metric_key_prefix="test")["test_loss"] if test_ds is not None else None
     allow_training_wrap(trainer)  # else an evaluation before train() leaves DDP processes training unsynced
     resume = _resume_path(config, get_last_checkpoint)
     if resume is None and not config.resume_from_checkpoint and is_main_process():
-        (out / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh curve
+        run.clear_metrics()  # a fresh run starts a fresh curve
     early = None
     if config.early_stopping_patience and eval_ds is not None:  # only around the loop: it reads eval_loss only
         early = EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience)
@@ -376,10 +354,10 @@ def _train(config: RunConfig, observer: TrainObserver, out: Path, rows: list[dic
             trainer.remove_callback(early)
     status = "stopped" if stop_flag["stop"] else "finished"
     if shards is not None:
-        shards.write(out / "data")
+        shards.write(run.data_dir)
 
     # --- finish: save the final (best, with early stopping) weights with the tokenizer, measure, report
-    final = final_dir_for(config)
+    final = run.final_dir_for(config.method)
     trainer.save_model(str(final))  # every process: FSDP/DeepSpeed gather the weights; the main one writes
     if is_main_process():
         tokenizer.save_pretrained(str(final))
@@ -400,7 +378,7 @@ def _train(config: RunConfig, observer: TrainObserver, out: Path, rows: list[dic
         "eval_loss": eval_loss, "eval_perplexity": perplexity(eval_loss),
         "test_loss_before": test_before, "test_perplexity_before": perplexity(test_before),
         "test_loss_after": test_after, "test_perplexity_after": perplexity(test_after),
-        "num_tokens": _last_num_tokens(out / "metrics.jsonl"),
+        "num_tokens": _last_num_tokens(run),
         "trainable_params": trainable, "total_params": total_params,
         "trainable_percent": 100.0 * trainable / total_params if total_params else 0.0,
         "peak_memory_mb": peak_memory_mb(), "wall_seconds": time.time() - t_start,
@@ -413,7 +391,7 @@ def _train(config: RunConfig, observer: TrainObserver, out: Path, rows: list[dic
         "versions": library_versions(),
     }
     if is_main_process():
-        (out / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+        run.write_results(results)
     write_status(out, status)
     return RunResult(status=status, output_dir=out, final_dir=final, results=results, model=trainer.model)
 
@@ -423,7 +401,7 @@ def _resume_path(config: RunConfig, get_last_checkpoint) -> str | None:
     if not want:
         return None
     if want == "latest":
-        ckpts = Path(config.output_dir) / "checkpoints"
+        ckpts = RunFolder(config.output_dir).checkpoints_dir
         last = get_last_checkpoint(str(ckpts)) if ckpts.is_dir() else None
         if last is None:
             raise ConfigError(f"`resume_from_checkpoint: latest` but {ckpts} holds no checkpoint; "
@@ -449,12 +427,5 @@ def _param_counts(model) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def _last_num_tokens(metrics_path: Path) -> float | None:
-    if not metrics_path.is_file():
-        return None
-    last = None
-    for line in metrics_path.read_text(encoding="utf-8").splitlines():
-        rec = json.loads(line)
-        if rec.get("num_tokens") is not None:
-            last = rec["num_tokens"]
-    return last
+def _last_num_tokens(run: RunFolder) -> float | None:
+    return next((r["num_tokens"] for r in reversed(run.read_metrics()) if r.get("num_tokens") is not None), None)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.cli import EXIT_USER_ERROR, _log_to_stderr, build_parser, main
+from finetune.cli import EXIT_USER_ERROR, _log_to_stderr, build_parser, config_from_args, main
 from finetune.demo import DEMO_LABEL, DEMO_VERSION
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -200,6 +200,35 @@ def test_preview_takes_a_data_file_as_its_argument(capsys, demo_model_dir, tmp_p
     assert "format: messages" in capsys.readouterr().out
     msg = user_error(capsys, ["preview", str(corpus), "--dataset", str(QA)])
     assert msg == f"error: {corpus} is a data file and --dataset is set too; give the data file once"
+
+
+def test_preview_measures_lengths_with_the_loss_mask_training_uses(capsys, demo_model_dir, tmp_path):
+    """`train_on_prompt: true` needs no prompt mask, so a template that can't mask prompts (it re-renders its
+    header as turns are added, without generation markers) previews, and its lengths are training's."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from finetune.data import length_stats, load_examples
+    from finetune.templates import encode_example
+
+    model = shutil.copytree(demo_model_dir, tmp_path / "model")
+    tok = AutoTokenizer.from_pretrained(str(model))
+    tok.chat_template = ("{{ messages | length }} turns\n{% for message in messages %}"
+                         "{{ message['role'] + ':\n' + message['content'] + '\n' }}{% endfor %}"
+                         "{% if add_generation_prompt %}{{ 'assistant:\n' }}{% endif %}")
+    tok.save_pretrained(str(model))
+    args = ["--base_model", str(model), "--dataset", str(QA), "--chat_template", "tokenizer",
+            "--train_on_prompt", "true", "--max_seq_length", "64"]
+    assert main(["preview", *args, "-n", "1"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "template: tokenizer" in out and "\n[[2 turns\nuser:\n" in out  # every token carries loss
+    config = config_from_args(build_parser().parse_args(["preview", *args]))
+    tok = AutoTokenizer.from_pretrained(str(model))
+    train = [encode_example(ex, tok, max_seq_length=64, train_on_prompt=True)["length"]
+             for ex in load_examples(config).splits.train]
+    expected = "  ".join(f"{k}={v}" for k, v in length_stats(train, 64).items())
+    assert f"  train      {expected}\n" in out
 
 
 def test_eval_merge_chat_on_the_trained_run(cli_run):

@@ -24,6 +24,7 @@ from finetune.errors import HubError, ModelError
 from finetune.hub import (NO_TOKEN, TOKEN_READ_ONLY, TOKEN_REJECTED, check_token, hub_errors, push_run,
                           resolve_model_source, resolve_token)
 from finetune.model_card import build_model_card, front_matter, hub_dataset, plot_loss_curve
+from finetune.run_folder import RunFolder
 
 # Planted token strings: each must never show up in output, logs, files or error messages.
 WRITE_TOKEN = "hf_PlantedWriteToken0123456789abcdefXYZ"
@@ -461,11 +462,10 @@ def test_hub_dataset_never_lists_local_files(dataset, source, listed):
 def test_plot_loss_curve_draws_train_and_validation_or_returns_none(run_dir, tmp_path):
     from PIL import Image
 
-    out = plot_loss_curve(run_dir / "metrics.jsonl", tmp_path / "curve.png")
+    out = plot_loss_curve(RunFolder(run_dir).read_metrics(), tmp_path / "curve.png")
     assert out == tmp_path / "curve.png"
     with Image.open(out) as im:
         assert im.size == (640, 360)
-    (tmp_path / "empty.jsonl").write_text('{"step": 1, "loss": null}\n{"step": 2, "lo')  # torn last line
-    assert plot_loss_curve(tmp_path / "empty.jsonl", tmp_path / "none.png") is None
-    assert plot_loss_curve(tmp_path / "missing.jsonl", tmp_path / "none.png") is None
+    assert plot_loss_curve([{"step": 1, "loss": None}], tmp_path / "none.png") is None
+    assert plot_loss_curve([], tmp_path / "none.png") is None
     assert not (tmp_path / "none.png").exists()

@@ -17,7 +17,8 @@ import pytest
 
 from finetune.config import RunConfig
 from finetune.errors import FinetuneError
-from finetune.runs import Retention, RunManager, RunNotFound, latest_complete_checkpoint
+from finetune.run_folder import RunFolder
+from finetune.runs import Retention, RunManager, RunNotFound
 from ui.context import create_context
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +55,7 @@ def test_a_killed_run_keeps_its_checkpoint_is_listed_after_a_restart_and_resumes
     run_dir = app.run_dir(run_id, "alice")
     try:
         # a complete checkpoint, and training already past it (work the kill will lose)
-        wait_for(lambda: (c := latest_complete_checkpoint(run_dir)) and app.status(run_id, "alice").step >
+        wait_for(lambda: (c := RunFolder(run_dir).latest_complete_checkpoint()) and app.status(run_id, "alice").step >
                  int(c.name.split("-")[1]), "a checkpoint and a step after it")
         os.kill(json.loads((run_dir / "status.json").read_text())["pid"], signal.SIGKILL)
         killed = wait_done(app, run_id)
@@ -62,7 +63,7 @@ def test_a_killed_run_keeps_its_checkpoint_is_listed_after_a_restart_and_resumes
         app.close()
     assert killed.state == "failed"
     assert "killed by signal 9" in killed.error and "Last log lines:" in killed.error
-    checkpoint = latest_complete_checkpoint(run_dir)
+    checkpoint = RunFolder(run_dir).latest_complete_checkpoint()
     step = int(checkpoint.name.split("-")[1])
     assert (checkpoint / "adapter_model.safetensors").is_file() and (checkpoint / "optimizer.pt").is_file()
     assert killed.step > step
@@ -105,8 +106,8 @@ def test_resume_skips_a_checkpoint_left_half_written_by_a_kill(tmp_path):
         if complete:  # the Trainer writes trainer_state.json last
             (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     (checkpoints / "checkpoint-12" / "trainer_state.json").write_text('{"global_st')  # cut off mid-write
-    assert latest_complete_checkpoint(tmp_path) == checkpoints / "checkpoint-6"
-    assert latest_complete_checkpoint(tmp_path / "nothing") is None
+    assert RunFolder(tmp_path).latest_complete_checkpoint() == checkpoints / "checkpoint-6"
+    assert RunFolder(tmp_path / "nothing").latest_complete_checkpoint() is None
 
 
 # ----------------------------------------------------------------------------- out of memory, disk full

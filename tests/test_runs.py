@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from finetune.config import RunConfig
-from finetune.runs import (RunManager, RunNotFound, copy_into, estimate_total_steps, read_metrics, safe_filename,
-                           tail, workspace_from_env)
+from finetune.runs import (RunManager, RunNotFound, copy_into, estimate_total_steps, safe_filename, tail,
+                           workspace_from_env)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASET = ROOT / "examples" / "data" / "python_qa.jsonl"
@@ -83,11 +83,6 @@ def test_tail_keeps_the_last_redraw_of_progress_bars(tmp_path):
     log = tmp_path / "log.txt"
     log.write_text("one\ntwo\nbar 10%\rbar 50%\rbar 90%\nthree\n")
     assert tail(log, 3) == "two\nbar 90%\nthree"
-
-
-def test_read_metrics_skips_a_half_written_last_line(tmp_path):
-    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
-    assert read_metrics(tmp_path) == [{"step": 1, "loss": 2.0}]
 
 
 def test_workspace_comes_from_the_environment(tmp_path, monkeypatch):

@@ -5,7 +5,6 @@ Hub can be loaded without training."""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, Iterator
@@ -13,6 +12,7 @@ from typing import Any, Iterator
 import gradio as gr
 
 from finetune.errors import FinetuneError, ModelError
+from finetune.run_folder import RunFolder
 
 from .context import AppContext, owner_of
 from .messages import error_md, notice_md, ok_md
@@ -61,7 +61,7 @@ def describe(model, folder: Path) -> str:
     kind = "adapter switched off / on (one copy of the base weights)" if model.has_adapter else \
         "base model and full fine-tune (two copies)"
     demo = " The base is the random-weight demo model: its own answers are noise." if _is_demo(model) else ""
-    name = f"run `{folder.name[:8]}`" if (folder / "run.yaml").is_file() else f"`{folder.name}`"
+    name = f"run `{folder.name[:8]}`" if RunFolder(folder).has_config else f"`{folder.name}`"
     return ok_md(f"Loaded {name} on base `{Path(model.base_path).name}`: {kind}.{demo}")
 
 
@@ -147,9 +147,7 @@ def test_prompts(ctx: AppContext, owner: str, folder: str | None, limit: int | N
     except FinetuneError as e:
         return error_md(str(e)), None
     rows = []
-    answers = Path(folder) / "eval" / "answers.jsonl"
-    for line in answers.read_text(encoding="utf-8").splitlines():
-        r = json.loads(line)
+    for r in RunFolder(folder).read_answers():
         rows.append([r["prompt"], r["reference"], r["base_answer"], r["finetuned_answer"],
                      round(r["base_token_f1"], 3), round(r["finetuned_token_f1"], 3),
                      round(r["base_rouge_l"], 3), round(r["finetuned_rouge_l"], 3)])

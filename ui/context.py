@@ -32,7 +32,7 @@ class AppContext:
     on_space: bool                       # running inside a Hugging Face Space (OAuth, no local paths)
     max_upload_bytes: int
     chat_models: "ChatModelCache" = field(default_factory=lambda: ChatModelCache())
-    tokenizers: dict = field(default_factory=dict)  # (model path, template choice) → tokenizer
+    tokenizers: dict = field(default_factory=dict)  # (model path, template choice, revision) → (tokenizer, template)
     tokenizer_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def uploads_dir(self, owner: str) -> Path:

@@ -12,7 +12,7 @@ from typing import Any
 
 import gradio as gr
 
-from finetune.data import FORMATS, SUPPORTED_EXTENSIONS, load_examples, read_rows, rows_from_text, split_stats
+from finetune.data import FORMATS, SUPPORTED_EXTENSIONS, read_rows, rows_from_text
 from finetune.errors import DataError, FinetuneError
 from finetune.runs import safe_filename
 
@@ -39,7 +39,7 @@ def example_datasets() -> list[str]:
 
 @dataclass
 class DataSource:
-    dataset: str            # what run.yaml's `dataset` says before the run manager copies the file in
+    dataset: str            # what the run config's `dataset` says before the run manager copies the file in
     file: Path | None       # a local file to copy into the run folder (None for Hub ids)
     name: str               # shown to people, and the copied file's name
 
@@ -101,44 +101,37 @@ def preview_segments(example: dict, tokenizer, config) -> list[tuple[str, str | 
     return [(text, LOSS_LABEL if loss else None) for text, loss in segments]
 
 
-def load_tokenizer_for(ctx: AppContext, config) -> tuple[Any, str | None]:
-    """The (cached) tokenizer of the configured base model with its chat template, and a fallback notice."""
-    from finetune.models import load_tokenizer, resolve_base_model
-    from finetune.templates import apply_template_choice
+def load_tokenizer_for(ctx: AppContext, config):
+    """The configured base model's tokenizer with its chat template (`finetune.prepare.TemplatedTokenizer`),
+    cached per model folder, template choice and revision."""
+    from finetune.models import resolve_base_model
+    from finetune.prepare import TemplatedTokenizer, load_templated_tokenizer
 
     source = resolve_base_model(config)
     key = (source.path, config.chat_template, config.model_revision)
     with ctx.tokenizer_lock:
         if key not in ctx.tokenizers:
-            tok = load_tokenizer(source.path, revision=config.model_revision,
-                                 trust_remote_code=config.trust_remote_code)
-            apply_template_choice(tok, config.chat_template)
-            ctx.tokenizers[key] = tok
-        return ctx.tokenizers[key], source.notice if not config.base_model == "demo" else None
+            loaded = load_templated_tokenizer(config, source)
+            ctx.tokenizers[key] = (loaded.tokenizer, loaded.template)
+        return TemplatedTokenizer(source, *ctx.tokenizers[key])  # this config's source: its own notice
 
 
 def analyse(ctx: AppContext, owner: str, values: dict[str, Any], settings: dict[str, Any]) -> dict:
-    """Load and split the dataset; return what the tab shows (raises FinetuneError for people)."""
+    """Load, split and encode the dataset as training will; return what the tab shows (raises FinetuneError
+    for people). Token lengths are measured on the first STATS_SAMPLE examples of each split."""
+    from finetune.prepare import prepare_data
+
     source = resolve_source(ctx, owner, values)
     config = data_config(values, settings, source)
     if source.file is not None:
         read_rows(source.file, max_rows=1, max_bytes=ctx.max_upload_bytes)  # size and type check first
-    prepared = load_examples(config)
-    tokenizer, notice = load_tokenizer_for(ctx, config)
-    from finetune.templates import encode_example
-
-    def length(example: dict) -> int:
-        return encode_example(example, tokenizer, max_seq_length=config.max_seq_length,
-                              train_on_prompt=config.train_on_prompt)["length"]
-
-    sampled = type(prepared.splits)(train=prepared.splits.train[:STATS_SAMPLE],
-                                    validation=prepared.splits.validation[:STATS_SAMPLE],
-                                    test=prepared.splits.test[:STATS_SAMPLE])
-    lengths = {name: [length(ex) for ex in examples] for name, examples in sampled.as_dict().items()}
-    stats = split_stats(sampled, length, config.max_seq_length)
+    encoded = prepare_data(config, tokenizer_for=lambda c: load_tokenizer_for(ctx, c), limit=STATS_SAMPLE)
+    prepared, model = encoded.examples, encoded.model
+    notice = model.source.notice if not config.base_model == "demo" else None
     preview = prepared.splits.train[:PREVIEW_EXAMPLES]
-    return {"source": source, "config": config, "prepared": prepared, "lengths": lengths, "stats": stats,
-            "preview": preview, "segments": preview_segments(preview[0], tokenizer, config), "notice": notice}
+    return {"source": source, "config": config, "prepared": prepared, "lengths": encoded.lengths,
+            "stats": encoded.stats, "preview": preview, "notice": notice,
+            "segments": preview_segments(preview[0], model.tokenizer, config)}
 
 
 def summary_markdown(result: dict) -> str:
@@ -314,7 +307,6 @@ def show_example(ctx: AppContext, state: dict, index: int, settings: dict[str, A
     example = preview[min(max(index, 1), len(preview)) - 1]
     try:
         config = config_from_values(settings, dataset=state["dataset"])
-        tokenizer, _ = load_tokenizer_for(ctx, config)
-        return preview_segments(example, tokenizer, config)
+        return preview_segments(example, load_tokenizer_for(ctx, config).tokenizer, config)
     except FinetuneError as e:
         return [(str(e), None)]

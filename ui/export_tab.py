@@ -13,6 +13,7 @@ from typing import Any, Optional
 import gradio as gr
 
 from finetune.errors import FinetuneError
+from finetune.run_folder import RunFolder
 
 from .context import AppContext, owner_of
 from .messages import error_md, ok_md
@@ -20,7 +21,6 @@ from .messages import error_md, ok_md
 log = logging.getLogger(__name__)
 
 EXPORT_ROOT = Path(tempfile.gettempdir()) / "finetune-exports"  # Gradio serves files from the temp dir
-PROVENANCE_FILES = ("run.yaml", "results.json")  # added to the zip beside the weights
 
 
 def zip_folder(folder: Path, out_zip: Path, extra: list[Path] = ()) -> Path:
@@ -40,19 +40,19 @@ def export_zip(ctx: AppContext, owner: str, run_id: str | None, which: str = "we
     """A zip of the run's adapter/ (or model/) — or of merged/ with `which="merged"` — in a fresh temp folder."""
     if not run_id:
         raise FinetuneError("pick a run first")
-    run_dir = ctx.runs.run_dir(run_id, owner)
+    run = RunFolder(ctx.runs.run_dir(run_id, owner))
     if which == "merged":
-        folder, label = run_dir / "merged", "merged"
+        folder, label = run.merged_dir, "merged"
         if not folder.is_dir():
             raise FinetuneError("this run has no merged model yet; press **Merge** first")
     else:
-        folder = next((run_dir / n for n in ("adapter", "model") if (run_dir / n).is_dir()), None)
+        folder = run.final_dir
         if folder is None:
             raise FinetuneError("this run has no adapter or model yet: wait until it finishes (or stop it; a "
                                 "stopped run saves its adapter)")
         label = folder.name
     out = EXPORT_ROOT / secrets.token_urlsafe(12) / f"{label}-{run_id[:8]}.zip"
-    return zip_folder(folder, out, [run_dir / name for name in PROVENANCE_FILES])
+    return zip_folder(folder, out, [run.config_file, run.results_file])  # provenance beside the weights
 
 
 def download_update(path: Path, what: str) -> dict:
@@ -65,10 +65,10 @@ def merge_run(ctx: AppContext, owner: str, run_id: str | None, dtype: str, progr
 
     if not run_id:
         raise FinetuneError("pick a run first")
-    run_dir = ctx.runs.run_dir(run_id, owner)
+    run = RunFolder(ctx.runs.run_dir(run_id, owner))
     if progress:
         progress(0.1, desc="Loading base and adapter")
-    report = merge_adapter(run_dir, run_dir / "merged", dtype=dtype)
+    report = merge_adapter(run.root, run.merged_dir, dtype=dtype)
     check = f" (max |logit difference| vs base + adapter: {report.max_abs_logit_diff:.1e})" \
         if report.max_abs_logit_diff is not None else ""
     return ok_md(f"Merged into a standalone {report.dtype} model{check}.")
@@ -86,17 +86,17 @@ def push(ctx: AppContext, owner: str, run_id: str | None, repo: str, what: str, 
             raise FinetuneError("pick a run first")
         if not (repo or "").strip():
             raise FinetuneError("type a repo name, e.g. `my-adapter` (under your user) or `org/my-adapter`")
-        run_dir = ctx.runs.run_dir(run_id, owner)
+        run = RunFolder(ctx.runs.run_dir(run_id, owner))
         if token is None:
             raise FinetuneError("no Hugging Face token: sign in with Hugging Face, or paste a token with write "
                                 "access (https://huggingface.co/settings/tokens)")
         merged = None
-        if what in ("merged", "both") and not (run_dir / "model").is_dir():
-            if not (run_dir / "merged").is_dir():
+        if what in ("merged", "both") and not run.model_dir.is_dir():
+            if not run.merged_dir.is_dir():
                 raise FinetuneError("merge the adapter first (press **Merge**), then push the merged model")
-            merged = run_dir / "merged"
+            merged = run.merged_dir
         report = (lambda f, msg: progress(f, desc=msg)) if progress else None
-        result = push_run(run_dir, repo.strip(), what=what, token=token, private=private, merged_dir=merged,
+        result = push_run(run.root, repo.strip(), what=what, token=token, private=private, merged_dir=merged,
                           progress=report)
     except FinetuneError as e:
         return error_md(scrub(str(e), token))

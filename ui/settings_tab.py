@@ -12,6 +12,7 @@ import gradio as gr
 from finetune.config import DEFAULT_BASE_MODEL, DEMO_MODEL_ID, RunConfig
 from finetune.errors import FinetuneError
 from finetune.memory import available_memory, estimate_memory, model_shape
+from finetune.run_folder import CONFIG_FILE
 from finetune.runs import train_command
 
 from .forms import (BASIC_FIELDS, DEMO_PRESET, METHOD_LABELS, METHOD_PRESETS, advanced_fields, config_from_values,
@@ -92,12 +93,12 @@ def _count(n: int) -> str:
 
 
 def yaml_and_command(config: RunConfig, num_processes: int = 1) -> tuple[str, str]:
-    """What the Train button writes and runs: the YAML (saved as run.yaml) and the command. In the app the
+    """What the Train button writes and runs: the run's config YAML and the command. In the app the
     run manager points `output_dir` at the run's own folder and copies the dataset file into it."""
     dataset = Path(config.dataset)
     if dataset.is_absolute() and dataset.is_relative_to(_PROJECT_ROOT):  # bundled examples: a portable path
         config = config.replace(dataset=str(dataset.relative_to(_PROJECT_ROOT)))
-    command = " ".join(train_command("python", "run.yaml", num_processes)).replace(
+    command = " ".join(train_command("python", CONFIG_FILE, num_processes)).replace(
         "python -m accelerate.commands.launch", "accelerate launch")
     return f"# {command}\n{config.to_yaml()}", command
 
@@ -153,7 +154,7 @@ def create_settings_tab(hub_ok: bool) -> dict[str, Any]:
             c["trust_warning"] = gr.Markdown(visible=False, elem_id="settings-trust-warning")
             c["show_yaml"] = gr.Button("Show as YAML / CLI command", elem_id="settings-show-yaml")
             c["config_error"] = gr.Markdown(visible=False)
-            c["yaml"] = gr.Code(language="yaml", label="run.yaml", visible=False, elem_id="settings-yaml")
+            c["yaml"] = gr.Code(language="yaml", label=CONFIG_FILE, visible=False, elem_id="settings-yaml")
             c["command"] = gr.Code(language="shell", label="Command", visible=False, interactive=False,
                                    elem_id="settings-command")
     _apply_demo_defaults(c, default_model(hub_ok))

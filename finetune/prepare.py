@@ -1,0 +1,88 @@
+"""Data → template → tokens, once: the path training, `python -m finetune preview` and the app's Data tab share.
+
+`prepare_data(config)` reads, normalises and splits the dataset (`data.load_examples`), loads the base model's
+tokenizer with the configured chat template, and encodes every example with its loss mask
+(`templates.encode_example`), keeping the encodings and their token-length statistics. What the model trains
+on is exactly what the preview shows and measures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .config import RunConfig
+from .data import PreparedData, length_stats, load_examples
+from .models import BaseModelSource, load_tokenizer, resolve_base_model
+from .templates import IGNORE_INDEX, apply_template_choice, encode_example
+
+
+@dataclass
+class TemplatedTokenizer:
+    """The base model's tokenizer, its chat template applied, and where the base model comes from."""
+
+    source: BaseModelSource   # local folder or Hub id, demo or not, and a fallback notice for people
+    tokenizer: Any            # a transformers tokenizer with `chat_template` and a pad token set
+    template: str             # tokenizer | chatml | alpaca: the template applied
+
+
+def load_templated_tokenizer(config: RunConfig, source: BaseModelSource | None = None) -> TemplatedTokenizer:
+    """The tokenizer of `config.base_model` (resolved here unless `source` is given) with `config.chat_template`."""
+    source = source or resolve_base_model(config)
+    tokenizer = load_tokenizer(source.path, revision=config.model_revision,
+                               trust_remote_code=config.trust_remote_code)
+    template = apply_template_choice(tokenizer, config.chat_template)
+    return TemplatedTokenizer(source=source, tokenizer=tokenizer, template=template)
+
+
+@dataclass
+class EncodedData:
+    """Split examples with their encodings (input_ids, labels, untruncated length) and length statistics."""
+
+    examples: PreparedData               # normalised, split examples, skipped rows, format, source
+    model: TemplatedTokenizer
+    encoded: dict[str, list[dict]]       # split → `encode_example` of each example (the first `limit` of them)
+    stats: dict[str, dict]               # split → `data.length_stats` of the encoded examples
+
+    @property
+    def lengths(self) -> dict[str, list[int]]:
+        """split → untruncated token length of each encoded example."""
+        return {split: [enc["length"] for enc in encs] for split, encs in self.encoded.items()}
+
+    def trainable(self, split: str) -> list[dict]:
+        """input_ids and labels of the split's examples that keep a loss token within `max_seq_length`."""
+        return [{"input_ids": enc["input_ids"], "labels": enc["labels"]} for enc in self.encoded[split]
+                if any(label != IGNORE_INDEX for label in enc["labels"])]
+
+    def dropped(self, split: str) -> int:
+        """Examples whose prompt alone filled `max_seq_length`: nothing to learn from them."""
+        return len(self.encoded[split]) - len(self.trainable(split))
+
+    def dataset(self, split: str):
+        """`trainable(split)` as a `datasets.Dataset`, or None when no example is left."""
+        from datasets import Dataset
+
+        rows = self.trainable(split)
+        return Dataset.from_list(rows) if rows else None
+
+
+def prepare_data(config: RunConfig, rows: list[dict] | None = None, *,
+                 tokenizer_for: Callable[[RunConfig], TemplatedTokenizer] = load_templated_tokenizer,
+                 limit: int | None = None) -> EncodedData:
+    """Load and split `config.dataset` (or `rows`), then encode each split as training will.
+
+    The data is read first, so a data mistake is reported before the tokenizer is fetched. `tokenizer_for`
+    loads the templated tokenizer (the app passes its cache). `limit` encodes only the first `limit` examples
+    of each split (the app measures a sample of large datasets); training encodes them all.
+    """
+    examples = load_examples(config, rows)
+    model = tokenizer_for(config)
+    encoded = {split: [encode_example(ex, model.tokenizer, max_seq_length=config.max_seq_length,
+                                      train_on_prompt=config.train_on_prompt) for ex in exs[:limit]]
+               for split, exs in examples.splits.as_dict().items()}
+    stats = {split: length_stats([enc["length"] for enc in encs], config.max_seq_length)
+             for split, encs in encoded.items()}
+    return EncodedData(examples=examples, model=model, encoded=encoded, stats=stats)
+
+
+__all__ = ["EncodedData", "TemplatedTokenizer", "load_templated_tokenizer", "prepare_data"]

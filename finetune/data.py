@@ -48,7 +48,6 @@ separates its text; `NormalizedData.text_split` and a notice say which.
 from __future__ import annotations
 
 import contextlib
-
 import csv
 import itertools
 import json
@@ -151,12 +150,42 @@ def read_rows(source: str | Path, *, dataset_config: str | None = None, split: s
 
     `max_rows` stops reading early; `max_bytes` rejects larger local files before reading them.
     """
+    stream = stream_rows(source, dataset_config=dataset_config, split=split, max_rows=max_rows, max_bytes=max_bytes)
+    rows = list(stream)
+    if stream.text_split:
+        rows = _TextFileRows(rows)
+        rows.text_split = stream.text_split
+    return rows
+
+
+class RowStream:
+    """Rows read one at a time, as `read_rows` reads them (same checks, same messages), so that a 1 GB file is
+    never held in memory. Iterate once. `text_split` is a .txt file's "lines" or "paragraphs"; `fingerprint`
+    identifies a Hub dataset's content (`datasets`' own fingerprint), None for files."""
+
+    def __init__(self, rows: Iterator[dict], name: str, *, max_rows: int | None = None,
+                 text_split: str | None = None, fingerprint: str | None = None):
+        self._rows = itertools.islice(rows, max_rows) if max_rows else rows
+        self.name, self.text_split, self.fingerprint = name, text_split, fingerprint
+
+    def __iter__(self) -> Iterator[dict]:
+        empty = True
+        for row in self._rows:
+            empty = False
+            yield row
+        if empty:
+            raise DataError(f"{self.name} contains no rows; it needs at least one example", source=self.name)
+
+
+def stream_rows(source: str | Path, *, dataset_config: str | None = None, split: str = "train",
+                max_rows: int | None = None, max_bytes: int | None = None) -> RowStream:
+    """`read_rows`, one row at a time: a `RowStream`."""
     if max_rows is not None and max_rows < 1:
         raise DataError(f"`max_rows` must be at least 1, or unset (got {max_rows})")
     path = _local_path(source)
     if path is None:
-        return _read_hub_rows(str(source).strip(), dataset_config, split, max_rows)
-    return _read_local_rows(path, max_rows=max_rows, max_bytes=max_bytes)
+        return _stream_hub_rows(str(source).strip(), dataset_config, split, max_rows)
+    return _stream_local_rows(path, max_rows=max_rows, max_bytes=max_bytes)
 
 
 def rows_from_text(text: str, *, source: str = "pasted rows") -> list[dict]:
@@ -210,7 +239,7 @@ def _looks_like_path(text: str) -> bool:
             or re.match(r"[A-Za-z]:", text) is not None or Path(text).suffix.lower() in SUPPORTED_EXTENSIONS)
 
 
-def _read_local_rows(path: Path, *, max_rows: int | None, max_bytes: int | None) -> list[dict]:
+def _stream_local_rows(path: Path, *, max_rows: int | None, max_bytes: int | None) -> RowStream:
     name = path.name
     if path.is_dir():
         raise DataError(f"{path} is a folder; give one file ({_extensions_text()})", source=name)
@@ -226,12 +255,10 @@ def _read_local_rows(path: Path, *, max_rows: int | None, max_bytes: int | None)
     if max_bytes is not None and size > max_bytes:
         raise DataError(f"{name} is too large ({_format_bytes(size)}; the limit here is {_format_bytes(max_bytes)}); "
                         "use a smaller file, or load it from the command line", source=name)
-    rows = readers[ext](path, name, max_rows)
-    if not rows:
-        raise DataError(f"{name} contains no rows; it needs at least one example", source=name)
-    if max_rows:
-        del rows[max_rows:]  # in place: a .txt file's rows keep their `text_split`
-    return rows
+    if ext == ".txt":
+        text_split = _text_split_kind(path, name)
+        return RowStream(_read_text_file(path, name, text_split), name, max_rows=max_rows, text_split=text_split)
+    return RowStream(readers[ext](path, name), name, max_rows=max_rows)
 
 
 def _extensions_text() -> str:
@@ -286,34 +313,41 @@ def _decoded_lines(path: Path, name: str) -> Iterator[tuple[int, str]]:
 
 
 # ---------------------------------------------------------------------------- one reader per file type
+# Each yields the file's rows one at a time (a JSON document is parsed whole: JSON has no streaming reader here).
 
-def _read_json_file(path: Path, name: str, max_rows: int | None) -> list[dict]:
+def _read_json_file(path: Path, name: str) -> Iterator[dict]:
     text = _decode(path.read_bytes(), name)
     if not text.strip():
-        return []
+        return
     try:
         doc = _loads(text)
     except _JsonLimit as e:
         raise DataError(f"{name}: the JSON {e}", source=name) from None
     except json.JSONDecodeError as e:
         if e.msg == "Extra data" and text.lstrip().startswith("{"):  # JSON lines saved as .json: read it anyway
-            return _rows_from_json_lines(enumerate(text.splitlines(), 1), name, max_rows)
+            yield from _iter_json_lines(enumerate(text.splitlines(), 1), name)
+            return
         raise _json_document_error(e, name) from None
-    return _rows_from_document(doc, name)
+    yield from _rows_from_document(doc, name)
 
 
-def _read_jsonl_file(path: Path, name: str, max_rows: int | None) -> list[dict]:
+def _read_jsonl_file(path: Path, name: str) -> Iterator[dict]:
     lines = _decoded_lines(path, name)
     first = next(((n, line) for n, line in lines if line.strip()), None)
     if first is None:
-        return []
+        return
     if first[1].lstrip().startswith("["):  # a JSON array saved as .jsonl: read it as one document
-        return _read_json_file(path, name, max_rows)
-    return _rows_from_json_lines(itertools.chain([first], lines), name, max_rows)
+        lines.close()
+        yield from _read_json_file(path, name)
+        return
+    yield from _iter_json_lines(itertools.chain([first], lines), name)
 
 
 def _rows_from_json_lines(lines: Iterable[tuple[int, str]], name: str, max_rows: int | None) -> list[dict]:
-    rows: list[dict] = []
+    return list(itertools.islice(_iter_json_lines(lines, name), max_rows))
+
+
+def _iter_json_lines(lines: Iterable[tuple[int, str]], name: str) -> Iterator[dict]:
     for number, line in lines:
         if not line.strip():
             continue
@@ -327,10 +361,7 @@ def _rows_from_json_lines(lines: Iterable[tuple[int, str]], name: str, max_rows:
         if not isinstance(row, dict):
             raise DataError(f"{name}, line {number}: expected a JSON object with named fields such as "
                             f'{{"instruction": ..., "output": ...}}, got {_kind(row)}', source=name)
-        rows.append(row)
-        if max_rows and len(rows) >= max_rows:
-            break
-    return rows
+        yield row
 
 
 class _JsonLimit(ValueError):
@@ -374,20 +405,20 @@ def _rows_from_document(doc: Any, name: str) -> list[dict]:
     return doc
 
 
-def _read_csv_file(path: Path, name: str, max_rows: int | None) -> list[dict]:
+def _read_csv_file(path: Path, name: str) -> Iterator[dict]:
     csv.field_size_limit(max(csv.field_size_limit(), _CSV_FIELD_LIMIT))
     reader = csv.reader(line for _, line in _decoded_lines(path, name))
     try:
         header = next(reader, None)
         if header is None:
-            return []
+            return
         header = [h.strip() for h in header]
         named = [h for h in header if h]  # unnamed columns (e.g. a trailing comma from a spreadsheet) are ignored
         duplicates = sorted({h for h in named if named.count(h) > 1})
         if duplicates:
             raise DataError(f"{name}: the header row names the column `{duplicates[0]}` more than once; give every "
                             "column a different name", source=name)
-        rows: list[dict] = []
+        empty = True
         for values in reader:
             if not values:  # blank line
                 continue
@@ -396,32 +427,27 @@ def _read_csv_file(path: Path, name: str, max_rows: int | None) -> list[dict]:
                                 f"{len(header)} columns; put values that contain commas in double quotes",
                                 source=name, row=reader.line_num)
             values += [""] * (len(header) - len(values))
-            rows.append({h: v for h, v in zip(header, values) if h})
-            if max_rows and len(rows) >= max_rows:
-                break
+            empty = False
+            yield {h: v for h, v in zip(header, values) if h}
     except csv.Error as e:
         raise DataError(f"{name}, line {reader.line_num}: unreadable CSV ({e}); re-export the file as CSV",
                         source=name, row=reader.line_num) from None
-    if not rows:
+    if empty:
         raise DataError(f"{name} has a header row but no data rows", source=name)
-    return rows
 
 
-def _read_parquet_file(path: Path, name: str, max_rows: int | None) -> list[dict]:
+def _read_parquet_file(path: Path, name: str) -> Iterator[dict]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         parquet = pq.ParquetFile(path)
-        rows: list[dict] = []
-        for batch in parquet.iter_batches(batch_size=1024):  # rows per batch; bounded memory for max_rows
-            rows.extend(batch.to_pylist())
-            if max_rows and len(rows) >= max_rows:
-                break
+        batches = parquet.iter_batches(batch_size=1024)  # rows per batch: memory stays bounded
+        for batch in batches:
+            yield from batch.to_pylist()
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"{name}: not a readable Parquet file ({e}); re-export it, or use .jsonl or .csv",
                         source=name) from None
-    return rows
 
 
 class _TextFileRows(list):
@@ -430,33 +456,41 @@ class _TextFileRows(list):
     text_split: str | None = None
 
 
-def _read_text_file(path: Path, name: str, max_rows: int | None) -> list[dict]:
-    """One document per paragraph when blank lines separate the text, else one document per line: a corpus of one
-    document a line, read as paragraphs, would be a single example. Blank lines before or after all text count for
-    nothing."""
-    paragraphs: list[list[str]] = [[]]
+def _text_split_kind(path: Path, name: str) -> str:
+    """"paragraphs" when a blank line separates text, else "lines": a corpus of one document a line, read as
+    paragraphs, would be a single example. Blank lines before or after all text count for nothing. Reads only
+    up to the first blank line that has text after it."""
+    text_seen = blank_after_text = False
+    for _, line in _decoded_lines(path, name):
+        if line.strip():
+            if blank_after_text:
+                return "paragraphs"
+            text_seen = True
+        elif text_seen:
+            blank_after_text = True
+    return "lines"
+
+
+def _read_text_file(path: Path, name: str, text_split: str) -> Iterator[dict]:
+    """One document per paragraph or per line, as `text_split` says."""
+    paragraph: list[str] = []
     for _, line in _decoded_lines(path, name):
         text = line.rstrip("\r\n")
-        if text.strip():
-            paragraphs[-1].append(text)
-        elif paragraphs[-1]:  # a blank line ends a paragraph
-            if max_rows and len(paragraphs) >= max(max_rows, 2):  # a second paragraph proves the split
-                break
-            paragraphs.append([])
-    paragraphs = [p for p in paragraphs if p]
-    rows = _TextFileRows()
-    if len(paragraphs) > 1:
-        rows.text_split = "paragraphs"
-        rows.extend({"text": "\n".join(p)} for p in paragraphs[:max_rows])
-    else:
-        rows.text_split = "lines"
-        rows.extend({"text": text} for p in paragraphs for text in p[:max_rows])
-    return rows
+        if text_split == "lines":
+            if text.strip():
+                yield {"text": text}
+        elif text.strip():
+            paragraph.append(text)
+        elif paragraph:  # a blank line ends a paragraph
+            yield {"text": "\n".join(paragraph)}
+            paragraph = []
+    if paragraph:
+        yield {"text": "\n".join(paragraph)}
 
 
 # ---------------------------------------------------------------------------- Hugging Face Hub
 
-def _read_hub_rows(dataset_id: str, dataset_config: str | None, split: str, max_rows: int | None) -> list[dict]:
+def _stream_hub_rows(dataset_id: str, dataset_config: str | None, split: str, max_rows: int | None) -> RowStream:
     import datasets  # heavy (~1 s); only when a Hub id is used
 
     try:
@@ -464,20 +498,17 @@ def _read_hub_rows(dataset_id: str, dataset_config: str | None, split: str, max_
             ds = datasets.load_dataset(dataset_id, name=dataset_config, split=split)
     except Exception as e:  # every failure of a user's dataset id becomes a message for people
         raise hub_load_error(e, dataset_id, dataset_config, split) from e
-    if max_rows:
-        ds = ds.select(range(min(max_rows, len(ds))))
-    rows = ds.to_list()
-    if not rows:
+    if len(ds) == 0:
         raise DataError(f"dataset `{dataset_id}` (split `{split}`) contains no rows", source=dataset_id)
-    return rows
+    return RowStream(iter(ds), dataset_id, max_rows=max_rows, fingerprint=ds._fingerprint)
 
 
 @contextlib.contextmanager
 def _offline_unless_reachable():
     """When one quick connect shows the Hub is unreachable, load in offline mode: the local cache answers at
     once, or the offline message comes at once, instead of after ~25 s of the clients' retries."""
-    from huggingface_hub import constants as hub_constants
     from datasets import config as datasets_config
+    from huggingface_hub import constants as hub_constants
 
     from .models import hub_reachable
 
@@ -746,40 +777,68 @@ def normalize_rows(rows: list[dict], *, fmt: str = "auto", column_mapping: dict[
     """Every row → `{"messages": [...]}` (with `tools` when the row has tool schemas) or `{"text": ...}`; KTO rows
     labelled false are left out and counted. A bad row raises a DataError naming the source, the 1-based row, the
     field and the fix; with `skip_invalid` it is dropped and recorded in `skipped` instead."""
-    fmt, columns = _resolve_columns(rows, fmt, column_mapping, source)
-    preference = _preference_kind(rows, columns)
-    system_prompt = system_prompt if system_prompt and system_prompt.strip() else None
+    normalizer = RowNormalizer(rows[:_HEAD_ROWS], fmt=fmt, column_mapping=column_mapping,
+                               system_prompt=system_prompt, skip_invalid=skip_invalid, source=source)
     examples: list[dict] = []
-    skipped: list[SkippedRow] = []
     preference_rows: list[dict] = []
-    first_problem = ""
     for number, row in enumerate(rows, 1):
-        try:
-            example = _normalize_row(row, fmt, columns, system_prompt)
-            record = _preference_row(row, example, columns, preference) if preference else None
-        except _RowProblem as p:
-            message = f"{source}, row {number}: {p.reason}; {p.fix}"
-            if not skip_invalid:
-                raise DataError(message + SKIP_HINT, source=source, row=number, field=p.field) from None
-            skipped.append(SkippedRow(number, p.reason))
-            first_problem = first_problem or message
-            continue
+        example, record = normalizer.normalize(number, row)
         if record is not None:
             preference_rows.append(record)
-        if record is None or record.get("label", True):  # a bad answer (KTO label false) is never a target
+        if example is not None:
             examples.append(example)
-    label_false = sum(1 for r in preference_rows if r.get("label") is False)
-    if not examples and label_false:
-        raise DataError(f"{source}: every usable row is labelled false (a bad answer), and supervised fine-tuning "
-                        "learns only answers labelled true; nothing is left to train on", source=source,
-                        field=columns["label"])
-    if not examples:
-        raise DataError(f"{source}: all {len(rows)} rows are invalid, nothing is left to train on; the first "
-                        f"problem: {first_problem}", source=source)
     text_split = getattr(rows, "text_split", None)
-    notices = _reading_notices(source, text_split, len(rows), preference, len(examples), label_false)
-    return NormalizedData(examples=examples, format=fmt, skipped=skipped, notices=notices, preference=preference,
-                          preference_rows=preference_rows, label_false=label_false, text_split=text_split)
+    notices = normalizer.finish(len(rows), text_split)
+    return NormalizedData(examples=examples, format=normalizer.format, skipped=normalizer.skipped, notices=notices,
+                          preference=normalizer.preference, preference_rows=preference_rows,
+                          label_false=normalizer.label_false, text_split=text_split)
+
+
+_HEAD_ROWS = 20  # the first rows, from which the format, columns and preference kind are detected
+
+
+class RowNormalizer:
+    """`normalize_rows` one row at a time, for rows streamed from a large file: built from the first rows
+    (`_HEAD_ROWS` of them decide the format and columns), then `normalize` each row in order and `finish`."""
+
+    def __init__(self, head: list[dict], *, fmt: str = "auto", column_mapping: dict[str, str] | None = None,
+                 system_prompt: str | None = None, skip_invalid: bool = False, source: str = "<rows>"):
+        self.format, self.columns = _resolve_columns(head, fmt, column_mapping, source)
+        self.preference = _preference_kind(head, self.columns)
+        self.system_prompt = system_prompt if system_prompt and system_prompt.strip() else None
+        self.skip_invalid, self.source = skip_invalid, source
+        self.skipped: list[SkippedRow] = []
+        self.kept = self.label_false = 0
+        self._first_problem = ""
+
+    def normalize(self, number: int, row: Any) -> tuple[dict | None, dict | None]:
+        """(the example, or None when the row is skipped or labelled false; its preference record or None)."""
+        try:
+            example = _normalize_row(row, self.format, self.columns, self.system_prompt)
+            record = _preference_row(row, example, self.columns, self.preference) if self.preference else None
+        except _RowProblem as p:
+            message = f"{self.source}, row {number}: {p.reason}; {p.fix}"
+            if not self.skip_invalid:
+                raise DataError(message + SKIP_HINT, source=self.source, row=number, field=p.field) from None
+            self.skipped.append(SkippedRow(number, p.reason))
+            self._first_problem = self._first_problem or message
+            return None, None
+        if record is not None and record.get("label") is False:  # a bad answer (KTO label false) is never a target
+            self.label_false += 1
+            return None, record
+        self.kept += 1
+        return example, record
+
+    def finish(self, rows: int, text_split: str | None) -> list[str]:
+        """Raise when nothing is left to train on; else the notices for people (see `_reading_notices`)."""
+        if not self.kept and self.label_false:
+            raise DataError(f"{self.source}: every usable row is labelled false (a bad answer), and supervised "
+                            "fine-tuning learns only answers labelled true; nothing is left to train on",
+                            source=self.source, field=self.columns["label"])
+        if not self.kept:
+            raise DataError(f"{self.source}: all {rows} rows are invalid, nothing is left to train on; the first "
+                            f"problem: {self._first_problem}", source=self.source)
+        return _reading_notices(self.source, text_split, rows, self.preference, self.kept, self.label_false)
 
 
 def _reading_notices(source: str, text_split: str | None, rows: int, preference: str | None, kept: int,

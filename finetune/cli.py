@@ -101,16 +101,19 @@ def _print_results(r: dict, final_dir: Path) -> None:
 
 
 def cmd_preview(args) -> int:
-    from .prepare import prepare_data
+    from .prepare import preview_data
     from .templates import preview_text, render_preview
 
     _data_file_as_dataset(args)
     config = config_from_args(args)
-    prepared = prepare_data(config)  # what training encodes: the same data, template and lengths
+    prepared = preview_data(config)  # what training encodes: the same data, template and lengths
     data, tok = prepared.examples, prepared.model.tokenizer
     if prepared.model.source.notice:
         print(prepared.model.source.notice, file=sys.stderr)
     print(f"format: {data.format}   template: {prepared.model.template}   source: {data.source}")
+    if prepared.sample:
+        print(f"note: previewing the first {prepared.sample:,} rows of a larger dataset; the counts and token "
+              "lengths below are estimated from them")
     for notice in data.notices:
         print(f"note: {notice}")
     if data.skipped:
@@ -119,7 +122,8 @@ def cmd_preview(args) -> int:
     for i, ex in enumerate(data.splits.train[: args.n]):
         segs = render_preview(ex, tok, max_seq_length=config.max_seq_length, train_on_prompt=config.train_on_prompt)
         print(f"\n--- example {i + 1} (loss on text inside [[ ]]) ---\n{preview_text(segs)}")
-    print("\ntoken lengths per split (max_seq_length = %d):" % config.max_seq_length)
+    sampled = f", estimated from a sample of {prepared.sample:,} rows" if prepared.sample else ""
+    print(f"\ntoken lengths per split (max_seq_length = {config.max_seq_length}{sampled}):")
     for split, s in prepared.stats.items():
         print(f"  {split:<10} " + "  ".join(f"{k}={v}" for k, v in s.items()))
     return 0

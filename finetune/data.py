@@ -49,13 +49,17 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import itertools
 import json
 import math
 import random
 import re
+import secrets
+import shutil
 import statistics
-from collections.abc import Callable, Iterable, Iterator
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1194,25 +1198,40 @@ def split_examples(examples: list[dict], *, eval_fraction: float, test_fraction:
     train always keeps at least 1.
     """
     unique: list[dict] = []
-    seen: set[str] = set()
+    seen: set[bytes] = set()
     for example in examples:
-        key = json.dumps(example, sort_keys=True, ensure_ascii=False)
+        key = duplicate_key(example)
         if key not in seen:
             seen.add(key)
             unique.append(example)
     if not unique:
         raise DataError("no examples to split; the dataset needs at least one row")
-    shuffled = unique[:]
-    random.Random(seed).shuffle(shuffled)
-    n = len(shuffled)
+    train, validation, test = split_positions(len(unique), eval_fraction=eval_fraction,
+                                              test_fraction=test_fraction, seed=seed)
+    return Splits(train=[unique[i] for i in train], validation=[unique[i] for i in validation],
+                  test=[unique[i] for i in test], duplicates_removed=len(examples) - len(unique))
+
+
+def duplicate_key(example: dict) -> bytes:
+    """Equal for exact duplicates (same fields and text, in any key order): a 16-byte digest, so that the keys of
+    a million examples take tens of megabytes."""
+    text = json.dumps(example, sort_keys=True, ensure_ascii=False)
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+def split_positions(n: int, *, eval_fraction: float, test_fraction: float,
+                    seed: int) -> tuple[list[int], list[int], list[int]]:
+    """(train, validation, test) positions among `n` examples: a `seed`-shuffled order cut as `split_examples`
+    says. Shuffling positions gives the order shuffling the examples themselves gives (it depends on n only)."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
     n_test, n_eval = _split_size(n, test_fraction), _split_size(n, eval_fraction)
     while n_test + n_eval > n - 1:  # train keeps at least one row: shrink the larger held-out split
         if n_eval >= n_test:
             n_eval -= 1
         else:
             n_test -= 1
-    return Splits(train=shuffled[n_test + n_eval:], validation=shuffled[n_test:n_test + n_eval],
-                  test=shuffled[:n_test], duplicates_removed=len(examples) - n)
+    return order[n_test + n_eval:], order[n_test:n_test + n_eval], order[:n_test]
 
 
 def _split_size(n: int, fraction: float) -> int:
@@ -1242,21 +1261,185 @@ def split_stats(splits: Splits, length_fn: Callable[[dict], int], max_seq_length
 
 def load_examples(config: RunConfig, rows: list[dict] | None = None) -> PreparedData:
     """Read `config.dataset` (or the given rows), keep `max_rows`, normalise and split as the config says."""
+    return collect_examples(config, rows).split(config)
+
+
+@dataclass
+class ExampleStore:
+    """A dataset's unique normalised examples in source order, and how they were read.
+
+    `table` is a `datasets.Dataset` with columns `row` (the 1-based source row, for messages) and `example` (the
+    example as JSON text): memory-mapped from the data cache for files and Hub datasets, so that a million
+    examples cost no Python objects until they are read.
+    """
+
+    table: Any
+    format: str
+    skipped: list[SkippedRow]
+    source: str
+    rows_read: int
+    duplicates_removed: int
+    notices: list[str]
+    folder: Path | None = None  # its data-cache folder; None for rows given in memory (not cached)
+    key: str | None = None      # its cache key
+
+    def split(self, config: RunConfig, keep: list[int] | None = None,
+              skipped: list[SkippedRow] | None = None) -> PreparedData:
+        """Split the examples (only those at positions `keep`, when given) as the config says; `skipped` adds rows
+        dropped after normalisation (by the encoder)."""
+        keep = list(range(len(self.table))) if keep is None else keep
+        if not keep:
+            raise DataError("no examples to split; the dataset needs at least one row")
+        parts = split_positions(len(keep), eval_fraction=config.eval_fraction, test_fraction=config.test_fraction,
+                                seed=config.seed)
+        train, validation, test = (ExampleList(self.table, [keep[i] for i in part]) for part in parts)
+        splits = Splits(train=train, validation=validation, test=test, duplicates_removed=self.duplicates_removed)
+        all_skipped = sorted([*self.skipped, *(skipped or [])], key=lambda s: s.row)
+        return PreparedData(splits=splits, format=self.format, skipped=all_skipped, source=self.source,
+                            rows_read=self.rows_read, notices=self.notices)
+
+
+class ExampleList(Sequence):
+    """A split's examples: positions in an `ExampleStore` table, read (parsed from JSON) when accessed.
+
+    Behaves as the list of example dicts: len, indexing, slicing (a list), iteration, and == with lists."""
+
+    def __init__(self, table: Any, indices: list[int]):
+        self.table, self.indices = table, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, item):
+        if isinstance(item, slice):
+            return self._read(self.indices[item])
+        return json.loads(self.table[self.indices[item]]["example"])
+
+    def __iter__(self) -> Iterator[dict]:
+        for start in range(0, len(self.indices), _READ_BATCH):
+            yield from self._read(self.indices[start:start + _READ_BATCH])
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, (list, ExampleList)):
+            return NotImplemented
+        return len(self) == len(other) and list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return f"ExampleList({len(self)} examples)"
+
+    def json_lines(self) -> Iterator[str]:
+        """Each example as one line of JSON, as stored (no parsing)."""
+        for start in range(0, len(self.indices), _READ_BATCH):
+            yield from self.table[self.indices[start:start + _READ_BATCH]]["example"]
+
+    def _read(self, indices: list[int]) -> list[dict]:
+        return [json.loads(text) for text in self.table[indices]["example"]] if indices else []
+
+
+_READ_BATCH = 1000  # examples read from the Arrow table at a time
+
+
+def collect_examples(config: RunConfig, rows: list[dict] | None = None, *, source: str = "rows") -> ExampleStore:
+    """Read `config.dataset` (or `rows`, named `source` in messages) one row at a time, normalise, drop exact
+    duplicates, and store the unique examples (see `ExampleStore`). A file or Hub dataset is stored in the data
+    cache under its content and the data settings; a second call with the same ones reads it back at once."""
+    from . import data_cache
+
     if rows is None:
         if not config.dataset.strip():
             raise DataError("`dataset` is not set; give a file path, a Hub dataset id, or rows", field="dataset")
         source = display_name(config.dataset)
-        rows = read_rows(config.dataset, dataset_config=config.dataset_config, split=config.dataset_split,
-                         max_rows=config.max_rows)
+        stream = stream_rows(config.dataset, dataset_config=config.dataset_config, split=config.dataset_split,
+                             max_rows=config.max_rows)
+        path = _local_path(config.dataset)
+        identity = stream.fingerprint or data_cache.file_digest(path)
     else:
-        source = "rows"
-        rows = rows[:config.max_rows] if config.max_rows else rows
-    normalized = normalize_rows(rows, fmt=config.data_format, column_mapping=config.column_mapping,
-                                system_prompt=config.system_prompt, skip_invalid=config.skip_invalid, source=source)
-    splits = split_examples(normalized.examples, eval_fraction=config.eval_fraction,
-                            test_fraction=config.test_fraction, seed=config.seed)
-    return PreparedData(splits=splits, format=normalized.format, skipped=normalized.skipped, source=source,
-                        rows_read=len(rows), notices=normalized.notices)
+        identity = None
+        stream = RowStream(iter(rows), source, max_rows=config.max_rows, text_split=getattr(rows, "text_split", None))
+    if identity is None:
+        return _store_examples(config, stream, source, folder=None)
+    key = data_cache.cache_key("examples", identity, source, config.data_format, config.column_mapping,
+                               config.system_prompt, config.skip_invalid, config.max_rows, config.dataset_split,
+                               config.dataset_config, data_cache.code_digest(sys.modules[__name__]))
+    folder = data_cache.cache_root() / key
+    meta = data_cache.read_json(folder / _STORE_META)
+    if meta is not None and (folder / _STORE_TABLE).is_file():
+        return _open_store(folder, key, meta)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{key}.{secrets.token_hex(4)}.tmp")
+    tmp.mkdir()
+    try:
+        store = _store_examples(config, stream, source, folder=tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    data_cache.publish_folder(tmp, folder)
+    return _open_store(folder, key, data_cache.read_json(folder / _STORE_META) or _store_meta(store))
+
+
+_STORE_TABLE, _STORE_META = "examples.arrow", "examples.json"
+_WRITE_BATCH = 1000  # examples per Arrow record batch
+
+
+def _store_examples(config: RunConfig, stream: RowStream, source: str, folder: Path | None) -> ExampleStore:
+    """Normalise the stream row by row and write the unique examples to `folder` (or to memory when None)."""
+    import pyarrow as pa
+
+    rows = iter(stream)
+    head = list(itertools.islice(rows, _HEAD_ROWS))
+    normalizer = RowNormalizer(head, fmt=config.data_format, column_mapping=config.column_mapping,
+                               system_prompt=config.system_prompt, skip_invalid=config.skip_invalid, source=source)
+    schema = pa.schema([("row", pa.int64()), ("example", pa.string())])
+    sink = pa.OSFile(str(folder / _STORE_TABLE), "wb") if folder else pa.BufferOutputStream()
+    seen: set[bytes] = set()
+    numbers: list[int] = []
+    texts: list[str] = []
+    rows_read = duplicates = 0
+    with pa.ipc.new_stream(sink, schema) as writer:
+        for rows_read, row in enumerate(itertools.chain(head, rows), 1):
+            example, _ = normalizer.normalize(rows_read, row)
+            if example is None:
+                continue
+            key = duplicate_key(example)
+            if key in seen:
+                duplicates += 1
+                continue
+            seen.add(key)
+            numbers.append(rows_read)
+            texts.append(json.dumps(example, ensure_ascii=False))
+            if len(texts) >= _WRITE_BATCH:
+                writer.write_batch(pa.record_batch([numbers, texts], schema=schema))
+                numbers, texts = [], []
+        if texts:
+            writer.write_batch(pa.record_batch([numbers, texts], schema=schema))
+    notices = normalizer.finish(rows_read, stream.text_split)
+    store = ExampleStore(table=None, format=normalizer.format, skipped=normalizer.skipped, source=source,
+                         rows_read=rows_read, duplicates_removed=duplicates, notices=notices)
+    if folder is None:
+        from datasets import Dataset
+        from datasets.table import InMemoryTable
+
+        store.table = Dataset(InMemoryTable.from_buffer(sink.getvalue()))
+    else:
+        from . import data_cache
+
+        sink.close()
+        data_cache.write_json(folder / _STORE_META, _store_meta(store))
+    return store
+
+
+def _store_meta(store: ExampleStore) -> dict:
+    return {"format": store.format, "skipped": [[s.row, s.reason] for s in store.skipped], "source": store.source,
+            "rows_read": store.rows_read, "duplicates_removed": store.duplicates_removed, "notices": store.notices}
+
+
+def _open_store(folder: Path, key: str, meta: dict) -> ExampleStore:
+    from datasets import Dataset
+
+    return ExampleStore(table=Dataset.from_file(str(folder / _STORE_TABLE)), format=meta["format"],
+                        skipped=[SkippedRow(row, reason) for row, reason in meta["skipped"]], source=meta["source"],
+                        rows_read=meta["rows_read"], duplicates_removed=meta["duplicates_removed"],
+                        notices=meta["notices"], folder=folder, key=key)
 
 
 def write_split_files(splits: Splits, folder: str | Path) -> dict[str, Path]:
@@ -1266,8 +1449,10 @@ def write_split_files(splits: Splits, folder: str | Path) -> dict[str, Path]:
     paths = {}
     for name, examples in splits.as_dict().items():
         paths[name] = folder / f"{name}.jsonl"
-        paths[name].write_text("".join(json.dumps(ex, ensure_ascii=False) + "\n" for ex in examples),
-                               encoding="utf-8")
+        lines = examples.json_lines() if isinstance(examples, ExampleList) else \
+            (json.dumps(ex, ensure_ascii=False) for ex in examples)
+        with paths[name].open("w", encoding="utf-8") as f:
+            f.writelines(line + "\n" for line in lines)
     return paths
 
 
@@ -1284,7 +1469,8 @@ def read_jsonl_examples(path: str | Path) -> list[dict]:
     return examples
 
 
-__all__ = ["CANONICAL_FIELDS", "FORMATS", "SPLIT_NAMES", "SUPPORTED_EXTENSIONS", "NormalizedData", "PreparedData",
-           "SkippedRow", "Splits", "detect_format", "display_name", "hub_load_error", "length_stats",
-           "load_examples", "normalize_rows", "read_jsonl_examples", "read_rows", "rows_from_text",
-           "split_examples", "split_stats", "write_split_files"]
+__all__ = ["CANONICAL_FIELDS", "FORMATS", "SPLIT_NAMES", "SUPPORTED_EXTENSIONS", "ExampleList", "ExampleStore",
+           "NormalizedData", "PreparedData", "RowNormalizer", "RowStream", "SkippedRow", "Splits", "collect_examples",
+           "detect_format", "display_name", "duplicate_key", "hub_load_error", "length_stats", "load_examples",
+           "normalize_rows", "read_jsonl_examples", "read_rows", "rows_from_text", "split_examples",
+           "split_positions", "split_stats", "stream_rows", "write_split_files"]

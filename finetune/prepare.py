@@ -1,20 +1,44 @@
 """Data → template → tokens, once: the path training, `python -m finetune preview` and the app's Data tab share.
 
-`prepare_data(config)` reads, normalises and splits the dataset (`data.load_examples`), loads the base model's
-tokenizer with the configured chat template, and encodes every example with its loss mask
-(`templates.encode_example`), keeping the encodings and their token-length statistics. What the model trains
-on is exactly what the preview shows and measures.
+`prepare_data(config)` reads, normalises and de-duplicates the dataset a row at a time into an Arrow table
+(`data.collect_examples`), loads the base model's tokenizer with the configured chat template, encodes every
+example with its loss mask (`templates.encode_example`, one `datasets.map` over the table, in parallel where
+there are cores), then splits. What the model trains on is exactly what the preview shows and measures.
+
+Both the examples and their encodings are kept in the data cache (`finetune.data_cache`), keyed by the data's
+content, the tokenizer, the template and the settings that change them, so a second run or a resume starts at
+once. `preview_data` reads only the first rows of a large dataset and measures token lengths on those.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from .config import RunConfig
-from .data import PreparedData, length_stats, load_examples
+from .data import (
+    SKIP_HINT,
+    ExampleStore,
+    PreparedData,
+    SkippedRow,
+    collect_examples,
+    display_name,
+    length_stats,
+    read_rows,
+)
+from .errors import DataError
 from .models import BaseModelSource, load_tokenizer, resolve_base_model
 from .templates import IGNORE_INDEX, apply_template_choice, encode_example
+
+PREVIEW_SAMPLE = 2000      # rows a preview reads at most: its examples and its token-length sample
+ROWS_PER_PROCESS = 1000    # fewer examples than this per extra process are encoded in this process only
+ENCODED_FIELDS = ("input_ids", "labels", "length", "truncated")  # what `encode_example` returns
+# Errors `encode_example` raises for one example (the row is then reported, or skipped with `skip_invalid`).
+ROW_ERRORS = (DataError,)
 
 
 @dataclass
@@ -35,24 +59,56 @@ def load_templated_tokenizer(config: RunConfig, source: BaseModelSource | None =
     return TemplatedTokenizer(source=source, tokenizer=tokenizer, template=template)
 
 
+class EncodedList(Sequence):
+    """A split's encodings as the list of `encode_example` results it stands for, read from an Arrow table
+    (`table`: a `datasets.Dataset` with those columns plus `trains`, whether any label carries loss)."""
+
+    def __init__(self, table: Any):
+        self.table = table
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, item):
+        if isinstance(item, slice):
+            return [self[i] for i in range(*item.indices(len(self)))]
+        row = self.table[item]
+        return {name: row[name] for name in ENCODED_FIELDS}
+
+    def __iter__(self) -> Iterator[dict]:
+        for batch in self.table.select_columns(list(ENCODED_FIELDS)).iter(batch_size=1000):
+            yield from ({name: batch[name][i] for name in ENCODED_FIELDS} for i in range(len(batch["length"])))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, (list, EncodedList)):
+            return NotImplemented
+        return len(self) == len(other) and list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return f"EncodedList({len(self)} examples)"
+
+
 @dataclass
 class EncodedData:
     """Split examples with their encodings (input_ids, labels, untruncated length) and length statistics."""
 
     examples: PreparedData               # normalised, split examples, skipped rows, format, source
     model: TemplatedTokenizer
-    encoded: dict[str, list[dict]]       # split → `encode_example` of each example (the first `limit` of them)
+    encoded: dict[str, EncodedList]      # split → `encode_example` of each example (the first `limit` of them)
     stats: dict[str, dict]               # split → `data.length_stats` of the encoded examples
+    sample: int | None = None            # a preview of a larger dataset: rows read (the first ones), else None
 
     @property
     def lengths(self) -> dict[str, list[int]]:
         """split → untruncated token length of each encoded example."""
-        return {split: [enc["length"] for enc in encs] for split, encs in self.encoded.items()}
+        return {split: column(encs.table, "length") for split, encs in self.encoded.items()}
 
-    def trainable(self, split: str) -> list[dict]:
-        """input_ids and labels of the split's examples that keep a loss token within `max_seq_length`."""
-        return [{"input_ids": enc["input_ids"], "labels": enc["labels"]} for enc in self.encoded[split]
-                if any(label != IGNORE_INDEX for label in enc["labels"])]
+    def trainable(self, split: str):
+        """input_ids and labels (a `datasets.Dataset`) of the split's examples that keep a loss token within
+        `max_seq_length`."""
+        table = self.encoded[split].table
+        keep = [i for i, trains in enumerate(column(table, "trains")) if trains]
+        return table.select(keep).select_columns(["input_ids", "labels"])
 
     def dropped(self, split: str) -> int:
         """Examples whose prompt alone filled `max_seq_length`: nothing to learn from them."""
@@ -60,29 +116,204 @@ class EncodedData:
 
     def dataset(self, split: str):
         """`trainable(split)` as a `datasets.Dataset`, or None when no example is left."""
-        from datasets import Dataset
-
         rows = self.trainable(split)
-        return Dataset.from_list(rows) if rows else None
+        return rows if len(rows) else None
 
 
 def prepare_data(config: RunConfig, rows: list[dict] | None = None, *,
                  tokenizer_for: Callable[[RunConfig], TemplatedTokenizer] = load_templated_tokenizer,
                  limit: int | None = None) -> EncodedData:
-    """Load and split `config.dataset` (or `rows`), then encode each split as training will.
+    """Load `config.dataset` (or `rows`), encode every example as training will, then split.
 
     The data is read first, so a data mistake is reported before the tokenizer is fetched. `tokenizer_for`
     loads the templated tokenizer (the app passes its cache). `limit` encodes only the first `limit` examples
-    of each split (the app measures a sample of large datasets); training encodes them all.
+    of each split (the app measures a sample of large datasets); training encodes them all, once: the
+    encodings of a file or Hub dataset are kept in the data cache.
     """
-    examples = load_examples(config, rows)
+    store = collect_examples(config, rows)
     model = tokenizer_for(config)
-    encoded = {split: [encode_example(ex, model.tokenizer, max_seq_length=config.max_seq_length,
-                                      train_on_prompt=config.train_on_prompt) for ex in exs[:limit]]
-               for split, exs in examples.splits.as_dict().items()}
-    stats = {split: length_stats([enc["length"] for enc in encs], config.max_seq_length)
+    if limit is not None:
+        return _encode_first(store, model, config, limit)
+    encoded, errors = _encode_store(store, model, config)
+    skipped = _row_problems(errors, store.source, config.skip_invalid)
+    failed = {row for row, _ in errors}
+    keep = [i for i, row in enumerate(column(encoded, "row")) if row not in failed] if failed else None
+    if keep == []:
+        raise DataError(f"{store.source}: no example could be encoded, nothing is left to train on; the first "
+                        f"problem: row {errors[0][0]}: {errors[0][1]}", source=store.source)
+    examples = store.split(config, keep, skipped)
+    split_encoded = {name: EncodedList(encoded.select(part.indices)) for name, part in
+                     examples.splits.as_dict().items()}
+    return _with_stats(examples, model, split_encoded, config)
+
+
+def preview_data(config: RunConfig, *,
+                 tokenizer_for: Callable[[RunConfig], TemplatedTokenizer] = load_templated_tokenizer,
+                 sample: int = PREVIEW_SAMPLE) -> EncodedData:
+    """`prepare_data` on the first `sample` rows of the dataset only, so a preview of a 1 GB file answers in
+    seconds. When the dataset has more rows, `EncodedData.sample` says how many were read; its splits and
+    statistics are then estimates from those rows."""
+    if not config.dataset.strip():
+        raise DataError("`dataset` is not set; give a file path, a Hub dataset id, or rows", field="dataset")
+    wanted = min(config.max_rows or sample + 1, sample + 1)  # one more row tells whether there are more
+    rows = read_rows(config.dataset, dataset_config=config.dataset_config, split=config.dataset_split,
+                     max_rows=wanted)
+    more = len(rows) > sample
+    if more:
+        del rows[sample:]  # in place: a .txt file's rows keep their `text_split`
+    store = collect_examples(config, rows, source=display_name(config.dataset))
+    model = tokenizer_for(config)
+    prepared = _encode_first(store, model, config, None)
+    prepared.sample = sample if more else None
+    return prepared
+
+
+def _encode_first(store: ExampleStore, model: TemplatedTokenizer, config: RunConfig,
+                  limit: int | None) -> EncodedData:
+    """Split, then encode the first `limit` examples of each split (all when None), in this process, uncached."""
+    examples = store.split(config)
+    encoded, skipped = {}, []
+    for name, part in examples.splits.as_dict().items():
+        table = store.table.select(part.indices[:limit])
+        table = _map_encode(table, model.tokenizer, config, store.source, num_proc=None, cache_file=None)
+        errors = _errors(table)
+        skipped += _row_problems(errors, store.source, config.skip_invalid)
+        if errors:
+            failed = {row for row, _ in errors}
+            table = table.select([i for i, row in enumerate(column(table, "row")) if row not in failed])
+        encoded[name] = EncodedList(table)
+    examples.skipped = sorted([*examples.skipped, *skipped], key=lambda s: s.row)
+    return _with_stats(examples, model, encoded, config)
+
+
+def _with_stats(examples: PreparedData, model: TemplatedTokenizer, encoded: dict[str, EncodedList],
+                config: RunConfig) -> EncodedData:
+    stats = {split: length_stats(column(encs.table, "length"), config.max_seq_length)
              for split, encs in encoded.items()}
     return EncodedData(examples=examples, model=model, encoded=encoded, stats=stats)
 
 
-__all__ = ["EncodedData", "TemplatedTokenizer", "load_templated_tokenizer", "prepare_data"]
+# ---------------------------------------------------------------------------- encoding with datasets.map
+
+def _encode_store(store: ExampleStore, model: TemplatedTokenizer, config: RunConfig):
+    """(the encoded table, in the store's order, with `row`; [(row, problem)] of rows that could not be encoded).
+    Read from the data cache when this data, tokenizer, template and settings were encoded before."""
+    from datasets import Dataset, concatenate_datasets
+
+    from . import data_cache, templates
+
+    num_proc = _processes(len(store.table))
+    if store.folder is None:
+        table = _map_encode(store.table, model.tokenizer, config, store.source, num_proc, cache_file=None)
+        return table, _errors(table)
+    key = data_cache.cache_key("encoded", store.key, tokenizer_digest(model.tokenizer), model.template,
+                               config.max_seq_length, config.train_on_prompt, data_cache.code_digest(templates),
+                               data_cache.code_digest(sys.modules[__name__]), _library_versions())
+    meta_file = store.folder / f"encoded-{key}.json"
+    meta = data_cache.read_json(meta_file)
+    if meta is not None and all((store.folder / name).is_file() for name in meta["files"]):
+        table = concatenate_datasets([Dataset.from_file(str(store.folder / name)) for name in meta["files"]])
+        return table, [tuple(error) for error in meta["errors"]]
+    table = _map_encode(store.table, model.tokenizer, config, store.source, num_proc,
+                        cache_file=str(store.folder / f"encoded-{key}.arrow"))
+    errors = _errors(table)
+    files = [os.path.basename(f["filename"]) for f in table.cache_files]
+    data_cache.write_json(meta_file, {"files": files, "errors": errors})
+    return table, errors
+
+
+def _map_encode(table, tokenizer, config: RunConfig, source: str, num_proc: int | None, cache_file: str | None):
+    """`encode_example` over the table's `example` column: one `datasets.map`, written to `cache_file` (or kept in
+    memory), in `num_proc` processes."""
+    from datasets import Features, List, Value
+
+    features = Features({"row": Value("int64"), "input_ids": List(Value("int32")), "labels": List(Value("int32")),
+                         "length": Value("int32"), "truncated": Value("bool"), "trains": Value("bool"),
+                         "error": Value("string")})
+    if num_proc:
+        # forked workers encode one example at a time: the tokenizers library's own threads add nothing there
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return table.map(_encode_batch, batched=True, batch_size=100, remove_columns=["example"], features=features,
+                     fn_kwargs={"tokenizer": tokenizer, "max_seq_length": config.max_seq_length,
+                                "train_on_prompt": config.train_on_prompt, "skip_invalid": config.skip_invalid,
+                                "source": source},
+                     num_proc=num_proc, cache_file_name=cache_file, keep_in_memory=cache_file is None,
+                     load_from_cache_file=cache_file is not None, desc="encoding examples")
+
+
+def _encode_batch(batch: dict, *, tokenizer, max_seq_length: int, train_on_prompt: bool, skip_invalid: bool,
+                  source: str) -> dict:
+    out: dict[str, list] = {name: [] for name in (*ENCODED_FIELDS, "trains", "error")}
+    for row, text in zip(batch["row"], batch["example"]):
+        error = None
+        try:
+            enc = encode_example(json.loads(text), tokenizer, max_seq_length=max_seq_length,
+                                 train_on_prompt=train_on_prompt)
+        except ROW_ERRORS as e:
+            if not skip_invalid:
+                raise _row_error(e, source, row) from None
+            enc, error = {"input_ids": [], "labels": [], "length": 0, "truncated": False}, str(e)
+        for name in ENCODED_FIELDS:
+            out[name].append(enc[name])
+        out["trains"].append(any(label != IGNORE_INDEX for label in enc["labels"]))
+        out["error"].append(error)
+    return {"row": batch["row"], **out}
+
+
+def column(table, name: str) -> list:
+    """One column of a `datasets.Dataset` as a list, read through Arrow in one go (the dataset's own column
+    accessor reads row by row)."""
+    return table.select_columns([name]).with_format("arrow")[:].column(name).to_pylist()
+
+
+def _row_error(error: DataError, source: str, row: int) -> DataError:
+    """The encoder's problem with one example, named by file and row as normalisation names its problems."""
+    message = str(error)
+    if not message.startswith(f"{source}, row "):
+        message = f"{source}, row {row}: {message}{SKIP_HINT}"
+    return DataError(message, source=source, row=row, field=getattr(error, "field", None))
+
+
+def _errors(table) -> list[tuple[int, str]]:
+    """(row, problem) of the examples that could not be encoded (recorded with `skip_invalid`)."""
+    if table.data.column("error").null_count == len(table):
+        return []
+    return [(row, error) for row, error in zip(column(table, "row"), column(table, "error")) if error is not None]
+
+
+def _row_problems(errors: list[tuple[int, str]], source: str, skip_invalid: bool) -> list[SkippedRow]:
+    """Rows the encoder could not use, as skipped rows; without `skip_invalid`, the first one is an error (a cached
+    encoding may hold them from a run that skipped)."""
+    if errors and not skip_invalid:
+        row, reason = errors[0]
+        raise DataError(f"{source}, row {row}: {reason}{SKIP_HINT}", source=source, row=row)
+    return [SkippedRow(row, reason) for row, reason in errors]
+
+
+def _processes(examples: int) -> int | None:
+    """Processes for encoding: one per available core, while each gets at least ROWS_PER_PROCESS examples."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    n = min(cores, examples // ROWS_PER_PROCESS)
+    return n if n > 1 else None
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """What of the tokenizer changes encodings: its vocabulary, merges, normaliser and special tokens (the fast
+    tokenizer's serialised form, or the files of a slow one), and its chat template."""
+    from . import data_cache
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    state = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    specials = {name: str(getattr(tokenizer, name, None)) for name in ("bos_token", "eos_token", "pad_token")}
+    return data_cache.cache_key(state, specials, tokenizer.chat_template, type(tokenizer).__name__)
+
+
+def _library_versions() -> dict[str, str]:
+    """Libraries whose upgrade may change a rendering or a tokenization."""
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("transformers", "tokenizers", "jinja2", "datasets")}
+
+
+__all__ = ["EncodedData", "EncodedList", "PREVIEW_SAMPLE", "TemplatedTokenizer", "load_templated_tokenizer",
+           "prepare_data", "preview_data", "tokenizer_digest"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,14 @@ LORA_STD = 0.2  # std of the random LoRA B entries: large enough that greedy ans
 def chat_examples() -> list[dict]:
     """The normalised chat examples that the run fixtures write to data/test.jsonl (a fresh copy)."""
     return copy.deepcopy(CHAT_EXAMPLES)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def data_cache_dir(tmp_path_factory) -> Path:
+    """The data cache (`finetune.data_cache`) of this test session: never the user's cache folder."""
+    folder = tmp_path_factory.mktemp("data-cache")
+    os.environ["FINETUNE_DATA_CACHE"] = str(folder)  # inherited by the CLI subprocesses tests start
+    return folder
 
 
 @pytest.fixture(scope="session")

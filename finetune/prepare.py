@@ -170,12 +170,12 @@ def preview_data(config: RunConfig, *,
 
 def _encode_first(store: ExampleStore, model: TemplatedTokenizer, config: RunConfig,
                   limit: int | None) -> EncodedData:
-    """Split, then encode the first `limit` examples of each split (all when None), in this process, uncached."""
+    """Split, then encode the first `limit` examples of each split (all when None), in memory (uncached)."""
     examples = store.split(config)
     encoded, skipped = {}, []
     for name, part in examples.splits.as_dict().items():
         table = store.table.select(part.indices[:limit])
-        table = _map_encode(table, model.tokenizer, config, store.source, num_proc=None, cache_file=None)
+        table = _map_encode(table, model.tokenizer, config, store.source, _processes(len(table)), cache_file=None)
         errors = _errors(table)
         skipped += _row_problems(errors, store.source, config.skip_invalid)
         if errors:

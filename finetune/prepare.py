@@ -35,7 +35,7 @@ from .models import BaseModelSource, load_tokenizer, resolve_base_model
 from .templates import IGNORE_INDEX, apply_template_choice, encode_example
 
 PREVIEW_SAMPLE = 2000      # rows a preview reads at most: its examples and its token-length sample
-ROWS_PER_PROCESS = 1000    # fewer examples than this per extra process are encoded in this process only
+ROWS_PER_PROCESS = 500     # fewer examples than this per extra process are encoded in this process only
 ENCODED_FIELDS = ("input_ids", "labels", "length", "truncated")  # what `encode_example` returns
 # Errors `encode_example` raises for one example (the row is then reported, or skipped with `skip_invalid`).
 ROW_ERRORS = (DataError,)

@@ -100,7 +100,7 @@ def _print_results(r: dict, final_dir: Path) -> None:
 def cmd_preview(args) -> int:
     from .data import load_examples, split_stats
     from .models import load_tokenizer, resolve_base_model
-    from .templates import apply_template_choice, encode_example, preview_text, render_preview
+    from .templates import apply_template_choice, encode_example, preview_text, render_preview, system_turn_notice
 
     config = config_from_args(args)
     source = resolve_base_model(config)
@@ -108,8 +108,12 @@ def cmd_preview(args) -> int:
         print(source.notice, file=sys.stderr)
     tok = load_tokenizer(source.path, revision=config.model_revision, trust_remote_code=config.trust_remote_code)
     template = apply_template_choice(tok, config.chat_template)
-    data = load_examples(config)
+    data = load_examples(config, check_example=lambda ex: encode_example(
+        ex, tok, max_seq_length=config.max_seq_length, train_on_prompt=config.train_on_prompt))
     print(f"format: {data.format}   template: {template}   source: {data.source}")
+    notice = system_turn_notice(tok, data.splits.train[: args.n])
+    if notice:
+        print(f"note: {notice}")
     if data.skipped:
         print(f"skipped {len(data.skipped)} invalid rows, e.g. row {data.skipped[0].row}: {data.skipped[0].reason}")
     print(f"duplicates removed: {data.splits.duplicates_removed}")

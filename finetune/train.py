@@ -317,7 +317,9 @@ def _train(config: RunConfig, observer: TrainObserver, out: Path, rows: list[dic
     tokenizer = load_tokenizer(source.path, revision=config.model_revision,
                                trust_remote_code=config.trust_remote_code)
     template_used = apply_template_choice(tokenizer, config.chat_template)
-    data = load_examples(config, rows)
+    # a row the template can't encode is a bad row: an error that names it, or skipped with `skip_invalid`
+    data = load_examples(config, rows, check_example=lambda ex: encode_example(
+        ex, tokenizer, max_seq_length=config.max_seq_length, train_on_prompt=config.train_on_prompt))
     if is_main_process():  # every process splits the same way (seeded); one writes
         write_split_files(data.splits, out / "data")
     train_ds, dropped_train, train_lengths = tokenize_split(data.splits.train, tokenizer, config)

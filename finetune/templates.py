@@ -373,8 +373,7 @@ def _probe_system_turn(tokenizer) -> str | None:
         longer = _apply(tokenizer, [system, user, reply, later], add_generation_prompt=True)
     except Exception as e:  # noqa: BLE001 - Jinja's errors and templates' raise_exception()
         return f"refuses a system turn ({_failure(e)})"
-    if stable and not longer.startswith(first):  # moving text is the system turn's doing only if
-        # the template keeps earlier text in place without one
+    if stable and not longer.startswith(first):  # the system turn's doing: without one, earlier text stays put
         return "moves the system text as the conversation grows (earlier turns lose it)"
     if _PROBE_SYSTEM not in whole:
         return "drops the system text from a conversation that ends with a reply"
@@ -382,9 +381,10 @@ def _probe_system_turn(tokenizer) -> str | None:
 
 
 def _template_facts(tokenizer) -> dict:
-    """What the probes found for this tokenizer's current template (a dict filled lazily, kept while the
-    tokenizer lives)."""
-    return _TEMPLATE_FACTS.setdefault(tokenizer, {}).setdefault(_own_template(tokenizer) or "", {})
+    """What the probes found for this tokenizer's current template and special tokens (a dict filled lazily, kept
+    while the tokenizer lives)."""
+    key = (_own_template(tokenizer) or "", tokenizer.bos_token, tokenizer.eos_token)
+    return _TEMPLATE_FACTS.setdefault(tokenizer, {}).setdefault(key, {})
 
 
 # --- rendering -----------------------------------------------------------------------------------

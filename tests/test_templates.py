@@ -1,5 +1,7 @@
 """Prompt formats and loss masks on the demo tokenizer and real templates: exactly the assistant replies carry loss."""
 
+import json
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -12,7 +14,7 @@ from finetune.errors import ConfigError, DataError
 from finetune.templates import (ALPACA_PREAMBLE, ALPACA_TEMPLATE, BUILTIN_TEMPLATES, CHATML_TEMPLATE, IGNORE_INDEX,
                                 apply_template_choice, encode_example, ensure_pad_token, loss_token_count,
                                 preview_text, prompt_ids, render_preview, system_turn_notice)
-from real_models import real_tokenizer
+from real_models import real_tokenizer, save_tiny_model
 
 # HuggingFaceTB/SmolLM2-135M-Instruct's chat template (ChatML with a default system prompt, no
 # generation markers), as published on the Hub.
@@ -385,3 +387,21 @@ def test_row_the_template_cannot_encode_is_skipped_with_skip_invalid():
                           check_example=encodes_with(real_tokenizer("phi3")))
     assert data.skipped == [SkippedRow(2, UNENCODABLE_REASON)]
     assert [ex["messages"][1]["content"] for ex in data.examples] == [A1, "Rome."]
+
+
+def test_preview_shows_the_system_turn_notice_and_skips_rows_it_cannot_encode(tmp_path, capsys):
+    from finetune.cli import main
+
+    base = save_tiny_model(tmp_path / "gemma", "gemma2")
+    rows = [{"system": SYSTEM, "instruction": Q1, "output": A1},
+            {"instruction": Q2, "output": "Madrid.<end_of_turn> And Lisbon."}]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    code = main(["preview", "--base_model", str(base), "--dataset", str(tmp_path / "rows.jsonl"), "--skip_invalid",
+                 "true", "--eval_fraction", "0", "--test_fraction", "0", "-n", "1"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert ("note: the chat template refuses a system turn (TemplateError: System role not supported); the system "
+            "text goes at the start of the first user turn instead, followed by a blank line\n") in out
+    assert ("skipped 1 invalid rows, e.g. row 2: assistant reply 1 contains the chat template's end-of-turn text "
+            "'<end_of_turn>', so where the reply ends is ambiguous; remove that text from the reply\n") in out
+    assert f"<start_of_turn>user\n{SYSTEM}\n\n{Q1}<end_of_turn>\n<start_of_turn>model\n[[{A1}<end_of_turn>]]\n" in out

@@ -102,7 +102,7 @@ def _print_results(r: dict, final_dir: Path) -> None:
 
 def cmd_preview(args) -> int:
     from .prepare import prepare_data
-    from .templates import preview_text, render_preview
+    from .templates import preview_text, render_preview, system_turn_notice
 
     _data_file_as_dataset(args)
     config = config_from_args(args)
@@ -112,6 +112,9 @@ def cmd_preview(args) -> int:
         print(prepared.model.source.notice, file=sys.stderr)
     print(f"format: {data.format}   template: {prepared.model.template}   source: {data.source}")
     for notice in data.notices:
+        print(f"note: {notice}")
+    notice = system_turn_notice(tok, data.splits.train[: args.n])
+    if notice:
         print(f"note: {notice}")
     if data.skipped:
         print(f"skipped {len(data.skipped)} invalid rows, e.g. row {data.skipped[0].row}: {data.skipped[0].reason}")

@@ -741,11 +741,14 @@ class _RowProblem(Exception):
 
 
 def normalize_rows(rows: list[dict], *, fmt: str = "auto", column_mapping: dict[str, str] | None = None,
-                   system_prompt: str | None = None, skip_invalid: bool = False,
-                   source: str = "<rows>") -> NormalizedData:
+                   system_prompt: str | None = None, skip_invalid: bool = False, source: str = "<rows>",
+                   check_example: Callable[[dict], Any] | None = None) -> NormalizedData:
     """Every row → `{"messages": [...]}` (with `tools` when the row has tool schemas) or `{"text": ...}`; KTO rows
-    labelled false are left out and counted. A bad row raises a DataError naming the source, the 1-based row, the
-    field and the fix; with `skip_invalid` it is dropped and recorded in `skipped` instead."""
+    labelled false are left out and counted. A bad row raises a DataError naming the source, the
+    1-based row, the field and the fix; with `skip_invalid` it is dropped and recorded in `skipped` instead.
+
+    `check_example`, when given, is called on each normalised example (training passes the tokenizer's encoding,
+    `templates.encode_example`); a DataError it raises makes that row a bad row like any other."""
     fmt, columns = _resolve_columns(rows, fmt, column_mapping, source)
     preference = _preference_kind(rows, columns)
     system_prompt = system_prompt if system_prompt and system_prompt.strip() else None
@@ -757,8 +760,10 @@ def normalize_rows(rows: list[dict], *, fmt: str = "auto", column_mapping: dict[
         try:
             example = _normalize_row(row, fmt, columns, system_prompt)
             record = _preference_row(row, example, columns, preference) if preference else None
+            if check_example is not None:
+                _check_example(check_example, example)
         except _RowProblem as p:
-            message = f"{source}, row {number}: {p.reason}; {p.fix}"
+            message = f"{source}, row {number}: {p.reason}" + (f"; {p.fix}" if p.fix else "")
             if not skip_invalid:
                 raise DataError(message + SKIP_HINT, source=source, row=number, field=p.field) from None
             skipped.append(SkippedRow(number, p.reason))
@@ -799,6 +804,14 @@ def _reading_notices(source: str, text_split: str | None, rows: int, preference:
                        f"{kept:,} answers labelled true and leaves out the {label_false:,} rows labelled false, so "
                        "their bad answers are never learned")
     return notices
+
+
+def _check_example(check_example: Callable[[dict], Any], example: dict) -> None:
+    """Run the caller's check; its DataError (reason and fix in one message) becomes this row's problem."""
+    try:
+        check_example(example)
+    except DataError as e:
+        raise _RowProblem(str(e), "", e.field) from None
 
 
 def _normalize_row(row: Any, fmt: str, columns: dict[str, str], system_prompt: str | None) -> dict:
@@ -1181,8 +1194,10 @@ def split_stats(splits: Splits, length_fn: Callable[[dict], int], max_seq_length
 
 # ============================================================================ config-driven loading, split files
 
-def load_examples(config: RunConfig, rows: list[dict] | None = None) -> PreparedData:
-    """Read `config.dataset` (or the given rows), keep `max_rows`, normalise and split as the config says."""
+def load_examples(config: RunConfig, rows: list[dict] | None = None, *,
+                  check_example: Callable[[dict], Any] | None = None) -> PreparedData:
+    """Read `config.dataset` (or the given rows), keep `max_rows`, normalise and split as the config says.
+    `check_example`: see `normalize_rows` (a row it refuses is an error, or skipped with `skip_invalid`)."""
     if rows is None:
         if not config.dataset.strip():
             raise DataError("`dataset` is not set; give a file path, a Hub dataset id, or rows", field="dataset")
@@ -1193,7 +1208,8 @@ def load_examples(config: RunConfig, rows: list[dict] | None = None) -> Prepared
         source = "rows"
         rows = rows[:config.max_rows] if config.max_rows else rows
     normalized = normalize_rows(rows, fmt=config.data_format, column_mapping=config.column_mapping,
-                                system_prompt=config.system_prompt, skip_invalid=config.skip_invalid, source=source)
+                                system_prompt=config.system_prompt, skip_invalid=config.skip_invalid, source=source,
+                                check_example=check_example)
     splits = split_examples(normalized.examples, eval_fraction=config.eval_fraction,
                             test_fraction=config.test_fraction, seed=config.seed)
     return PreparedData(splits=splits, format=normalized.format, skipped=normalized.skipped, source=source,

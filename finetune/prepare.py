@@ -71,14 +71,21 @@ def prepare_data(config: RunConfig, rows: list[dict] | None = None, *,
                  limit: int | None = None) -> EncodedData:
     """Load and split `config.dataset` (or `rows`), then encode each split as training will.
 
-    The data is read first, so a data mistake is reported before the tokenizer is fetched. `tokenizer_for`
-    loads the templated tokenizer (the app passes its cache). `limit` encodes only the first `limit` examples
-    of each split (the app measures a sample of large datasets); training encodes them all.
+    Every row is encoded once, while it is read: a row the template can't encode is a bad row like any other
+    (an error that names it, or skipped with `skip_invalid`), and its encoding is kept for the split. `tokenizer_for`
+    loads the templated tokenizer (the app passes its cache). `limit` keeps only the first `limit` encodings of each
+    split (the app measures a sample of large datasets).
     """
-    examples = load_examples(config, rows)
     model = tokenizer_for(config)
-    encoded = {split: [encode_example(ex, model.tokenizer, max_seq_length=config.max_seq_length,
-                                      train_on_prompt=config.train_on_prompt) for ex in exs[:limit]]
+    encodings: dict[int, dict] = {}  # id(example) → its encoding; split_examples keeps the same dict objects
+
+    def encode(example: dict) -> dict:
+        encodings[id(example)] = encode_example(example, model.tokenizer, max_seq_length=config.max_seq_length,
+                                                train_on_prompt=config.train_on_prompt)
+        return encodings[id(example)]
+
+    examples = load_examples(config, rows, check_example=encode)
+    encoded = {split: [encodings.get(id(ex)) or encode(ex) for ex in exs[:limit]]
                for split, exs in examples.splits.as_dict().items()}
     stats = {split: length_stats([enc["length"] for enc in encs], config.max_seq_length)
              for split, encs in encoded.items()}

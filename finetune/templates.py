@@ -1,17 +1,31 @@
 """Prompt formats and loss masks: a normalised example → token ids + labels, and a preview of both.
 
-A chat example is rendered with the tokenizer's chat template (its own, or a built-in one chosen by
-`apply_template_choice`). By default only the assistant replies carry loss, each together with the
-end-of-turn text that follows it (`<|im_end|>`, `<|eot_id|>`, the EOS token, ...) so the model learns
-to stop; system and user turns, role headers and the newlines between turns do not.
+A chat example is rendered once with the tokenizer's chat template (its own, or a built-in one chosen by
+`apply_template_choice`), and that render is what is trained on: the ids equal
+`tokenizer.apply_chat_template(messages, tokenize=True)`, plus a BOS token where the tokenizer adds one to plain
+text and the template doesn't write it. By default only the assistant replies carry loss, each together with the
+end-of-turn text that follows it (`<|im_end|>`, `<|end|>`, `<end_of_turn>`, the EOS token, ...) so the model learns
+to stop; the last reply also keeps what the template writes to end the conversation (Phi-3's `<|endoftext|>`).
+System and user turns, role headers and the newlines between turns carry no loss.
 
-How the assistant replies are found works with any template, including real ones without
-`{% generation %}` markers: for assistant turn i, the text that rendering `messages[:i+1]` adds to
-rendering `messages[:i]` with a generation prompt is that reply (minus trailing whitespace). This
-needs the template to be *prefix-stable* (rendering fewer messages never changes earlier text),
-which we check; if it isn't, templates with `{% generation %}` markers are used through
-`return_assistant_tokens_mask`; otherwise a ConfigError names the fix. Character spans become token
-masks through the fast tokenizer's offsets.
+How the replies are found:
+
+- a template with `{% generation %}` markers marks them itself: transformers' `return_assistant_tokens_mask`;
+- otherwise, in the full render: reply i starts where its generation prompt (`messages[:i]` rendered with
+  `add_generation_prompt=True`) ends, which must be a prefix of the full render and tokenize to the same tokens
+  (what the model is trained after is what it is prompted with); it ends after the first end-of-turn text that
+  follows (the last reply: at the end of the render). The end-of-turn text is learned from the template itself,
+  by rendering a probe conversation that ends after a reply and one that goes on. This also serves templates
+  that render earlier turns differently as the conversation grows (Phi-3's closing EOS, Qwen3 and DeepSeek-R1
+  dropping earlier turns' reasoning): the full render is what is trained on.
+
+A conversation whose replies can't be found exactly raises a DataError saying why and what to do;
+`data.normalize_rows(check_example=...)` makes it an error for that row, or a skipped row with `skip_invalid`.
+
+System turns: a template that refuses a system turn (Gemma), drops it or moves it as the conversation grows
+(Mistral v0.3 puts it into the last user turn only) gets the system text at the start of the first user turn,
+followed by a blank line, in training and in prompts alike. This is detected by rendering a probe, never by model
+name; `system_turn_notice` says so in one line, and it is logged once per tokenizer.
 
 Built-in templates render `<|im_start|>` / `<|im_end|>` as plain text when the tokenizer lacks those
 tokens (they split into a few ordinary tokens): this keeps the vocabulary, and so the embeddings,
@@ -21,7 +35,9 @@ generation stops on it.
 
 from __future__ import annotations
 
+import logging
 import re
+import weakref
 from typing import Any
 
 from .errors import ConfigError, DataError, ModelError
@@ -78,6 +94,12 @@ BUILTIN_TEMPLATES: dict[str, str] = {"chatml": CHATML_TEMPLATE, "alpaca": ALPACA
 
 _GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
 PREVIEW_OPEN, PREVIEW_CLOSE = "[[", "]]"  # `preview_text` wraps loss-carrying text in these
+# Probe conversation for learning how a template ends a turn and places a system turn.
+_PROBE_USER, _PROBE_REPLY, _PROBE_NEXT = "Hello there.", "Hi! How can I help?", "Tell me a joke."
+_PROBE_SYSTEM = "Answer briefly."
+
+log = logging.getLogger(__name__)
+_TEMPLATE_FACTS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()  # see _template_facts
 
 
 # --- choosing a template -------------------------------------------------------------------------
@@ -142,10 +164,10 @@ def encode_example(example: dict, tokenizer, *, max_seq_length: int, train_on_pr
 def prompt_ids(messages: list[dict], tokenizer) -> list[int]:
     """Token ids to feed `generate`: the conversation so far plus the assistant generation prompt.
 
-    Tokenized exactly as `encode_example` tokenizes training text, so the prompt of a trained reply
-    matches what the model saw in training.
+    Rendered and tokenized exactly as `encode_example` does for training (system turn placed the same way), so the
+    prompt of a trained reply matches what the model saw in training.
     """
-    text = _render(tokenizer, messages, add_generation_prompt=True)
+    text = _render(tokenizer, place_system_turn(messages, tokenizer), add_generation_prompt=True)
     return _bos_prefix(tokenizer, text) + tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -163,27 +185,22 @@ def _tokens_and_loss_mask(example: dict, tokenizer, train_on_prompt: bool) -> tu
 
 
 def _encode_chat(messages: list[dict], tokenizer, train_on_prompt: bool) -> tuple[list[int], list[bool]]:
+    messages = place_system_turn(messages, tokenizer)
     text = _render(tokenizer, messages, add_generation_prompt=False)
     bos = _bos_prefix(tokenizer, text)
     if train_on_prompt:
         ids = bos + tokenizer(text, add_special_tokens=False)["input_ids"]
         return ids, _all_but_pad(ids, tokenizer)
-    spans = _assistant_char_spans(messages, tokenizer, text)
-    if spans is not None:
-        if not getattr(tokenizer, "is_fast", False):  # only Rust tokenizers report character offsets
-            raise ModelError("limiting the loss to assistant replies needs a fast tokenizer (tokenizer.json); "
-                             "this model only has a slow one: set `train_on_prompt: true`")
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        mask = [_in_spans(start, end, spans) for start, end in enc["offset_mapping"]]
-        ids = enc["input_ids"]
-    elif _GENERATION_MARKER.search(_own_template(tokenizer) or ""):
-        enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                            return_assistant_tokens_mask=True)
-        ids, mask = list(enc["input_ids"]), [bool(m) for m in enc["assistant_masks"]]
+    if not getattr(tokenizer, "is_fast", False):  # only Rust tokenizers report character offsets
+        raise ModelError("limiting the loss to assistant replies needs a fast tokenizer (tokenizer.json); "
+                         "this model only has a slow one: set `train_on_prompt: true`")
+    if _GENERATION_MARKER.search(_own_template(tokenizer) or ""):
+        ids, mask = _marked_replies(messages, tokenizer)
     else:
-        raise ConfigError("this chat template re-renders earlier turns differently as the conversation grows "
-                          "and has no `{% generation %}` markers, so the loss can't be limited to assistant "
-                          "replies; use `chat_template: chatml` (or `alpaca`), or set `train_on_prompt: true`")
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        spans = _reply_spans(messages, tokenizer, text, enc)
+        ids = enc["input_ids"]
+        mask = [_in_spans(start, end, spans) for start, end in enc["offset_mapping"]]
     return bos + list(ids), [False] * len(bos) + mask
 
 
@@ -195,22 +212,61 @@ def _all_but_pad(ids: list[int], tokenizer) -> list[bool]:
     return [t != pad_id for t in ids]
 
 
-def _assistant_char_spans(messages: list[dict], tokenizer, full_text: str) -> list[tuple[int, int]] | None:
-    """Character spans [start, end) of each assistant reply in `full_text`, or None if the template
-    isn't prefix-stable. A reply is what rendering it adds after the generation prompt, minus trailing
-    whitespace (the newline between turns carries no loss)."""
+def _marked_replies(messages: list[dict], tokenizer) -> tuple[list[int], list[bool]]:
+    """Ids and loss mask from the template's own `{% generation %}` markers (transformers), one marked stretch
+    per assistant reply."""
+    enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    ids, mask = list(enc["input_ids"]), [bool(m) for m in enc["assistant_masks"]]
+    replies = sum(m.get("role") == "assistant" for m in messages)
+    marked = sum(1 for i, m in enumerate(mask) if m and (i == 0 or not mask[i - 1]))
+    if marked != replies:
+        raise _row_error(f"the chat template's `{{% generation %}}` markers mark {marked} stretches of text but the "
+                         f"conversation has {replies} assistant replies", "use `chat_template: chatml` (or `alpaca`), "
+                         "or set `train_on_prompt: true`")
+    return ids, mask
+
+
+def _reply_spans(messages: list[dict], tokenizer, text: str, enc) -> list[tuple[int, int]]:
+    """Character spans [start, end) of each assistant reply with its end-of-turn text in `text`, the full render
+    (tokenized as `enc`, with offsets). Raises a row's DataError when a reply can't be located exactly."""
+    end_of_turn = _end_of_turn_text(tokenizer)
     spans = []
-    for i, message in enumerate(messages):
-        if message.get("role") != "assistant":
-            continue
-        before = _render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
-        upto = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
-        if not (full_text.startswith(before) and full_text.startswith(upto) and len(upto) >= len(before)):
-            return None
-        end = len(upto.rstrip())
-        if end > len(before):
-            spans.append((len(before), end))
+    replies = [i for i, message in enumerate(messages) if message.get("role") == "assistant"]
+    for number, i in enumerate(replies, 1):
+        if end_of_turn and end_of_turn in (messages[i].get("content") or ""):
+            raise _row_error(f"assistant reply {number} contains the chat template's end-of-turn text "
+                             f"{end_of_turn!r}, so where the reply ends is ambiguous", "remove that text from the reply")
+        start = _reply_start(tokenizer, messages[:i], text, enc, number)
+        if i == len(messages) - 1:  # the last reply keeps what the template writes to close the conversation
+            end = len(text.rstrip())
+        else:
+            found = text.find(end_of_turn, start) if end_of_turn else -1
+            if found < 0:
+                raise _row_error(f"the chat template marks no end of assistant reply {number} before the next turn, "
+                                 "so the reply can't be told apart from what follows", "use `chat_template: chatml` "
+                                 "(or `alpaca`), or set `train_on_prompt: true`")
+            end = found + len(end_of_turn)
+        if end > start:
+            spans.append((start, end))
     return spans
+
+
+def _reply_start(tokenizer, history: list[dict], text: str, enc, number: int) -> int:
+    """Where reply `number` starts in `text`: the end of its generation prompt, which must be a prefix of `text` that
+    tokenizes to the same tokens there (what the model is trained after is exactly what it is prompted with)."""
+    prompt = _render(tokenizer, history, add_generation_prompt=True) if history else ""
+    if not text.startswith(prompt):
+        raise _row_error(f"the chat template renders the conversation before assistant reply {number} differently "
+                         "once later turns follow, so the prompt for that reply isn't what the model would be "
+                         "trained after", "use `chat_template: chatml` (or `alpaca`), or set `train_on_prompt: true`")
+    start, offsets = len(prompt), enc["offset_mapping"]
+    inside = next((k for k, (_, end) in enumerate(offsets) if end > start), len(offsets))  # first token not before
+    straddles = inside < len(offsets) and offsets[inside][0] < start
+    if straddles or enc["input_ids"][:inside] != tokenizer(prompt, add_special_tokens=False)["input_ids"]:
+        raise _row_error(f"assistant reply {number} doesn't start at a token boundary: its prompt tokenizes "
+                         "differently on its own than inside the conversation", "start the reply with a letter or "
+                         "digit rather than a space or punctuation, or use `chat_template: chatml`")
+    return start
 
 
 def _in_spans(start: int, end: int, spans: list[tuple[int, int]]) -> bool:
@@ -220,15 +276,136 @@ def _in_spans(start: int, end: int, spans: list[tuple[int, int]]) -> bool:
     return any(start < e and end > s for s, e in spans)
 
 
+def _end_of_turn_text(tokenizer) -> str:
+    """The text the template writes after every assistant reply ("" if none), learned once per template: what
+    follows a probe reply both when the conversation ends there and when it goes on, compared token by token (so
+    that Phi-3's `<|end|>` followed by `<|endoftext|>` or by `<|user|>` gives `<|end|>`), less trailing whitespace."""
+    facts = _template_facts(tokenizer)
+    if "end_of_turn" not in facts:
+        turns = [{"role": "user", "content": _PROBE_USER}, {"role": "assistant", "content": _PROBE_REPLY}]
+        try:
+            ends = _after_probe_reply(_render(tokenizer, turns, add_generation_prompt=False))
+            goes_on = _after_probe_reply(_render(tokenizer, [*turns, {"role": "user", "content": _PROBE_NEXT}],
+                                                 add_generation_prompt=False))
+        except DataError:  # the template can't render the probe: no end-of-turn text is known
+            ends = goes_on = ""
+        facts["end_of_turn"] = _common_token_prefix(tokenizer, ends, goes_on).rstrip()
+    return facts["end_of_turn"]
+
+
+def _after_probe_reply(text: str) -> str:
+    at = text.find(_PROBE_REPLY)
+    return text[at + len(_PROBE_REPLY):] if at >= 0 else ""
+
+
+def _common_token_prefix(tokenizer, a: str, b: str) -> str:
+    """The longest start of `a` made of the same tokens (ids and character offsets) as the start of `b`."""
+    ta, tb = (tokenizer(t, add_special_tokens=False, return_offsets_mapping=True) for t in (a, b))
+    same = 0
+    for id_a, id_b, off_a, off_b in zip(ta["input_ids"], tb["input_ids"], ta["offset_mapping"], tb["offset_mapping"]):
+        if (id_a, tuple(off_a)) != (id_b, tuple(off_b)):
+            break
+        same += 1
+    return a[:ta["offset_mapping"][same - 1][1]] if same else ""
+
+
+def _row_error(reason: str, fix: str) -> DataError:
+    """A conversation this template can't encode exactly; `data.normalize_rows` names the row (or skips it)."""
+    return DataError(f"{reason}; {fix}", field="messages")
+
+
+# --- system turns --------------------------------------------------------------------------------
+
+def place_system_turn(messages: list[dict], tokenizer) -> list[dict]:
+    """`messages` as the template can take them: a leading system turn that the template refuses, drops or moves
+    is folded into the first user turn (the system text, a blank line, the user's text); otherwise unchanged."""
+    if not _starts_with_system(messages) or len(messages) < 2 or messages[1].get("role") != "user":
+        return messages
+    problem = _system_turn_problem(tokenizer)
+    if problem is None:
+        return messages
+    facts = _template_facts(tokenizer)
+    if not facts.get("system_notice_logged"):
+        facts["system_notice_logged"] = True
+        log.warning(_system_notice(problem))
+    system, user = messages[0], messages[1]
+    return [{**user, "content": f"{system['content']}\n\n{user['content']}"}, *messages[2:]]
+
+
+def system_turn_notice(tokenizer, examples: list[dict]) -> str | None:
+    """One line for previews when any of `examples` starts with a system turn that the template can't place
+    (so `place_system_turn` folds it into the first user turn); else None."""
+    if not any(_starts_with_system(example.get("messages")) for example in examples):
+        return None
+    problem = _system_turn_problem(tokenizer)
+    return _system_notice(problem) if problem else None
+
+
+def _system_notice(problem: str) -> str:
+    return (f"the chat template {problem}; the system text goes at the start of the first user turn instead, "
+            "followed by a blank line")
+
+
+def _starts_with_system(messages: Any) -> bool:
+    return isinstance(messages, list) and bool(messages) and messages[0].get("role") == "system"
+
+
+def _system_turn_problem(tokenizer) -> str | None:
+    """How the template mishandles a leading system turn, found once per template by rendering a probe
+    conversation with and without one; None when it places the turn at the start, to stay there."""
+    facts = _template_facts(tokenizer)
+    if "system_problem" not in facts:
+        facts["system_problem"] = _probe_system_turn(tokenizer)
+    return facts["system_problem"]
+
+
+def _probe_system_turn(tokenizer) -> str | None:
+    user, reply = {"role": "user", "content": _PROBE_USER}, {"role": "assistant", "content": _PROBE_REPLY}
+    later, system = {"role": "user", "content": _PROBE_NEXT}, {"role": "system", "content": _PROBE_SYSTEM}
+    try:
+        stable = _apply(tokenizer, [user, reply, later], add_generation_prompt=True).startswith(
+            _apply(tokenizer, [user], add_generation_prompt=True))
+    except Exception:  # noqa: BLE001 - fails without a system turn too: nothing to say about system turns
+        return None
+    try:
+        first = _apply(tokenizer, [system, user], add_generation_prompt=True)
+        whole = _apply(tokenizer, [system, user, reply], add_generation_prompt=False)
+        longer = _apply(tokenizer, [system, user, reply, later], add_generation_prompt=True)
+    except Exception as e:  # noqa: BLE001 - Jinja's errors and templates' raise_exception()
+        return f"refuses a system turn ({_failure(e)})"
+    if stable and not longer.startswith(first):  # the system turn's doing: without one, earlier text stays put
+        return "moves the system text as the conversation grows (earlier turns lose it)"
+    if _PROBE_SYSTEM not in whole:
+        return "drops the system text from a conversation that ends with a reply"
+    return None
+
+
+def _template_facts(tokenizer) -> dict:
+    """What the probes found for this tokenizer's current template and special tokens (a dict filled lazily, kept
+    while the tokenizer lives)."""
+    key = (_own_template(tokenizer) or "", tokenizer.bos_token, tokenizer.eos_token)
+    return _TEMPLATE_FACTS.setdefault(tokenizer, {}).setdefault(key, {})
+
+
+# --- rendering -----------------------------------------------------------------------------------
+
 def _render(tokenizer, messages: list[dict], *, add_generation_prompt: bool) -> str:
     if _own_template(tokenizer) is None:
         raise ConfigError("this tokenizer has no chat template; set `chat_template: chatml` or `alpaca` "
                           "(finetune.templates.apply_template_choice)")
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    except Exception as e:  # Jinja raises its own errors, and templates call raise_exception() on bad input
-        raise ConfigError(f"the chat template can't render this conversation ({type(e).__name__}: {e}); "
-                          "use `chat_template: chatml` or `alpaca`") from None
+        return _apply(tokenizer, messages, add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # noqa: BLE001 - Jinja raises its own errors, and templates call raise_exception()
+        raise _row_error(f"the chat template can't render this conversation ({_failure(e)})",
+                         "use `chat_template: chatml` or `alpaca`") from None
+
+
+def _apply(tokenizer, messages: list[dict], *, add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _failure(e: Exception) -> str:
+    return f"{type(e).__name__}: {e}"
 
 
 def _bos_prefix(tokenizer, text: str) -> list[int]:

@@ -182,11 +182,11 @@ def cmd_chat(args) -> int:
         if not line.strip():
             continue
         history.append({"role": "user", "content": line})
-        sides = [("base", False), ("fine-tuned", True)] if args.compare else [("fine-tuned", True)]
-        answer = ""
-        for label, adapter in sides:
-            print(f"{label}> ", end="", flush=True)
-            answer = "".join(_echo(chat.stream(history, adapter=adapter, **settings)))
+        if args.compare:
+            answer = _print_both(chat.stream_both(history, **settings))
+        else:
+            print("fine-tuned> ", end="", flush=True)
+            answer = "".join(_echo(chat.stream(history, adapter=True, **settings)))
             print()
         history.append({"role": "assistant", "content": answer})  # the conversation follows the fine-tuned side
 
@@ -195,6 +195,24 @@ def _echo(chunks):
     for c in chunks:
         print(c, end="", flush=True)
         yield c
+
+
+def _print_both(updates) -> str:
+    """Print the base answer as it grows, then the fine-tuned one, generated alongside it (it catches up at once
+    when the base answer ends); return the fine-tuned text."""
+    print("base> ", end="", flush=True)
+    side = printed = 0
+    panes = None
+    for panes in updates:
+        text = panes[side].text
+        print(text[printed:], end="", flush=True)
+        printed = len(text)
+        if side == 0 and panes[0].done:
+            text = panes[1].text
+            print("\nfine-tuned> " + text, end="", flush=True)
+            side, printed = 1, len(text)
+    print()
+    return panes[1].text
 
 
 def cmd_push(args) -> int:
@@ -299,7 +317,7 @@ def build_parser(prog: str = "finetune") -> argparse.ArgumentParser:
     c = sub.add_parser("chat", parents=[flags],
                        help="chat in the terminal with the fine-tuned model (--compare: base too)")
     c.add_argument("run_dir", help="run folder")
-    c.add_argument("--compare", action="store_true", help="answer with the base model first, then fine-tuned")
+    c.add_argument("--compare", action="store_true", help="answer with the base model too (both in one pass)")
     c.add_argument("--system", default=None, help="system prompt")
     c.add_argument("--max-new-tokens", type=int, default=256)
     c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")

@@ -90,14 +90,17 @@ def resolve_base_model(config: RunConfig, progress=None) -> BaseModelSource:
 
 
 def resolve_precision(precision: str) -> str:
-    """`auto` → bf16 where the hardware has it (CUDA or a bf16 CPU), fp16 on older CUDA, else fp32."""
+    """`auto` → bf16 where the hardware has it (CUDA or a bf16 CPU), fp16 on older CUDA, else fp32.
+
+    Emulated bf16 doesn't count: torch reports bf16 on a pre-Ampere GPU (a T4) by default because a bf16 tensor can
+    be created there, but it has no native bf16 arithmetic (compute capability below 8.0)."""
     if precision != "auto":
         if precision == "fp16" and not torch.cuda.is_available():
             from .errors import ConfigError
             raise ConfigError("`precision: fp16` needs a CUDA GPU; on CPU use `bf16` or `fp32` (or `auto`)")
         return precision
     if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     if _cpu_has_bf16():
         return "bf16"
     return "fp32"
@@ -192,7 +195,7 @@ def out_of_memory_message(config: RunConfig, *, on_gpu: bool) -> str:
     if config.max_seq_length > 256:
         tips.append(f"a shorter `max_seq_length` ({config.max_seq_length} → {config.max_seq_length // 2})")
     if config.method != "qlora":
-        tips.append("`method: qlora` (a 4-bit base needs about a quarter of the weight memory; CUDA GPU)")
+        tips.append("`method: qlora` (a 4-bit base needs about a quarter of the weight memory)")
     if not config.gradient_checkpointing:
         tips.append("`gradient_checkpointing: true` (recomputes activations: less memory, ~30% slower)")
     advice = "; ".join(tips) if tips else "a smaller base model"

@@ -210,11 +210,12 @@ def _peft_config(config: RunConfig):
                       use_dora=config.use_dora, bias="none", task_type="CAUSAL_LM")
 
 
-def _load_model(config: RunConfig, path: str, precision: str):
+def _load_model(config: RunConfig, path: str, precision: str, attention: str | None = None):
     from .models import keep_4bit_layers_trainable, load_base_model
 
     model = load_base_model(path, load_in_4bit=config.load_in_4bit, precision=precision,
-                            revision=config.model_revision, trust_remote_code=config.trust_remote_code)
+                            revision=config.model_revision, trust_remote_code=config.trust_remote_code,
+                            attn_implementation=attention)
     if config.load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
@@ -315,13 +316,14 @@ def _train(config: RunConfig, observer: TrainObserver, out: Path, rows: list[dic
     from transformers.trainer_utils import get_last_checkpoint
 
     from .data import length_stats, load_examples, write_split_files
-    from .models import load_tokenizer, resolve_base_model, resolve_precision
+    from .models import load_tokenizer, resolve_attention, resolve_base_model, resolve_precision
     from .templates import apply_template_choice, encode_example
 
     validate_launch(config)  # launcher (FSDP, DeepSpeed) + method combinations that can't work
     t_start = time.time()
     set_seed(config.seed)
     precision = resolve_precision(config.precision)
+    attention = resolve_attention(config.attn_implementation, precision)
 
     # --- setup: base model source, tokenizer + template, data
     source = resolve_base_model(config)
@@ -345,7 +347,7 @@ def _train(config: RunConfig, observer: TrainObserver, out: Path, rows: list[dic
         config.to_yaml(out / "run.yaml")  # resolved config, written before the slow part
 
     # --- model and trainer
-    model = _load_model(config, source.path, precision)
+    model = _load_model(config, source.path, precision, attention)
     total_steps, eval_every, save_every = _schedule(config, len(train_ds))
     args = _sft_args(config, precision, total_steps, eval_every, save_every, eval_ds is not None)
     write_status(out, "running", total_steps=total_steps)  # lets the app draw progress and an ETA

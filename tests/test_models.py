@@ -1,12 +1,15 @@
-"""Loading the base model: the precision `auto` picks, and the out-of-memory advice."""
+"""Loading the base model: the precision `auto` picks, the attention kernel, and the out-of-memory advice."""
 
 import inspect
+import json
 
 import pytest
 import torch
 
 from finetune.config import RunConfig
-from finetune.models import out_of_memory_message, resolve_precision
+from finetune.errors import ConfigError
+from finetune.models import load_base_model, out_of_memory_message, resolve_attention, resolve_precision
+from finetune.train import train
 
 
 # ----------------------------------------------------------------------------- precision
@@ -29,6 +32,48 @@ def test_auto_precision_does_not_count_emulated_bf16(monkeypatch, is_bf16_suppor
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
     assert resolve_precision("auto") == expected
+
+
+# ----------------------------------------------------------------------------- attention
+ROWS = [{"prompt": f"question {i}", "completion": f"answer {i}"} for i in range(4)]
+
+
+def _one_step(demo_model_dir, out, **changes) -> RunConfig:
+    """One LoRA step on the demo model over `ROWS`, no held-out splits."""
+    return RunConfig(base_model=str(demo_model_dir), max_steps=1, batch_size=2, gradient_accumulation_steps=1,
+                     eval_fraction=0.0, test_fraction=0.0, max_seq_length=64, output_dir=str(out), **changes)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU behaviour")
+@pytest.mark.parametrize("kernel", ["flash_attention_2", "flash_attention_3"])
+def test_flash_attention_on_cpu_fails_before_anything_loads(demo_model_dir, tmp_path, kernel):
+    """The run stops with the field and the fix before its data is split or any weights load (transformers would
+    only say, at load time, that a flash-attn package is not installed)."""
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError) as e:
+        train(_one_step(demo_model_dir, out, attn_implementation=kernel), rows=ROWS)
+    expected = (f"`attn_implementation: {kernel}` needs a CUDA GPU and none is visible; on CPU use "
+                "`attn_implementation: auto` (or `sdpa`, `eager`)")
+    assert str(e.value) == expected
+    assert sorted(p.name for p in out.iterdir()) == ["status.json"]
+    assert json.loads((out / "status.json").read_text())["error"] == expected
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU behaviour")
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_auto_attention_on_cpu_is_transformers_default(demo_model_dir, precision):
+    """`auto` passes nothing on CPU: the model loads with the kernel it loaded with before the field existed."""
+    assert resolve_attention("auto", precision) is None
+    chosen = load_base_model(str(demo_model_dir), attn_implementation=resolve_attention("auto", precision))
+    assert chosen.config._attn_implementation == load_base_model(str(demo_model_dir)).config._attn_implementation \
+        == "sdpa"
+
+
+@pytest.mark.parametrize("kernel", ["eager", "sdpa"])
+def test_the_attention_field_reaches_the_trained_model(demo_model_dir, tmp_path, kernel):
+    """`attn_implementation` goes from the config through `train` to the model that trained."""
+    result = train(_one_step(demo_model_dir, tmp_path / "run", attn_implementation=kernel), rows=ROWS)
+    assert result.model.config._attn_implementation == kernel
 
 
 # ----------------------------------------------------------------------------- out of memory

@@ -26,6 +26,8 @@ DEMO_MODEL_ID = "demo"
 
 Method = Literal["lora", "qlora", "full"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
+Attention = Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3"]
+FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3")  # CUDA kernels for bf16/fp16 only
 DataFormat = Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text"]
 TemplateChoice = Literal["auto", "tokenizer", "chatml", "alpaca"]
 Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr"]
@@ -112,6 +114,11 @@ class RunConfig:
                                             f"cpu_dropout]; any of {', '.join(LEVERS)}. Unset: all on.", "training")
     precision: Precision = _f("auto", "`auto` picks bf16 where supported (CUDA or a bf16 CPU), else fp16 on "
                               "CUDA, else fp32.", "training")
+    attn_implementation: Attention = _f("auto", "Attention kernel: `auto` uses FlashAttention-2 on a CUDA GPU where "
+                                        "the flash-attn package is installed and precision is bf16/fp16, else "
+                                        "transformers' default (`sdpa`); `sdpa`, `eager`, `flash_attention_2` "
+                                        "(flash-attn package) or `flash_attention_3` (flash-attn-3, Hopper GPUs) "
+                                        "force one; the flash kernels need a CUDA GPU and bf16/fp16.", "training")
     early_stopping_patience: int | None = _f(None, "Stop after this many evaluations without a better "
                                              "validation loss, and keep the best checkpoint. Off when unset.",
                                              "training")
@@ -179,6 +186,9 @@ class RunConfig:
         unknown = [lever for lever in self.speed_levers_off or [] if lever not in LEVERS]
         _check(not unknown, "speed_levers_off", f"has unknown lever(s) {', '.join(map(repr, unknown))}; choose from "
                f"{', '.join(LEVERS)} (padding-free batches are switched by `padding_free`)")
+        _check(not (self.attn_implementation in FLASH_ATTENTION and self.precision == "fp32"), "attn_implementation",
+               f"`attn_implementation: {self.attn_implementation}` runs in bf16/fp16 only, and `precision` is fp32; "
+               "set `precision: auto` (or bf16/fp16), or use `attn_implementation: sdpa`")
         _check(bool(self.base_model.strip()), "base_model", "is empty; give a Hub id, a local folder or `demo`")
         _check(bool(self.output_dir.strip()), "output_dir", "is empty; give a folder for the run")
 

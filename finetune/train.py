@@ -192,11 +192,12 @@ def _peft_config(config: RunConfig):
                       use_dora=config.use_dora, bias="none", task_type="CAUSAL_LM")
 
 
-def _load_model(config: RunConfig, path: str, precision: str):
+def _load_model(config: RunConfig, path: str, precision: str, attention: str | None = None):
     from .models import keep_4bit_layers_trainable, load_base_model
 
     model = load_base_model(path, load_in_4bit=config.load_in_4bit, precision=precision,
-                            revision=config.model_revision, trust_remote_code=config.trust_remote_code)
+                            revision=config.model_revision, trust_remote_code=config.trust_remote_code,
+                            attn_implementation=attention)
     if config.load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
@@ -297,7 +298,7 @@ def _train(config: RunConfig, observer: TrainObserver, out: Path, rows: list[dic
     from transformers.trainer_utils import get_last_checkpoint
 
     from .data import write_split_files
-    from .models import resolve_precision
+    from .models import resolve_attention, resolve_precision
     from .prepare import prepare_data
 
     validate_launch(config)  # launcher (FSDP, DeepSpeed) + method combinations that can't work
@@ -305,6 +306,7 @@ def _train(config: RunConfig, observer: TrainObserver, out: Path, rows: list[dic
     t_start = time.time()
     set_seed(config.seed)
     precision = resolve_precision(config.precision)
+    attention = resolve_attention(config.attn_implementation, precision)
 
     # --- setup: data, base model source, tokenizer + template, encoded examples (as `preview` shows them)
     prepared = prepare_data(config, rows)
@@ -325,7 +327,7 @@ def _train(config: RunConfig, observer: TrainObserver, out: Path, rows: list[dic
         run.write_config(config)  # resolved config, written before the slow part
 
     # --- model and trainer
-    model = _load_model(config, source.path, precision)
+    model = _load_model(config, source.path, precision, attention)
     total_steps, eval_every, save_every = _schedule(config, len(train_ds))
     args = _sft_args(config, precision, total_steps, eval_every, save_every, eval_ds is not None)
     write_status(out, "running", total_steps=total_steps)  # lets the app draw progress and an ETA

@@ -9,7 +9,8 @@ Per model (random weights built on the GPU, saved once with the demo tokenizer, 
   on synthetic prompt/completion rows, exactly as the CLI runs it (padding-free batches on); tokens/s is the
   steady state from metrics.jsonl (step 1, with its CUDA warm-up, excluded);
 - padding-free: one LoRA micro-batch padded vs padding-free (`finetune.speed.batching`, sdpa with
-  transformers' packed-sequence masks from `position_ids`): same loss and gradients, and the speed of each (collate + forward + backward);
+  transformers' packed-sequence masks from `position_ids`): same loss and gradients, and the speed of each
+  (collate + forward + backward);
 - flash-attn: the same with FlashAttention-2 varlen (`position_ids`), when `flash_attn` imports;
 - merge: `finetune.merge.merge_adapter` of the lora-bf16 run: merged vs base + adapter logits (fp32: exact up
   to summation order; bf16, the app's default, reported), and that the merge changed the base's logits;

@@ -2,19 +2,23 @@
 
 `prepare_data(config)` reads, normalises and splits the dataset (`data.load_examples`), loads the base model's
 tokenizer with the configured chat template, and encodes every example with its loss mask
-(`templates.encode_example`), keeping the encodings and their token-length statistics. What the model trains
-on is exactly what the preview shows and measures.
+(`templates.encode_blocks`: a document longer than `max_seq_length` becomes consecutive blocks), keeping the
+encodings, their token-length statistics and a report of documents, blocks and answer tokens lost to truncation (a
+warning when over 5% of the training answers are cut). What the model trains on is what the preview shows and measures.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from .config import RunConfig
 from .data import PreparedData, length_stats, load_examples
 from .models import BaseModelSource, load_tokenizer, resolve_base_model
-from .templates import IGNORE_INDEX, apply_template_choice, encode_example
+from .templates import IGNORE_INDEX, apply_template_choice, encode_blocks, encoding_report, truncation_warning
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -41,8 +45,9 @@ class EncodedData:
 
     examples: PreparedData               # normalised, split examples, skipped rows, format, source
     model: TemplatedTokenizer
-    encoded: dict[str, list[dict]]       # split → `encode_example` of each example (the first `limit` of them)
-    stats: dict[str, dict]               # split → `data.length_stats` of the encoded examples
+    encoded: dict[str, list[dict]]       # split → `encode_blocks` of each example (the first `limit` of them)
+    stats: dict[str, dict]               # split → `data.length_stats` of the encoded examples (a document's blocks)
+    report: dict[str, dict]              # split → `templates.encoding_report`: documents, blocks, answer tokens lost
 
     @property
     def lengths(self) -> dict[str, list[int]]:
@@ -77,19 +82,24 @@ def prepare_data(config: RunConfig, rows: list[dict] | None = None, *,
     split (the app measures a sample of large datasets).
     """
     model = tokenizer_for(config)
-    encodings: dict[int, dict] = {}  # id(example) → its encoding; split_examples keeps the same dict objects
+    encodings: dict[int, list[dict]] = {}  # id(example) → its encodings; split_examples keeps the same dict objects
 
-    def encode(example: dict) -> dict:
-        encodings[id(example)] = encode_example(example, model.tokenizer, max_seq_length=config.max_seq_length,
-                                                train_on_prompt=config.train_on_prompt)
+    def encode(example: dict) -> list[dict]:  # a chat example's encoding, or a document's blocks
+        encodings[id(example)] = encode_blocks(example, model.tokenizer, max_seq_length=config.max_seq_length,
+                                               train_on_prompt=config.train_on_prompt,
+                                               train_on_reasoning=config.train_on_reasoning)
         return encodings[id(example)]
 
     examples = load_examples(config, rows, check_example=encode)
-    encoded = {split: [encodings.get(id(ex)) or encode(ex) for ex in exs[:limit]]
+    encoded = {split: [enc for ex in exs[:limit] for enc in encodings.get(id(ex)) or encode(ex)]
                for split, exs in examples.splits.as_dict().items()}
     stats = {split: length_stats([enc["length"] for enc in encs], config.max_seq_length)
              for split, encs in encoded.items()}
-    return EncodedData(examples=examples, model=model, encoded=encoded, stats=stats)
+    report = {split: encoding_report(encs) for split, encs in encoded.items()}
+    warning = truncation_warning(report["train"], config.max_seq_length)
+    if warning:
+        log.warning(warning)
+    return EncodedData(examples=examples, model=model, encoded=encoded, stats=stats, report=report)
 
 
 __all__ = ["EncodedData", "TemplatedTokenizer", "load_templated_tokenizer", "prepare_data"]

@@ -208,9 +208,9 @@ def encode_blocks(example: dict, tokenizer, *, max_seq_length: int, train_on_pro
     return blocks
 
 
-def encoding_report(encodings: list[dict], max_seq_length: int) -> dict:
+def encoding_report(encodings: list[dict]) -> dict:
     """What encoding did to a split: documents, the blocks they became and their tokens; chat examples, their answer
-    tokens (loss tokens before truncation) and how many of those truncation to `max_seq_length` cut off."""
+    tokens (loss tokens before truncation) and how many of those truncation cut off."""
     blocks = [enc for enc in encodings if "block" in enc]
     chats = [enc for enc in encodings if "block" not in enc]
     answer = sum(enc["loss_tokens"] for enc in chats)

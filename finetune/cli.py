@@ -102,7 +102,7 @@ def _print_results(r: dict, final_dir: Path) -> None:
 
 def cmd_preview(args) -> int:
     from .prepare import prepare_data
-    from .templates import preview_text, render_preview, system_turn_notice
+    from .templates import labelled_turns, preview_text, render_preview, system_turn_notice, tool_format_notice
 
     _data_file_as_dataset(args)
     config = config_from_args(args)
@@ -113,19 +113,41 @@ def cmd_preview(args) -> int:
     print(f"format: {data.format}   template: {prepared.model.template}   source: {data.source}")
     for notice in data.notices:
         print(f"note: {notice}")
-    notice = system_turn_notice(tok, data.splits.train[: args.n])
-    if notice:
-        print(f"note: {notice}")
+    shown = data.splits.train[: args.n]
+    for notice in (system_turn_notice(tok, shown), tool_format_notice(tok, shown)):
+        if notice:
+            print(f"note: {notice}")
     if data.skipped:
         print(f"skipped {len(data.skipped)} invalid rows, e.g. row {data.skipped[0].row}: {data.skipped[0].reason}")
     print(f"duplicates removed: {data.splits.duplicates_removed}")
-    for i, ex in enumerate(data.splits.train[: args.n]):
-        segs = render_preview(ex, tok, max_seq_length=config.max_seq_length, train_on_prompt=config.train_on_prompt)
-        print(f"\n--- example {i + 1} (loss on text inside [[ ]]) ---\n{preview_text(segs)}")
+    for i, ex in enumerate(shown):
+        segs = render_preview(ex, tok, max_seq_length=config.max_seq_length, train_on_prompt=config.train_on_prompt,
+                              train_on_reasoning=config.train_on_reasoning)
+        print(f"\n--- example {i + 1} (loss on text inside [[ ]]) ---")
+        for line in labelled_turns(ex, train_on_reasoning=config.train_on_reasoning):
+            print(f"» {line}")
+        print(preview_text(segs))
     print("\ntoken lengths per split (max_seq_length = %d):" % config.max_seq_length)
     for split, s in prepared.stats.items():
         print(f"  {split:<10} " + "  ".join(f"{k}={v}" for k, v in s.items()))
+    _print_encoding_report(prepared.report)
     return 0
+
+
+def _print_encoding_report(report: dict[str, dict]) -> None:
+    """Documents → blocks → tokens, and answer tokens lost to truncation, per split (what has any)."""
+    lines = []
+    for split, r in report.items():
+        parts = []
+        if r["documents"]:
+            parts.append(f"documents={r['documents']}  blocks={r['blocks']}  tokens={r['document_tokens']}")
+        if r["chat_examples"]:
+            parts.append(f"answer_tokens={r['answer_tokens']}  answer_tokens_lost={r['answer_tokens_lost']} "
+                         f"({r['answer_tokens_lost_share']:.1%}, in {r['truncated_chat_examples']} truncated examples)")
+        if parts:
+            lines.append(f"  {split:<10} " + "  ".join(parts))
+    if lines:
+        print("\nencoded per split:\n" + "\n".join(lines))
 
 
 def _data_file_as_dataset(args) -> None:
@@ -159,7 +181,7 @@ def cmd_merge(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from .inference import ChatModel
+    from .inference import ChatModel, describe_tool_calls
 
     chat = ChatModel.from_run(args.run_dir)
     settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -188,6 +210,8 @@ def cmd_chat(args) -> int:
             print("fine-tuned> ", end="", flush=True)
             answer = "".join(_echo(chat.stream(history, adapter=True, **settings)))
             print()
+            for line in describe_tool_calls(answer):
+                print(f"  ({label} {line})")
         history.append({"role": "assistant", "content": answer})  # the conversation follows the fine-tuned side
 
 

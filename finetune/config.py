@@ -71,6 +71,8 @@ class RunConfig:
     test_fraction: float = _f(0.1, "Fraction of rows held out for the final test (before/after comparison).",
                               "data")
     train_on_prompt: bool = _f(False, "Put loss on prompt tokens too (default: only on assistant answers).", "data")
+    train_on_reasoning: bool = _f(True, "Train on the assistant's reasoning (`reasoning_content`, `<think>`); false "
+                                  "leaves it out of the examples.", "data")
 
     # --- method ---
     method: Method = _f("lora", "`lora` (adapters on a full-precision base), `qlora` (adapters on a 4-bit NF4 "
@@ -210,7 +212,8 @@ class RunConfig:
         for key in data:
             if key not in names:
                 close = difflib.get_close_matches(str(key), names, n=1)
-                hint = f"; did you mean `{close[0]}`?" if close else "; run `python -m finetune train --help` for the list"
+                hint = (f"; did you mean `{close[0]}`?" if close
+                        else "; run `python -m finetune train --help` for the list")
                 raise ConfigError(f"{source}: unknown field `{key}`{hint}")
         return cls(**data)
 

@@ -33,6 +33,9 @@ and a `tools` list of {"type": "function", "function": {JSON schema}} on the exa
 them) as JSON text, its `observation` turn the result, and its `tools` column the schemas as JSON text; OpenAI-style
 rows have assistant turns with `tool_calls` (arguments as JSON text or an object), `role: tool` turns and `tools`.
 
+Reasoning: an assistant turn's `reasoning_content`, `reasoning` or `thinking` field, or its `{"type": "reasoning"}`
+(or `"thinking"`) content parts, become its `reasoning_content` (parts joined with newlines); `templates` renders it.
+
 Preference data is detected and, for supervised fine-tuning, never teaches a bad answer:
 - pairs (a `chosen` and a `rejected` column: ShareGPT conversations ending with the user's turn as in LLaMA-Factory's
   DPO data, prompt/chosen/rejected, or instruction/input/chosen/rejected): the chosen reply is the assistant's answer,
@@ -48,7 +51,6 @@ separates its text; `NormalizedData.text_split` and a notice say which.
 from __future__ import annotations
 
 import contextlib
-
 import csv
 import itertools
 import json
@@ -95,6 +97,8 @@ _MEDIA_PARTS = {"image": "an image", "image_url": "an image", "input_image": "an
                 "input_audio": "an audio", "audio_url": "an audio", "video": "a video", "video_url": "a video"}
 _TEXT_PART_TYPES = ("text", "input_text", "output_text")
 _PART_FIX = 'write each part as {"type": "text", "text": "..."}'
+_REASONING_FIELDS = ("reasoning_content", "reasoning", "thinking")  # the first one present is the turn's reasoning
+_REASONING_PART_TYPES = ("reasoning", "thinking")
 # Keys that are row fields, so a top-level JSON object holding one of them as its only list is a row, not a wrapper.
 _ROW_LIST_KEYS = {"messages", "conversations", "chosen", "rejected"}
 # Hub ids: `name` or `org/name`, letters, digits, `-`, `_`, `.` (huggingface_hub's repo id rules, simplified).
@@ -476,8 +480,8 @@ def _read_hub_rows(dataset_id: str, dataset_config: str | None, split: str, max_
 def _offline_unless_reachable():
     """When one quick connect shows the Hub is unreachable, load in offline mode: the local cache answers at
     once, or the offline message comes at once, instead of after ~25 s of the clients' retries."""
-    from huggingface_hub import constants as hub_constants
     from datasets import config as datasets_config
+    from huggingface_hub import constants as hub_constants
 
     from .models import hub_reachable
 
@@ -954,22 +958,57 @@ def _turn(turn: Any, number: int, column: str, shape_fix: str) -> dict:
     content = turn.get(content_key) if content_key else None
     if raw_role.strip().lower() == "function_call":  # ShareGPT: the turn's text is the call, as JSON
         return {"role": "assistant", "content": "", "tool_calls": _sharegpt_calls(content, where, column)}
+    content, reasoning = _split_reasoning(turn, content, where, role, column)
+    thought = {} if reasoning is None else {"reasoning_content": reasoning}
     if calls is not None:
         if role != "assistant":
             raise _RowProblem(f"{where} ({role}) has `tool_calls`, but only assistant turns call tools",
                               "move the calls to the assistant turn that makes them", column)
         text = "" if content is None else _content_text(content, where, role, column)
         _check_encodable(text, where, column)
-        return {"role": "assistant", "content": text, "tool_calls": _tool_calls(calls, where, column)}
+        return {"role": "assistant", "content": text, **thought, "tool_calls": _tool_calls(calls, where, column)}
     content = _content_text(content, where, role, column)
     if role != "system" and not content.strip():
         fix = "write what the tool returned" if role == "tool" else "every user and assistant turn needs content"
         raise _RowProblem(f"{where} ({role}) is empty", fix, column)
     _check_encodable(content, where, column)
-    out = {"role": role, "content": content}
+    out = {"role": role, "content": content, **thought}
     if role == "tool" and isinstance(turn.get("tool_call_id"), str) and turn["tool_call_id"]:
         out["tool_call_id"] = turn["tool_call_id"]  # some templates (Mistral's) pair results with calls by id
     return out
+
+
+def _split_reasoning(turn: dict, content: Any, where: str, role: str, column: str) -> tuple[Any, str | None]:
+    """A turn's reasoning (its first `reasoning_content`/`reasoning`/`thinking` field, and its reasoning content
+    parts, joined with newlines; None when it has none) and its content without those parts."""
+    texts = []
+    field_name = next((key for key in _REASONING_FIELDS if turn.get(key) not in (None, "")), None)
+    if field_name is not None:
+        if not isinstance(turn[field_name], str):
+            raise _RowProblem(f"{where} ({role}) has `{field_name}` of type {_kind(turn[field_name])}, not text",
+                              "write the reasoning as a string", column)
+        texts.append(turn[field_name])
+    if isinstance(content, list):
+        kept = []
+        for number, part in enumerate(content, 1):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if not (isinstance(kind, str) and kind.strip().lower() in _REASONING_PART_TYPES):
+                kept.append(part)
+                continue
+            text = next((part[key] for key in ("text", "reasoning", "thinking", "value")
+                         if isinstance(part.get(key), str)), None)
+            if text is None:
+                raise _RowProblem(f"{where} ({role}) has reasoning part {number} with no text",
+                                  'write it as {"type": "reasoning", "text": "..."}', column)
+            texts.append(text)
+        content = kept
+    reasoning = "\n".join(texts) if any(text.strip() for text in texts) else None
+    if reasoning is not None and role != "assistant":
+        raise _RowProblem(f"{where} ({role}) has reasoning, but only assistant turns reason",
+                          "move the reasoning to the assistant's reply, or remove it", column)
+    if reasoning is not None:
+        _check_encodable(reasoning, where, column)
+    return content, reasoning
 
 
 def _content_text(content: Any, where: str, role: str, column: str) -> str:

@@ -17,13 +17,18 @@ The prompt is built by `templates.prompt_ids` with the tokenizer saved next to t
 carries the chat template used in training. Generation stops at the EOS ids of the generation
 config, the tokenizer's EOS token and `<|im_end|>`.
 
+`describe_tool_calls` reads the tool calls an answer makes (`<tool_call>` JSON, as Qwen2.5's template and the
+built-in tool format write them; or a bare JSON call, as Llama 3.1 and Mistral write them) for display.
+
 Calls are serialised by a lock: switching the adapter off for one caller must not change what a
 concurrent caller's generation sees.
 """
 
 from __future__ import annotations
 
+import json
 import queue
+import re
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -408,6 +413,51 @@ def _mixes_adapters_in_a_batch(model) -> bool:
         return False
     return not any(isinstance(m, (MultiheadAttention, ParamWrapper)) or (isinstance(m, LoraLayer) and m.merged)
                    for m in model.modules())
+
+
+_TOOL_CALL_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+
+
+def tool_calls_in(answer: str) -> list[dict]:
+    """The tool calls in a model's answer, as {"name", "arguments"} (None where a call isn't valid JSON, with its
+    `text`): each `<tool_call>` block, or else the whole answer when it is a JSON call or a list of them."""
+    blocks = _TOOL_CALL_BLOCK.findall(answer)
+    if not blocks:
+        parsed = _json_or_none(answer.strip())
+        calls = parsed if isinstance(parsed, list) else [parsed]
+        return [_call(c) for c in calls] if all(_looks_like_call(c) for c in calls) and calls else []
+    calls = []
+    for block in blocks:
+        parsed = _json_or_none(block)
+        calls.append(_call(parsed) if _looks_like_call(parsed) else {"name": None, "arguments": None, "text": block})
+    return calls
+
+
+def describe_tool_calls(answer: str) -> list[str]:
+    """One line per tool call in `answer`, for chat and compare output: `tool call: name({"arg": ...})`."""
+    lines = []
+    for call in tool_calls_in(answer):
+        if call["name"] is None:
+            lines.append(f"tool call that is not valid JSON: {call['text']}")
+        else:
+            lines.append(f"tool call: {call['name']}({json.dumps(call['arguments'], ensure_ascii=False)})")
+    return lines
+
+
+def _json_or_none(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def _looks_like_call(value) -> bool:
+    return isinstance(value, dict) and isinstance(value.get("name"), str) and (
+        "arguments" in value or "parameters" in value)
+
+
+def _call(value: dict) -> dict:
+    return {"name": value["name"], "arguments": value.get("arguments", value.get("parameters"))}
 
 
 def _seed(seed: int | None) -> None:

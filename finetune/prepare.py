@@ -2,19 +2,24 @@
 
 `prepare_data(config)` reads, normalises and splits the dataset (`data.load_examples`), loads the base model's
 tokenizer with the configured chat template, and encodes every example with its loss mask
-(`templates.encode_example`), keeping the encodings and their token-length statistics. What the model trains
-on is exactly what the preview shows and measures.
+(`templates.encode_blocks`: a document longer than `max_seq_length` becomes consecutive blocks), keeping the
+encodings, their token-length statistics and a report of documents, blocks and answer tokens lost to truncation (a
+warning when over 5% of the training answers are cut). What the model trains on is what the preview shows and measures.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from .config import RunConfig
 from .data import PreparedData, length_stats, load_examples
+from .errors import DataError
 from .models import BaseModelSource, load_tokenizer, resolve_base_model
-from .templates import IGNORE_INDEX, apply_template_choice, encode_example
+from .templates import IGNORE_INDEX, apply_template_choice, encode_blocks, encoding_report, truncation_warning
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -41,8 +46,9 @@ class EncodedData:
 
     examples: PreparedData               # normalised, split examples, skipped rows, format, source
     model: TemplatedTokenizer
-    encoded: dict[str, list[dict]]       # split → `encode_example` of each example (the first `limit` of them)
-    stats: dict[str, dict]               # split → `data.length_stats` of the encoded examples
+    encoded: dict[str, list[dict]]       # split → `encode_blocks` of each example (the first `limit` of them)
+    stats: dict[str, dict]               # split → `data.length_stats` of the encoded examples (a document's blocks)
+    report: dict[str, dict]              # split → `templates.encoding_report`: documents, blocks, answer tokens lost
 
     @property
     def lengths(self) -> dict[str, list[int]]:
@@ -71,25 +77,39 @@ def prepare_data(config: RunConfig, rows: list[dict] | None = None, *,
                  limit: int | None = None) -> EncodedData:
     """Load and split `config.dataset` (or `rows`), then encode each split as training will.
 
-    Every row is encoded once, while it is read: a row the template can't encode is a bad row like any other
-    (an error that names it, or skipped with `skip_invalid`), and its encoding is kept for the split. `tokenizer_for`
-    loads the templated tokenizer (the app passes its cache). `limit` keeps only the first `limit` encodings of each
-    split (the app measures a sample of large datasets).
+    The data is read first, so a data mistake is reported before the tokenizer is fetched; then every example is
+    encoded once. A row the template can't encode is a bad row like any other: the data is read again with the
+    encoding as a per-row check, so the error names its row (or `skip_invalid` drops it before the split).
+    `tokenizer_for` loads the templated tokenizer (the app passes its cache). `limit` encodes only the first
+    `limit` examples of each split (the app measures a sample of large datasets).
     """
+    examples = load_examples(config, rows)
     model = tokenizer_for(config)
-    encodings: dict[int, dict] = {}  # id(example) → its encoding; split_examples keeps the same dict objects
+    encodings: dict[int, list[dict]] = {}  # id(example) → its encodings; split_examples keeps the same dict objects
 
-    def encode(example: dict) -> dict:
-        encodings[id(example)] = encode_example(example, model.tokenizer, max_seq_length=config.max_seq_length,
-                                                train_on_prompt=config.train_on_prompt)
+    def encode(example: dict) -> list[dict]:  # a chat example's encoding, or a document's blocks
+        encodings[id(example)] = encode_blocks(example, model.tokenizer, max_seq_length=config.max_seq_length,
+                                               train_on_prompt=config.train_on_prompt,
+                                               train_on_reasoning=config.train_on_reasoning)
         return encodings[id(example)]
 
-    examples = load_examples(config, rows, check_example=encode)
-    encoded = {split: [encodings.get(id(ex)) or encode(ex) for ex in exs[:limit]]
-               for split, exs in examples.splits.as_dict().items()}
+    def encode_splits() -> dict[str, list[dict]]:
+        return {split: [enc for ex in exs[:limit] for enc in encodings.get(id(ex)) or encode(ex)]
+                for split, exs in examples.splits.as_dict().items()}
+
+    try:
+        encoded = encode_splits()
+    except DataError:  # which row? read again with the encoding as the row check (rare: costs a second pass)
+        encodings.clear()
+        examples = load_examples(config, rows, check_example=encode)
+        encoded = encode_splits()
     stats = {split: length_stats([enc["length"] for enc in encs], config.max_seq_length)
              for split, encs in encoded.items()}
-    return EncodedData(examples=examples, model=model, encoded=encoded, stats=stats)
+    report = {split: encoding_report(encs) for split, encs in encoded.items()}
+    warning = truncation_warning(report["train"], config.max_seq_length)
+    if warning:
+        log.warning(warning)
+    return EncodedData(examples=examples, model=model, encoded=encoded, stats=stats, report=report)
 
 
 __all__ = ["EncodedData", "TemplatedTokenizer", "load_templated_tokenizer", "prepare_data"]

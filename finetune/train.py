@@ -320,7 +320,7 @@ def _train(config: RunConfig, observer: TrainObserver, out: Path, rows: list[dic
     if train_ds is None:
         raise DataError(f"no training example has any answer tokens left within `max_seq_length` "
                         f"({config.max_seq_length}); raise `max_seq_length` or shorten the prompts")
-    dropped_train, stats = prepared.dropped("train"), prepared.stats
+    dropped_train, stats, encoding = prepared.dropped("train"), prepared.stats, prepared.report
     train_ids = [enc["input_ids"] for enc in prepared.encoded["train"]] if debug_shards_enabled() else None
     del prepared  # the datasets hold the tokens now: free the Python lists before the model loads
     if is_main_process():
@@ -389,7 +389,8 @@ def _train(config: RunConfig, observer: TrainObserver, out: Path, rows: list[dic
                  "rows": {k: len(getattr(data.splits, k)) for k in ("train", "validation", "test")},
                  "duplicates_removed": data.splits.duplicates_removed,
                  "skipped": [{"row": s.row, "reason": s.reason} for s in data.skipped],
-                 "dropped_without_answer_tokens": dropped_train, "token_stats": stats},
+                 "dropped_without_answer_tokens": dropped_train, "token_stats": stats,
+                 "encoding": encoding},
         "versions": library_versions(),
     }
     if is_main_process():

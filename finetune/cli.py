@@ -210,8 +210,8 @@ def cmd_chat(args) -> int:
             print("fine-tuned> ", end="", flush=True)
             answer = "".join(_echo(chat.stream(history, adapter=True, **settings)))
             print()
-            for line in describe_tool_calls(answer):
-                print(f"  ({label} {line})")
+        for line in describe_tool_calls(answer):  # a tool call the fine-tuned model emits, shown as one
+            print(f"  (fine-tuned {line})")
         history.append({"role": "assistant", "content": answer})  # the conversation follows the fine-tuned side
 
 

@@ -19,6 +19,7 @@ import torch
 
 from .config import DEMO_MODEL_ID, FLASH_ATTENTION, RunConfig
 from .errors import ConfigError, DiskFull, FinetuneError, ModelError, OutOfMemory
+
 # `name` or `org/name`: anything else that doesn't exist on disk is a mistyped local path (one definition).
 from .hub import MODEL_ID as HUB_ID
 

@@ -14,10 +14,22 @@ import torch
 import torch.nn.functional as F
 
 from finetune.speed import segment_attention
-from finetune.speed.batching import (PaddedCollator, PaddingFreeCollator, check_lengths, forward, padding_free_mode,
-                               packed_logits_match, shifted, sliding_window)
-from finetune.speed.fast_trainer import (ReusedBuffer, target_cross_entropy, target_cross_entropy_and_hits,
-                                   target_token_loss)
+from finetune.speed.batching import (
+    PaddedCollator,
+    PaddingFreeCollator,
+    check_lengths,
+    forward,
+    packed_logits_match,
+    padding_free_mode,
+    shifted,
+    sliding_window,
+)
+from finetune.speed.fast_trainer import (
+    ReusedBuffer,
+    target_cross_entropy,
+    target_cross_entropy_and_hits,
+    target_token_loss,
+)
 from finetune.templates import IGNORE_INDEX
 
 TOLERANCE = 1e-3  # relative, fp32; the correct paths differ by ~1e-6, a leak by ~1e-1
@@ -377,8 +389,8 @@ def test_frozen_weights_stored_in_bf16_train_bit_identically(demo_model_dir, tmp
 
     from safetensors.torch import load_file
 
-    from finetune.speed import fast_trainer
     from finetune.config import RunConfig
+    from finetune.speed import fast_trainer
     from finetune.train import train
 
     seen = {}
@@ -473,7 +485,8 @@ def test_segment_attention_backward_is_the_same_whether_it_keeps_or_recomputes_p
     monkeypatch.setattr(segment_attention, "BLOCK_ROWS", 4)
     g = torch.Generator().manual_seed(1)
     lengths, heads, kv_heads, dim = (3, 9, 6), 4, 2, 8
-    leaves = [torch.randn(1, h, sum(lengths), dim, generator=g, requires_grad=True) for h in (heads, kv_heads, kv_heads)]
+    leaves = [torch.randn(1, h, sum(lengths), dim, generator=g, requires_grad=True)
+              for h in (heads, kv_heads, kv_heads)]
     weights = torch.randn(1, sum(lengths), heads, dim, generator=g)
     cu = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
 

@@ -11,9 +11,21 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from finetune.data import SkippedRow, normalize_rows
 from finetune.demo import demo_model_path
 from finetune.errors import ConfigError, DataError
-from finetune.templates import (ALPACA_PREAMBLE, ALPACA_TEMPLATE, BUILTIN_TEMPLATES, CHATML_TEMPLATE, IGNORE_INDEX,
-                                apply_template_choice, encode_example, ensure_pad_token, loss_token_count,
-                                preview_text, prompt_ids, render_preview, system_turn_notice)
+from finetune.templates import (
+    ALPACA_PREAMBLE,
+    ALPACA_TEMPLATE,
+    BUILTIN_TEMPLATES,
+    CHATML_TEMPLATE,
+    IGNORE_INDEX,
+    apply_template_choice,
+    encode_example,
+    ensure_pad_token,
+    loss_token_count,
+    preview_text,
+    prompt_ids,
+    render_preview,
+    system_turn_notice,
+)
 from real_models import real_tokenizer, save_tiny_model
 
 # HuggingFaceTB/SmolLM2-135M-Instruct's chat template (ChatML with a default system prompt, no

@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from trl import SFTTrainer
 
+from ..templates import IGNORE_INDEX
 from . import LEVERS
 from .batching import PaddedCollator, PaddingFreeCollator, forward, padding_free_mode
 from .dropout import cpu_dropout
-from ..templates import IGNORE_INDEX
 
 
 def accepts_logits_to_keep(model) -> bool:

@@ -192,6 +192,13 @@ def test_a_dpo_run_on_init_from_measures_from_the_sft_model(sft_run, demo_model_
     assert result.results["preference"]["margin_before"] == pytest.approx(before["margin"], abs=1e-4)
     assert read_metrics(tmp_path / "dpo")[0]["rewards/margins"] == 0.0  # step 1: the policy is the SFT reference
     assert [s["stage"] for s in result.results["stages"]] == ["sft", "dpo"]
+    # the model card says which stages produced the adapter
+    from finetune.model_card import build_model_card, front_matter
+
+    card = build_model_card(tmp_path / "dpo", "me/demo-dpo", loss_curve=None)
+    assert ("trained with supervised fine-tuning (TRL `SFTTrainer`) on rows passed in directly, then with DPO (TRL "
+            "`DPOTrainer`) on rows passed in directly (not a file).") in card
+    assert front_matter(card)["tags"] == ["lora", "sft", "dpo", "trl", "demo-model"]
 
 
 # ----------------------------------------------------------------------------- ORPO, QLoRA

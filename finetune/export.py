@@ -182,9 +182,13 @@ def quantize_gguf(src: Path, dst: Path, quant: str) -> Path:
     `llama-quantize`; only tiny models have such rows.
     """
     import ctypes
+    import logging
 
     import llama_cpp
 
+    # llama.cpp's log goes through this logger; ERROR shows its warnings (its level numbers are one above
+    # llama-cpp-python's table) and hides the per-tensor dump.
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANTS[quant]
     params.nthread = os.cpu_count() or 1

@@ -1,4 +1,4 @@
-"""`finetune {train,eval,merge,chat,preview,push,demo}` (or `python -m finetune ...`).
+"""`finetune {train,eval,merge,export,chat,preview,push,demo}` (or `python -m finetune ...`).
 
 Expected mistakes (bad config, bad data, missing model) print one `error: ...` line and exit 2;
 anything else is a bug and keeps its traceback. The package's log messages reach stderr as plain lines
@@ -174,9 +174,20 @@ def cmd_merge(args) -> int:
     from .merge import merge_adapter
 
     out = args.out or str(RunFolder(args.run_dir).merged_dir)
-    report = merge_adapter(args.run_dir, out, dtype=args.dtype)
-    print(f"merged model written to {report.out_dir} (max |logit diff| vs base+adapter: "
+    report = merge_adapter(args.run_dir, out, dtype=args.dtype, quantize=args.quantize)
+    saved = f" (saved in bitsandbytes {args.quantize} form)" if args.quantize else ""
+    print(f"merged model written to {report.out_dir}{saved} (max |logit diff| vs base+adapter: "
           f"{report.max_abs_logit_diff:.2e})")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_gguf, print_export
+
+    result = export_gguf(args.run_dir, args.out, quant=args.quant, prompts=args.prompt or None, limit=args.limit,
+                         compare_tokens=args.compare_tokens,
+                         progress=lambda message: print(message, file=sys.stderr))
+    print_export(result)
     return 0
 
 
@@ -248,10 +259,14 @@ def cmd_push(args) -> int:
         from .merge import merge_adapter
 
         run = RunFolder(args.run_dir)
-        if run.model_dir.is_dir():
+        if run.model_dir.is_dir() and args.quantize:
+            from .merge import save_bnb_quantized
+
+            merged_dir = save_bnb_quantized(run.model_dir, run.root / f"model-{args.quantize}", args.quantize)
+        elif run.model_dir.is_dir():
             merged_dir = run.model_dir
         else:
-            merged_dir = Path(merge_adapter(args.run_dir, str(run.merged_dir)).out_dir)
+            merged_dir = Path(merge_adapter(args.run_dir, str(run.merged_dir), quantize=args.quantize).out_dir)
     result = push_run(args.run_dir, args.repo, what=args.what, token=token, private=not args.public,
                       commit_message=args.message, merged_dir=merged_dir)
     print(result)
@@ -336,7 +351,21 @@ def build_parser(prog: str = "finetune") -> argparse.ArgumentParser:
     m.add_argument("run_dir", help="run folder or adapter folder")
     m.add_argument("--out", default=None, help="output folder (default: RUN_DIR/merged)")
     m.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    m.add_argument("--quantize", default=None, choices=["4bit", "8bit"],
+                   help="save the merged model in bitsandbytes 4-bit (NF4) or 8-bit form")
     m.set_defaults(func=cmd_merge)
+
+    x = sub.add_parser("export", parents=[flags],
+                       help="export to GGUF (llama.cpp / Ollama) with a Modelfile and a parity check")
+    x.add_argument("run_dir", help="run folder")
+    x.add_argument("--format", default="gguf", choices=["gguf"])
+    x.add_argument("--quant", default="f16", choices=["f16", "q8_0", "q4_k_m"])
+    x.add_argument("--out", default=None, help="output folder (default: RUN_DIR/gguf)")
+    x.add_argument("--prompt", action="append", help="a user message for the parity check (repeatable; default: "
+                                                     "the run's test prompts)")
+    x.add_argument("--limit", type=int, default=8, help="parity-check at most N prompts (default: 8)")
+    x.add_argument("--compare-tokens", type=int, default=32, help="greedy tokens compared per prompt (default: 32)")
+    x.set_defaults(func=cmd_export)
 
     c = sub.add_parser("chat", parents=[flags],
                        help="chat in the terminal with the fine-tuned model (--compare: base too)")
@@ -358,6 +387,8 @@ def build_parser(prog: str = "finetune") -> argparse.ArgumentParser:
     ps.add_argument("--what", default="adapter", choices=["adapter", "merged", "both"])
     ps.add_argument("--public", action="store_true", help="make a new repo public (default: private)")
     ps.add_argument("--message", default=None, help="commit message")
+    ps.add_argument("--quantize", default=None, choices=["4bit", "8bit"],
+                    help="push the merged model in bitsandbytes 4-bit (NF4) or 8-bit form")
     ps.set_defaults(func=cmd_push)
 
     d = sub.add_parser("demo", parents=[flags], help="build (once) and print the folder of the offline demo model")

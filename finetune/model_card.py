@@ -147,6 +147,7 @@ def build_model_card(run_dir: str | Path, repo_id: str, *, kind: CardKind = "ada
         _hyperparameter_section(config, results),
         _usage_section(config, results, repo_id, kind),
         _prompt_format_section(config, tokenizer_dir),
+        _export_section(run_dir),
         _files_section(kind, loss_curve),
         _versions_section(results),
     ]
@@ -394,6 +395,12 @@ def _prompt_format_section(config: RunConfig, tokenizer_dir: str | Path) -> str:
     return ("## Prompt format\n\nThe tokenizer carries the chat template used in training, "
             f"so `apply_chat_template` produces the right format.{system} A conversation renders as:\n\n"
             f"```text\n{example.rstrip()}\n```\n")
+
+
+def _export_section(run_dir: Path) -> str:
+    from .export import card_section  # the GGUF export owns its report; "" when the run has none
+
+    return card_section(run_dir)
 
 
 def _files_section(kind: CardKind, loss_curve: str | None) -> str:

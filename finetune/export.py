@@ -462,8 +462,8 @@ def check_prompt_tokens(trained: list[int], in_gguf: list[int], tokenizer) -> No
         raise ExportMismatch("bos", f"only {who} starts the prompt with BOS {tokenizer.bos_token!r}; the GGUF's "
                                     "`tokenizer.ggml.add_bos_token` doesn't match the trained tokenizer")
     at = next((i for i, (a, b) in enumerate(zip(trained, in_gguf)) if a != b), min(len(trained), len(in_gguf)))
-    raise ExportMismatch("template", f"the prompt tokens differ from position {at}: trained "
-                                     f"{tokenizer.decode(trained[at:at + 8])!r}, GGUF {tokenizer.decode(in_gguf[at:at + 8])!r}")
+    ours, theirs = tokenizer.decode(trained[at:at + 8]), tokenizer.decode(in_gguf[at:at + 8])
+    raise ExportMismatch("template", f"the prompt tokens differ from position {at}: trained {ours!r}, GGUF {theirs!r}")
 
 
 def _compare(turns, hf_answer, gguf_answer, hf_logits, gguf_logits, stop_ids, tokenizer) -> dict:

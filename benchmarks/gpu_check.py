@@ -8,8 +8,9 @@ Per model (random weights built on the GPU, saved once with the demo tokenizer, 
 - lora-bf16, lora-fp16 (what a T4 gets), qlora (4-bit NF4 through CUDA bitsandbytes): `finetune.train.train`
   on synthetic prompt/completion rows, exactly as the CLI runs it (padding-free batches on); tokens/s is the
   steady state from metrics.jsonl (step 1, with its CUDA warm-up, excluded);
-- padding-free: one LoRA micro-batch padded vs padding-free (`finetune.batching`, sdpa with the block mask):
-  same loss and gradients, and the speed of each (collate + forward + backward);
+- padding-free: one LoRA micro-batch padded vs padding-free (`finetune.speed.batching`, sdpa with
+  transformers' packed-sequence masks from `position_ids`): same loss and gradients, and the speed of each
+  (collate + forward + backward);
 - flash-attn: the same with FlashAttention-2 varlen (`position_ids`), when `flash_attn` imports;
 - merge: `finetune.merge.merge_adapter` of the lora-bf16 run: merged vs base + adapter logits (fp32: exact up
   to summation order; bf16, the app's default, reported), and that the merge changed the base's logits;
@@ -251,6 +252,7 @@ def matmul_peak_flops(dtype_name: str, size: int = 8192, reps: int = 20) -> floa
 def save_model_folder(spec: ModelSpec, folder: Path) -> Path:
     """The random-weight model (bf16, built on the GPU) and the demo tokenizer, loadable as `base_model`."""
     import torch
+
     from finetune.demo import IM_END, PAD_TOKEN, build_demo_tokenizer
 
     tokenizer = build_demo_tokenizer()
@@ -296,6 +298,7 @@ def outcome(ok: bool, *, tokens_per_s: float | None = None, mfu: float | None = 
 def check_auto_precision(ctx: Context, model: None) -> dict:
     """`precision: auto` picks bf16 on GPUs with native bf16 (compute capability 8.0+), fp16 below (T4, V100)."""
     import torch
+
     from finetune.models import resolve_precision
 
     major, minor = torch.cuda.get_device_capability()
@@ -315,7 +318,8 @@ def check_fp16_gradient(ctx: Context, model: None) -> dict:
     in the accumulated batch (8 x 512-token examples)."""
     import torch
     import torch.nn.functional as F
-    from finetune.fast_trainer import target_cross_entropy
+
+    from finetune.speed.fast_trainer import target_cross_entropy
 
     rows, vocab, count = 512, 49152, 4000.0
     generator = torch.Generator(DEVICE).manual_seed(0)
@@ -390,7 +394,8 @@ def check_qlora(ctx: Context, model: str) -> dict:
 def _timed_micro_batches(model, collator, features: list[dict], reps: int) -> dict:
     """Collate + forward + backward of one micro-batch, `reps` times after a warm-up: loss, LoRA gradients, s."""
     import torch
-    from finetune.fast_trainer import target_token_loss
+
+    from finetune.speed.fast_trainer import target_token_loss
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     loss = None
@@ -416,8 +421,8 @@ def _packed_vs_padded(ctx: Context, model_key: str, attn: str, expected_mode: st
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from finetune.batching import PaddedCollator, PaddingFreeCollator, padding_free_mode
     from finetune.models import load_tokenizer
+    from finetune.speed.batching import PaddedCollator, PaddingFreeCollator, padding_free_mode
 
     folder = ctx.model_dirs[model_key]
     tokenizer = load_tokenizer(str(folder))
@@ -451,7 +456,7 @@ def _packed_vs_padded(ctx: Context, model_key: str, attn: str, expected_mode: st
 
 
 def check_padding_free(ctx: Context, model: str) -> dict:
-    return _packed_vs_padded(ctx, model, "sdpa", "bool_mask")
+    return _packed_vs_padded(ctx, model, "sdpa", "position_ids")
 
 
 def check_flash_attn(ctx: Context, model: str) -> dict | str:
@@ -467,6 +472,7 @@ def check_merge(ctx: Context, model: str) -> dict:
     """merge_adapter's own check (merged vs base + adapter), in fp32 (judged) and bf16 (reported); and that the
     merged model's logits moved away from the base's (else an adapter that was dropped would pass)."""
     import torch
+
     from finetune.merge import check_sequences, merge_adapter
     from finetune.models import load_base_model, load_tokenizer
 
@@ -501,6 +507,7 @@ def check_generate(ctx: Context, model: str) -> dict:
     """The compare view's path: ChatModel.from_run, then `stream` as the base, then as the fine-tuned model
     (greedy). New tokens are counted by a hook on the LM head (one call per produced token)."""
     import torch
+
     from finetune.inference import ChatModel
 
     chat = ChatModel.from_run(ctx.runs[(model, "lora-bf16")])
@@ -574,6 +581,7 @@ def run_check(ctx: Context, model: str | None, check: str, started: float) -> di
 
 def environment() -> dict:
     import torch
+
     from finetune.train import library_versions
 
     props = torch.cuda.get_device_properties(0)

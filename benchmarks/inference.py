@@ -1,7 +1,8 @@
-"""Inference for the compare view: generation speed with the adapter on and off, and the memory of one model
-with a switchable adapter against two loaded models.
+"""Inference for the compare view: generation speed with the adapter on and off, the memory of one model
+with a switchable adapter against two loaded models, and the compare view's two answers one after the other
+(before) against both in one batched pass (after).
 
-    python -m benchmarks.inference                 # 64 new tokens per answer, 3 prompts, ~2 minutes on 2 cores
+    python -m benchmarks.inference                 # 64 new tokens per answer, 3 prompts, ~3 minutes on 2 cores
     python -m benchmarks.inference --new-tokens 128 --prompts 5
 
 Model: the SmolLM2-135M-shaped benchmark model of `train_throughput.py` (same cache) with a LoRA adapter
@@ -14,9 +15,17 @@ What runs is the compare view's code path, `finetune.inference.ChatModel`:
 Each runs in a fresh subprocess, so its peak RSS is its own: it loads, answers every prompt with
 `generate` and `stream`, adapter on and off, greedy (temperature 0), and reports tokens/s per mode.
 
-New tokens are counted exactly by a forward hook on the LM head: generation runs it once per produced
-token (the prefill's call produces the first). Tokens/s is new tokens / wall time of the call (prefill
-included). The last line printed is one JSON object.
+The compare view, one model with the adapter, greedy, each in its own subprocess too:
+- `compare_one_after_other` (before): `stream(adapter=False)`, then `stream(adapter=True)`;
+- `compare_together` (after): `stream_both`, one batched `generate` with the adapter on row 1 only.
+Per pane, from the moment the message is sent: time to its first token, its tokens, and tokens/s = its
+tokens / time to its last token (what the pane's reader waits). Also the time until both panes have a
+first token, and both panes' tokens / time until both are done.
+
+New tokens are counted exactly by a forward hook on the LM head: generation runs it once per decoding step
+(the prefill's call produces the first token); in the batched pass one call produces a token for each row,
+and a pane's last token comes from call number `PaneText.tokens`. Tokens/s is new tokens / wall time of the
+call (prefill included). The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -107,6 +116,56 @@ def worker(setup: str, model_dir: Path, n_prompts: int, new_tokens: int) -> dict
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # KiB on Linux
 
 
+def compare_worker(setup: str, model_dir: Path, n_prompts: int, new_tokens: int) -> dict:
+    """The compare view's two answers per prompt, one after the other or together; per-pane timings."""
+    from finetune.inference import ChatModel
+
+    adapter, _ = adapter_assets(model_dir)
+    chat = ChatModel(str(model_dir), adapter, tokenizer_path=model_dir)
+    steps: list[float] = []  # perf_counter() at each LM head call: one per decoding step
+    chat.model.get_output_embeddings().register_forward_hook(lambda *_: steps.append(time.perf_counter()))
+    answer = one_after_other if setup == "compare_one_after_other" else together
+    answer(chat, prompts(1)[0], 4, steps)  # warm-up: first-call allocations, thread pools
+    runs = [answer(chat, text, new_tokens, steps) for text in prompts(n_prompts)]
+    medians = {key: statistics.median(run[key] for run in runs) for key in runs[0] if key != "answers"}
+    return {**medians, "answers": [run["answers"] for run in runs],
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # KiB on Linux
+
+
+def one_after_other(chat, text: str, new_tokens: int, steps: list[float]) -> dict:
+    """Before: the base answer streams, then the fine-tuned one (each pane's steps are its own)."""
+    steps.clear()
+    sent = time.perf_counter()
+    panes = []
+    for adapter in (False, True):
+        first = len(steps)
+        answer = "".join(chat.stream(text, adapter=adapter, max_new_tokens=new_tokens, temperature=0))
+        panes.append((answer, steps[first:]))
+    return pane_figures(sent, [(answer, len(own), own[0], own[-1]) for answer, own in panes])
+
+
+def together(chat, text: str, new_tokens: int, steps: list[float]) -> dict:
+    """After: `stream_both`, one step producing a token for both panes until each ends."""
+    steps.clear()
+    sent = time.perf_counter()
+    *_, (base, tuned) = chat.stream_both(text, max_new_tokens=new_tokens, temperature=0)
+    return pane_figures(sent, [(pane.text, pane.tokens, steps[0], steps[pane.tokens - 1]) for pane in (base, tuned)])
+
+
+def pane_figures(sent: float, panes: list[tuple[str, int, float, float]]) -> dict:
+    """(answer, tokens, first-token time, last-token time) per pane, base first -> the reported figures."""
+    figures = {"both_first_token_s": max(first for _, _, first, _ in panes) - sent,
+               "all_tok_s": sum(n for _, n, _, _ in panes) / (max(last for *_, last in panes) - sent)}
+    for name, (_, n, first, last) in zip(("base", "finetuned"), panes):
+        figures[f"{name}_first_token_s"] = first - sent
+        figures[f"{name}_tok_s"] = n / (last - sent)
+    figures["answers"] = [answer for answer, *_ in panes]
+    return figures
+
+
+COMPARE_SETUPS = ("compare_one_after_other", "compare_together")
+
+
 def spawn(setup: str, model_dir: Path, n_prompts: int, new_tokens: int) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         cmd = [sys.executable, "-m", "benchmarks.inference", "--worker", setup, "--model-dir", str(model_dir),
@@ -122,12 +181,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=3, help="Alpaca instructions to answer (default 3)")
     parser.add_argument("--new-tokens", type=int, default=64, help="max new tokens per answer (default 64)")
-    parser.add_argument("--worker", choices=["one_model", "two_models"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["one_model", "two_models", *COMPARE_SETUPS], help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        result = worker(args.worker, Path(args.model_dir), args.prompts, args.new_tokens)
+        run = compare_worker if args.worker in COMPARE_SETUPS else worker
+        result = run(args.worker, Path(args.model_dir), args.prompts, args.new_tokens)
         Path(args.result).write_text(json.dumps(result))
         return
     model_dir = bench.build_assets(bench.assets_dir())
@@ -140,9 +200,20 @@ def main() -> None:
         print(f"{setup:<11} load {r['load_s']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB; tok/s: {rates}; "
               f"on/off answers differ: {r['answers_differ']}; stream == generate: {r['stream_equals_generate']}")
     one, two = results["one_model"], results["two_models"]
+    compare = {setup: spawn(setup, model_dir, args.prompts, args.new_tokens) for setup in COMPARE_SETUPS}
+    before, after = (compare[setup] for setup in COMPARE_SETUPS)
+    figures = [key for key in before if key not in ("answers", "peak_rss_mb")]
+    print(f"compare view, median of {args.prompts} prompts (before: one after the other; after: together):")
+    for key in figures + ["peak_rss_mb"]:
+        print(f"  {key:<24} before {before[key]:8.2f}  after {after[key]:8.2f}  after/before "
+              f"{after[key] / before[key]:.2f}")
+    print(f"  same answers both ways: {before['answers'] == after['answers']}")
     print(json.dumps({"tok_s": {s: {k: round(v, 1) for k, v in r["tok_s"].items()} for s, r in results.items()},
-                      "peak_rss_mb": {s: round(r["peak_rss_mb"]) for s, r in results.items()},
+                      "peak_rss_mb": {s: round(r["peak_rss_mb"]) for s, r in {**results, **compare}.items()},
                       "rss_saved_mb": round(two["peak_rss_mb"] - one["peak_rss_mb"]),
+                      "compare": {s: {k: round(r[k], 3) for k in figures} for s, r in compare.items()},
+                      "compare_after_over_before": {k: round(after[k] / before[k], 2) for k in figures},
+                      "compare_same_answers": before["answers"] == after["answers"],
                       "load_average": round(os.getloadavg()[0], 2)}))
 
 

@@ -139,8 +139,14 @@ def lora_config():
 def worker_tutorial(model_dir: Path, rows: int, out: Path, variant: str) -> dict:
     from datasets import Dataset
     from peft import get_peft_model
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer,
-                              TrainingArguments, set_seed)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForLanguageModeling,
+        Trainer,
+        TrainingArguments,
+        set_seed,
+    )
 
     examples, _ = encoded_examples(model_dir, rows)
     set_seed(SEED)

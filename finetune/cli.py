@@ -1,4 +1,4 @@
-"""`finetune {train,eval,merge,chat,preview,push,demo}` (or `python -m finetune ...`).
+"""`finetune {train,eval,merge,export,chat,preview,push,demo}` (or `python -m finetune ...`).
 
 Expected mistakes (bad config, bad data, missing model) print one `error: ...` line and exit 2;
 anything else is a bug and keeps its traceback. The package's log messages reach stderr as plain lines
@@ -102,7 +102,7 @@ def _print_results(r: dict, final_dir: Path) -> None:
 
 def cmd_preview(args) -> int:
     from .prepare import preview_data
-    from .templates import preview_text, render_preview
+    from .templates import labelled_turns, preview_text, render_preview, system_turn_notice, tool_format_notice
 
     _data_file_as_dataset(args)
     config = config_from_args(args)
@@ -116,17 +116,42 @@ def cmd_preview(args) -> int:
               "lengths below are estimated from them")
     for notice in data.notices:
         print(f"note: {notice}")
+    shown = data.splits.train[: args.n]
+    for notice in (system_turn_notice(tok, shown), tool_format_notice(tok, shown)):
+        if notice:
+            print(f"note: {notice}")
     if data.skipped:
         print(f"skipped {len(data.skipped)} invalid rows, e.g. row {data.skipped[0].row}: {data.skipped[0].reason}")
     print(f"duplicates removed: {data.splits.duplicates_removed}")
-    for i, ex in enumerate(data.splits.train[: args.n]):
-        segs = render_preview(ex, tok, max_seq_length=config.max_seq_length, train_on_prompt=config.train_on_prompt)
-        print(f"\n--- example {i + 1} (loss on text inside [[ ]]) ---\n{preview_text(segs)}")
+    for i, ex in enumerate(shown):
+        segs = render_preview(ex, tok, max_seq_length=config.max_seq_length, train_on_prompt=config.train_on_prompt,
+                              train_on_reasoning=config.train_on_reasoning)
+        print(f"\n--- example {i + 1} (loss on text inside [[ ]]) ---")
+        for line in labelled_turns(ex, train_on_reasoning=config.train_on_reasoning):
+            print(f"» {line}")
+        print(preview_text(segs))
     sampled = f", estimated from a sample of {prepared.sample:,} rows" if prepared.sample else ""
     print(f"\ntoken lengths per split (max_seq_length = {config.max_seq_length}{sampled}):")
     for split, s in prepared.stats.items():
         print(f"  {split:<10} " + "  ".join(f"{k}={v}" for k, v in s.items()))
+    _print_encoding_report(prepared.report)
     return 0
+
+
+def _print_encoding_report(report: dict[str, dict]) -> None:
+    """Documents → blocks → tokens, and answer tokens lost to truncation, per split (what has any)."""
+    lines = []
+    for split, r in report.items():
+        parts = []
+        if r["documents"]:
+            parts.append(f"documents={r['documents']}  blocks={r['blocks']}  tokens={r['document_tokens']}")
+        if r["chat_examples"]:
+            parts.append(f"answer_tokens={r['answer_tokens']}  answer_tokens_lost={r['answer_tokens_lost']} "
+                         f"({r['answer_tokens_lost_share']:.1%}, in {r['truncated_chat_examples']} truncated examples)")
+        if parts:
+            lines.append(f"  {split:<10} " + "  ".join(parts))
+    if lines:
+        print("\nencoded per split:\n" + "\n".join(lines))
 
 
 def _data_file_as_dataset(args) -> None:
@@ -153,14 +178,25 @@ def cmd_merge(args) -> int:
     from .merge import merge_adapter
 
     out = args.out or str(RunFolder(args.run_dir).merged_dir)
-    report = merge_adapter(args.run_dir, out, dtype=args.dtype)
-    print(f"merged model written to {report.out_dir} (max |logit diff| vs base+adapter: "
+    report = merge_adapter(args.run_dir, out, dtype=args.dtype, quantize=args.quantize)
+    saved = f" (saved in bitsandbytes {args.quantize} form)" if args.quantize else ""
+    print(f"merged model written to {report.out_dir}{saved} (max |logit diff| vs base+adapter: "
           f"{report.max_abs_logit_diff:.2e})")
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export_gguf, print_export
+
+    result = export_gguf(args.run_dir, args.out, quant=args.quant, prompts=args.prompt or None, limit=args.limit,
+                         compare_tokens=args.compare_tokens,
+                         progress=lambda message: print(message, file=sys.stderr))
+    print_export(result)
+    return 0
+
+
 def cmd_chat(args) -> int:
-    from .inference import ChatModel
+    from .inference import ChatModel, describe_tool_calls
 
     chat = ChatModel.from_run(args.run_dir)
     settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -183,12 +219,14 @@ def cmd_chat(args) -> int:
         if not line.strip():
             continue
         history.append({"role": "user", "content": line})
-        sides = [("base", False), ("fine-tuned", True)] if args.compare else [("fine-tuned", True)]
-        answer = ""
-        for label, adapter in sides:
-            print(f"{label}> ", end="", flush=True)
-            answer = "".join(_echo(chat.stream(history, adapter=adapter, **settings)))
+        if args.compare:
+            answer = _print_both(chat.stream_both(history, **settings))
+        else:
+            print("fine-tuned> ", end="", flush=True)
+            answer = "".join(_echo(chat.stream(history, adapter=True, **settings)))
             print()
+        for line in describe_tool_calls(answer):  # a tool call the fine-tuned model emits, shown as one
+            print(f"  (fine-tuned {line})")
         history.append({"role": "assistant", "content": answer})  # the conversation follows the fine-tuned side
 
 
@@ -196,6 +234,24 @@ def _echo(chunks):
     for c in chunks:
         print(c, end="", flush=True)
         yield c
+
+
+def _print_both(updates) -> str:
+    """Print the base answer as it grows, then the fine-tuned one, generated alongside it (it catches up at once
+    when the base answer ends); return the fine-tuned text."""
+    print("base> ", end="", flush=True)
+    side = printed = 0
+    panes = None
+    for panes in updates:
+        text = panes[side].text
+        print(text[printed:], end="", flush=True)
+        printed = len(text)
+        if side == 0 and panes[0].done:
+            text = panes[1].text
+            print("\nfine-tuned> " + text, end="", flush=True)
+            side, printed = 1, len(text)
+    print()
+    return panes[1].text
 
 
 def cmd_push(args) -> int:
@@ -207,10 +263,14 @@ def cmd_push(args) -> int:
         from .merge import merge_adapter
 
         run = RunFolder(args.run_dir)
-        if run.model_dir.is_dir():
+        if run.model_dir.is_dir() and args.quantize:
+            from .merge import save_bnb_quantized
+
+            merged_dir = save_bnb_quantized(run.model_dir, run.root / f"model-{args.quantize}", args.quantize)
+        elif run.model_dir.is_dir():
             merged_dir = run.model_dir
         else:
-            merged_dir = Path(merge_adapter(args.run_dir, str(run.merged_dir)).out_dir)
+            merged_dir = Path(merge_adapter(args.run_dir, str(run.merged_dir), quantize=args.quantize).out_dir)
     result = push_run(args.run_dir, args.repo, what=args.what, token=token, private=not args.public,
                       commit_message=args.message, merged_dir=merged_dir)
     print(result)
@@ -295,12 +355,26 @@ def build_parser(prog: str = "finetune") -> argparse.ArgumentParser:
     m.add_argument("run_dir", help="run folder or adapter folder")
     m.add_argument("--out", default=None, help="output folder (default: RUN_DIR/merged)")
     m.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    m.add_argument("--quantize", default=None, choices=["4bit", "8bit"],
+                   help="save the merged model in bitsandbytes 4-bit (NF4) or 8-bit form")
     m.set_defaults(func=cmd_merge)
+
+    x = sub.add_parser("export", parents=[flags],
+                       help="export to GGUF (llama.cpp / Ollama) with a Modelfile and a parity check")
+    x.add_argument("run_dir", help="run folder")
+    x.add_argument("--format", default="gguf", choices=["gguf"])
+    x.add_argument("--quant", default="f16", choices=["f16", "q8_0", "q4_k_m"])
+    x.add_argument("--out", default=None, help="output folder (default: RUN_DIR/gguf)")
+    x.add_argument("--prompt", action="append", help="a user message for the parity check (repeatable; default: "
+                                                     "the run's test prompts)")
+    x.add_argument("--limit", type=int, default=8, help="parity-check at most N prompts (default: 8)")
+    x.add_argument("--compare-tokens", type=int, default=32, help="greedy tokens compared per prompt (default: 32)")
+    x.set_defaults(func=cmd_export)
 
     c = sub.add_parser("chat", parents=[flags],
                        help="chat in the terminal with the fine-tuned model (--compare: base too)")
     c.add_argument("run_dir", help="run folder")
-    c.add_argument("--compare", action="store_true", help="answer with the base model first, then fine-tuned")
+    c.add_argument("--compare", action="store_true", help="answer with the base model too (both in one pass)")
     c.add_argument("--system", default=None, help="system prompt")
     c.add_argument("--max-new-tokens", type=int, default=256)
     c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -317,6 +391,8 @@ def build_parser(prog: str = "finetune") -> argparse.ArgumentParser:
     ps.add_argument("--what", default="adapter", choices=["adapter", "merged", "both"])
     ps.add_argument("--public", action="store_true", help="make a new repo public (default: private)")
     ps.add_argument("--message", default=None, help="commit message")
+    ps.add_argument("--quantize", default=None, choices=["4bit", "8bit"],
+                    help="push the merged model in bitsandbytes 4-bit (NF4) or 8-bit form")
     ps.set_defaults(func=cmd_push)
 
     d = sub.add_parser("demo", parents=[flags], help="build (once) and print the folder of the offline demo model")

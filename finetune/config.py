@@ -26,12 +26,21 @@ DEMO_MODEL_ID = "demo"
 
 Method = Literal["lora", "qlora", "full"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
+Attention = Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3"]
+FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3")  # CUDA kernels for bf16/fp16 only
 DataFormat = Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text"]
 TemplateChoice = Literal["auto", "tokenizer", "chatml", "alpaca"]
 Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr"]
+Stage = Literal["sft", "dpo", "kto", "orpo"]
 
 # Default learning rates by method: adapters tolerate ~10x more than full fine-tuning.
 DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "full": 2e-5}
+# Preference stages move the model less than SFT does (TRL's own default for full DPO is 1e-6).
+DEFAULT_PREFERENCE_LR = {"lora": 5e-5, "qlora": 5e-5, "full": 1e-6}
+# The loss variants TRL 1.16 offers per preference stage, the default first (ORPO has one loss).
+LOSS_TYPES = {"dpo": ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
+                      "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm"),
+              "kto": ("kto", "apo_zero_unpaired"), "orpo": ("orpo",)}
 
 
 def _f(default: Any, help: str, group: str, **kw) -> Any:
@@ -69,6 +78,8 @@ class RunConfig:
     test_fraction: float = _f(0.1, "Fraction of rows held out for the final test (before/after comparison).",
                               "data")
     train_on_prompt: bool = _f(False, "Put loss on prompt tokens too (default: only on assistant answers).", "data")
+    train_on_reasoning: bool = _f(True, "Train on the assistant's reasoning (`reasoning_content`, `<think>`); false "
+                                  "leaves it out of the examples.", "data")
 
     # --- method ---
     method: Method = _f("lora", "`lora` (adapters on a full-precision base), `qlora` (adapters on a 4-bit NF4 "
@@ -83,11 +94,23 @@ class RunConfig:
                                               "such as [q_proj, v_proj].", "method")
     use_rslora: bool = _f(False, "Rank-stabilised LoRA: scale by alpha/sqrt(r).", "method")
     use_dora: bool = _f(False, "Weight-decomposed LoRA (DoRA). Slower, sometimes better.", "method")
+    stage: Stage = _f("sft", "`sft` learns the answers (supervised fine-tuning); `dpo`, `kto` and `orpo` learn "
+                      "preferences: `dpo` and `orpo` from chosen/rejected pairs, `kto` from answers labelled "
+                      "true/false (pairs work too). Usually run after an SFT run, with `init_from`.", "method")
+    beta: float = _f(0.1, "Preference stages: DPO/KTO's beta, how far the model may move from the reference "
+                     "(the starting model); lower moves further. 0.1 is typical. For ORPO, the weight of the "
+                     "odds-ratio term next to the SFT loss.", "method")
+    loss_type: str | None = _f(None, "Preference loss variant; unset: the stage's usual one. dpo: "
+                               f"{', '.join(LOSS_TYPES['dpo'])}; kto: {', '.join(LOSS_TYPES['kto'])}.", "method")
+    init_from: str | None = _f(None, "Preference stages: a finished run folder (e.g. your SFT run) whose adapter/ "
+                               "(model/ for `method: full`) this stage starts from and measures against; "
+                               "unset: start from the base model.", "method")
 
     # --- training ---
     num_train_epochs: float = _f(3.0, "Passes over the training split (ignored when `max_steps` > 0).", "training")
     max_steps: int = _f(-1, "Stop after this many optimizer steps; -1 means use `num_train_epochs`.", "training")
-    learning_rate: float | None = _f(None, "Peak learning rate; default 2e-4 for LoRA/QLoRA, 2e-5 for full.",
+    learning_rate: float | None = _f(None, "Peak learning rate; default 2e-4 for LoRA/QLoRA, 2e-5 for full "
+                                     "(preference stages: 5e-5 and 1e-6).",
                                      "training")
     lr_scheduler_type: Scheduler = _f("cosine", "Learning-rate schedule after warmup.", "training")
     warmup_ratio: float = _f(0.03, "Fraction of steps spent warming the learning rate up from 0.", "training")
@@ -112,6 +135,11 @@ class RunConfig:
                                             f"cpu_dropout]; any of {', '.join(LEVERS)}. Unset: all on.", "training")
     precision: Precision = _f("auto", "`auto` picks bf16 where supported (CUDA or a bf16 CPU), else fp16 on "
                               "CUDA, else fp32.", "training")
+    attn_implementation: Attention = _f("auto", "Attention kernel: `auto` uses FlashAttention-2 on a CUDA GPU where "
+                                        "the flash-attn package is installed and precision is bf16/fp16, else "
+                                        "transformers' default (`sdpa`); `sdpa`, `eager`, `flash_attention_2` "
+                                        "(flash-attn package) or `flash_attention_3` (flash-attn-3, Hopper GPUs) "
+                                        "force one; the flash kernels need a CUDA GPU and bf16/fp16.", "training")
     early_stopping_patience: int | None = _f(None, "Stop after this many evaluations without a better "
                                              "validation loss, and keep the best checkpoint. Off when unset.",
                                              "training")
@@ -138,7 +166,8 @@ class RunConfig:
         elif self.load_in_4bit:  # lora on a 4-bit base is QLoRA; say it the one way
             self.method = "qlora"
         if self.learning_rate is None:
-            self.learning_rate = DEFAULT_LR[self.method]
+            self.learning_rate = (DEFAULT_LR if self.stage == "sft" else DEFAULT_PREFERENCE_LR)[self.method]
+        _check_stage(self)
         _check(self.learning_rate > 0, "learning_rate", f"must be > 0 (got {self.learning_rate}); try 2e-4 for "
                "LoRA or 2e-5 for full fine-tuning")
         _check(self.lora_r > 0, "lora_r", f"must be > 0 (got {self.lora_r}); 8, 16 or 32 are typical")
@@ -179,6 +208,9 @@ class RunConfig:
         unknown = [lever for lever in self.speed_levers_off or [] if lever not in LEVERS]
         _check(not unknown, "speed_levers_off", f"has unknown lever(s) {', '.join(map(repr, unknown))}; choose from "
                f"{', '.join(LEVERS)} (padding-free batches are switched by `padding_free`)")
+        _check(not (self.attn_implementation in FLASH_ATTENTION and self.precision == "fp32"), "attn_implementation",
+               f"`attn_implementation: {self.attn_implementation}` runs in bf16/fp16 only, and `precision` is fp32; "
+               "set `precision: auto` (or bf16/fp16), or use `attn_implementation: sdpa`")
         _check(bool(self.base_model.strip()), "base_model", "is empty; give a Hub id, a local folder or `demo`")
         _check(bool(self.output_dir.strip()), "output_dir", "is empty; give a folder for the run")
 
@@ -200,7 +232,8 @@ class RunConfig:
         for key in data:
             if key not in names:
                 close = difflib.get_close_matches(str(key), names, n=1)
-                hint = f"; did you mean `{close[0]}`?" if close else "; run `python -m finetune train --help` for the list"
+                hint = (f"; did you mean `{close[0]}`?" if close
+                        else "; run `python -m finetune train --help` for the list")
                 raise ConfigError(f"{source}: unknown field `{key}`{hint}")
         return cls(**data)
 
@@ -231,6 +264,26 @@ class RunConfig:
         for f in dataclasses.fields(cls):
             groups.setdefault(f.metadata["group"], []).append(f.name)
         return groups
+
+
+def _check_stage(cfg: RunConfig) -> None:
+    """The preference fields: valid for the stage, and only where they apply. (That `init_from` is a finished run
+    folder is checked when training starts: a saved config stays readable after that folder is gone.)"""
+    if cfg.stage == "sft":
+        _check(cfg.loss_type is None, "loss_type", "applies to preference stages only; set `stage: dpo`, `kto` or "
+               "`orpo`, or remove `loss_type`")
+        _check(cfg.init_from is None, "init_from", "starts a preference stage from an earlier run; set `stage: dpo`, "
+               "`kto` or `orpo`, or remove `init_from`")
+        return
+    _check(cfg.beta > 0, "beta", f"must be > 0 (got {cfg.beta}); 0.1 is typical")
+    choices = LOSS_TYPES[cfg.stage]
+    _check(cfg.loss_type is None or cfg.loss_type in choices, "loss_type",
+           f"must be one of {', '.join(choices)} for `stage: {cfg.stage}` (got {cfg.loss_type!r})")
+    _check(cfg.init_from is None or bool(cfg.init_from.strip()), "init_from", "is empty; give a run folder or "
+           "remove it")
+    if cfg.stage == "kto" and (cfg.loss_type or "kto") == "kto":  # KTO estimates its KL term within a batch
+        _check(cfg.batch_size >= 2, "batch_size", f"must be at least 2 for `stage: kto` (got {cfg.batch_size}): "
+               "KTO estimates its KL term from the other answers in a batch")
 
 
 def _check(ok: bool, name: str, message: str) -> None:

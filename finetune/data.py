@@ -33,6 +33,9 @@ and a `tools` list of {"type": "function", "function": {JSON schema}} on the exa
 them) as JSON text, its `observation` turn the result, and its `tools` column the schemas as JSON text; OpenAI-style
 rows have assistant turns with `tool_calls` (arguments as JSON text or an object), `role: tool` turns and `tools`.
 
+Reasoning: an assistant turn's `reasoning_content`, `reasoning` or `thinking` field, or its `{"type": "reasoning"}`
+(or `"thinking"`) content parts, become its `reasoning_content` (parts joined with newlines); `templates` renders it.
+
 Preference data is detected and, for supervised fine-tuning, never teaches a bad answer:
 - pairs (a `chosen` and a `rejected` column: ShareGPT conversations ending with the user's turn as in LLaMA-Factory's
   DPO data, prompt/chosen/rejected, or instruction/input/chosen/rejected): the chosen reply is the assistant's answer,
@@ -98,6 +101,8 @@ _MEDIA_PARTS = {"image": "an image", "image_url": "an image", "input_image": "an
                 "input_audio": "an audio", "audio_url": "an audio", "video": "a video", "video_url": "a video"}
 _TEXT_PART_TYPES = ("text", "input_text", "output_text")
 _PART_FIX = 'write each part as {"type": "text", "text": "..."}'
+_REASONING_FIELDS = ("reasoning_content", "reasoning", "thinking")  # the first one present is the turn's reasoning
+_REASONING_PART_TYPES = ("reasoning", "thinking")
 # Keys that are row fields, so a top-level JSON object holding one of them as its only list is a row, not a wrapper.
 _ROW_LIST_KEYS = {"messages", "conversations", "chosen", "rejected"}
 # Hub ids: `name` or `org/name`, letters, digits, `-`, `_`, `.` (huggingface_hub's repo id rules, simplified).
@@ -144,6 +149,8 @@ class PreparedData:
     source: str
     rows_read: int = 0
     notices: list[str] = field(default_factory=list)
+    preference: str | None = None  # NormalizedData.preference
+    preference_rows: list[dict] = field(default_factory=list)  # NormalizedData.preference_rows (all rows, unsplit)
 
 
 # ============================================================================ sources: files, Hub ids, pasted text
@@ -611,7 +618,7 @@ def _resolve_columns(rows: list[dict], fmt: str, column_mapping: dict[str, str] 
         columns["messages"] = mapping.get("messages") or mapping.get("conversations") or \
             _first_present(index, _CONVERSATION_COLUMNS)
         columns.pop("conversations", None)
-        columns["chosen"] = index.get("chosen")
+        columns["chosen"] = index.get("chosen") or index.get("completion")  # the reply to a prompt-only conversation
         columns["tools"] = index.get("tools")
     if fmt != "text":
         columns.update(_preference_columns(columns, index))
@@ -776,13 +783,15 @@ class _RowProblem(Exception):
 
 
 def normalize_rows(rows: list[dict], *, fmt: str = "auto", column_mapping: dict[str, str] | None = None,
-                   system_prompt: str | None = None, skip_invalid: bool = False,
-                   source: str = "<rows>") -> NormalizedData:
+                   system_prompt: str | None = None, skip_invalid: bool = False, source: str = "<rows>",
+                   pairs_required: bool = False) -> NormalizedData:
     """Every row → `{"messages": [...]}` (with `tools` when the row has tool schemas) or `{"text": ...}`; KTO rows
     labelled false are left out and counted. A bad row raises a DataError naming the source, the 1-based row, the
-    field and the fix; with `skip_invalid` it is dropped and recorded in `skipped` instead."""
-    normalizer = RowNormalizer(rows[:_HEAD_ROWS], fmt=fmt, column_mapping=column_mapping,
-                               system_prompt=system_prompt, skip_invalid=skip_invalid, source=source)
+    field and the fix; with `skip_invalid` it is dropped and recorded in `skipped` instead. `pairs_required` (a
+    preference stage) makes a pair row without its `rejected` answer a bad row. (A row the template can't encode is
+    found where the examples are encoded: `prepare.prepare_data`.)"""
+    normalizer = RowNormalizer(rows[:_HEAD_ROWS], fmt=fmt, column_mapping=column_mapping, system_prompt=system_prompt,
+                               skip_invalid=skip_invalid, source=source, pairs_required=pairs_required)
     examples: list[dict] = []
     preference_rows: list[dict] = []
     for number, row in enumerate(rows, 1):
@@ -806,11 +815,12 @@ class RowNormalizer:
     (`_HEAD_ROWS` of them decide the format and columns), then `normalize` each row in order and `finish`."""
 
     def __init__(self, head: list[dict], *, fmt: str = "auto", column_mapping: dict[str, str] | None = None,
-                 system_prompt: str | None = None, skip_invalid: bool = False, source: str = "<rows>"):
+                 system_prompt: str | None = None, skip_invalid: bool = False, source: str = "<rows>",
+                 pairs_required: bool = False):
         self.format, self.columns = _resolve_columns(head, fmt, column_mapping, source)
         self.preference = _preference_kind(head, self.columns)
         self.system_prompt = system_prompt if system_prompt and system_prompt.strip() else None
-        self.skip_invalid, self.source = skip_invalid, source
+        self.skip_invalid, self.source, self.pairs_required = skip_invalid, source, pairs_required
         self.skipped: list[SkippedRow] = []
         self.kept = self.label_false = 0
         self._first_problem = ""
@@ -819,9 +829,10 @@ class RowNormalizer:
         """(the example, or None when the row is skipped or labelled false; its preference record or None)."""
         try:
             example = _normalize_row(row, self.format, self.columns, self.system_prompt)
-            record = _preference_row(row, example, self.columns, self.preference) if self.preference else None
+            record = (_preference_row(row, example, self.columns, self.preference, self.pairs_required)
+                      if self.preference else None)
         except _RowProblem as p:
-            message = f"{self.source}, row {number}: {p.reason}; {p.fix}"
+            message = f"{self.source}, row {number}: {p.reason}" + (f"; {p.fix}" if p.fix else "")
             if not self.skip_invalid:
                 raise DataError(message + SKIP_HINT, source=self.source, row=number, field=p.field) from None
             self.skipped.append(SkippedRow(number, p.reason))
@@ -879,9 +890,11 @@ def _normalize_row(row: Any, fmt: str, columns: dict[str, str], system_prompt: s
             user = f"{user}\n\n{extra}"
         answer = _required_text(row, columns["output"], "every row needs a non-empty answer")
         turns = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    elif isinstance(_parse_turns(row.get(columns["prompt"])), list):  # TRL's conversational shape: prompt turns
+        turns = _conversation_turns(row, {"messages": columns["prompt"], "chosen": columns["completion"]}, "messages")
     else:  # prompt_completion
         user = _required_text(row, columns["prompt"], "every row needs a non-empty prompt")
-        answer = _required_text(row, columns["completion"], "every row needs a non-empty answer")
+        answer = _answer_text(row, columns["completion"])
         turns = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
     if turns[0]["role"] != "system":
         system = _optional_text(row, columns.get("system")) or system_prompt
@@ -891,13 +904,18 @@ def _normalize_row(row: Any, fmt: str, columns: dict[str, str], system_prompt: s
     return {"messages": turns, "tools": tools} if tools else {"messages": turns}
 
 
-def _preference_row(row: dict, example: dict, columns: dict[str, str], kind: str) -> dict | None:
+def _preference_row(row: dict, example: dict, columns: dict[str, str], kind: str,
+                    pairs_required: bool = False) -> dict | None:
     """The row in TRL's conversational preference shape: {prompt, chosen, rejected} or {prompt, completion, label};
-    None for a row of a pairs file with no rejected answer (it is still a fine-tuning example, but no pair)."""
+    None for a row of a pairs file with no rejected answer (it is still a fine-tuning example, but no pair), unless
+    `pairs_required`."""
     messages = example["messages"]
     record: dict[str, Any] = {"prompt": messages[:-1]}
     if kind == "pairs":
         rejected = columns["rejected"]
+        if row.get(rejected) is None and pairs_required:
+            raise _RowProblem(f"field `{rejected}` is missing", "a preference stage needs the rejected answer of "
+                              "every pair", rejected)
         if row.get(rejected) is None:
             return None
         record.update(chosen=messages[-1:], rejected=[_reply_turn(row.get(rejected), rejected)])
@@ -906,6 +924,14 @@ def _preference_row(row: dict, example: dict, columns: dict[str, str], kind: str
     if "tools" in example:
         record["tools"] = example["tools"]
     return record
+
+
+def _answer_text(row: dict, column: str) -> str:
+    """A prompt/completion row's answer: text, or an assistant turn (a list ending in one) as TRL writes it."""
+    value = row.get(column)
+    if isinstance(value, (list, dict)):
+        return _reply_turn(value, column)["content"]
+    return _required_text(row, column, "every row needs a non-empty answer")
 
 
 def _kto_label(row: dict, column: str) -> bool:
@@ -1004,22 +1030,57 @@ def _turn(turn: Any, number: int, column: str, shape_fix: str) -> dict:
     content = turn.get(content_key) if content_key else None
     if raw_role.strip().lower() == "function_call":  # ShareGPT: the turn's text is the call, as JSON
         return {"role": "assistant", "content": "", "tool_calls": _sharegpt_calls(content, where, column)}
+    content, reasoning = _split_reasoning(turn, content, where, role, column)
+    thought = {} if reasoning is None else {"reasoning_content": reasoning}
     if calls is not None:
         if role != "assistant":
             raise _RowProblem(f"{where} ({role}) has `tool_calls`, but only assistant turns call tools",
                               "move the calls to the assistant turn that makes them", column)
         text = "" if content is None else _content_text(content, where, role, column)
         _check_encodable(text, where, column)
-        return {"role": "assistant", "content": text, "tool_calls": _tool_calls(calls, where, column)}
+        return {"role": "assistant", "content": text, **thought, "tool_calls": _tool_calls(calls, where, column)}
     content = _content_text(content, where, role, column)
     if role != "system" and not content.strip():
         fix = "write what the tool returned" if role == "tool" else "every user and assistant turn needs content"
         raise _RowProblem(f"{where} ({role}) is empty", fix, column)
     _check_encodable(content, where, column)
-    out = {"role": role, "content": content}
+    out = {"role": role, "content": content, **thought}
     if role == "tool" and isinstance(turn.get("tool_call_id"), str) and turn["tool_call_id"]:
         out["tool_call_id"] = turn["tool_call_id"]  # some templates (Mistral's) pair results with calls by id
     return out
+
+
+def _split_reasoning(turn: dict, content: Any, where: str, role: str, column: str) -> tuple[Any, str | None]:
+    """A turn's reasoning (its first `reasoning_content`/`reasoning`/`thinking` field, and its reasoning content
+    parts, joined with newlines; None when it has none) and its content without those parts."""
+    texts = []
+    field_name = next((key for key in _REASONING_FIELDS if turn.get(key) not in (None, "")), None)
+    if field_name is not None:
+        if not isinstance(turn[field_name], str):
+            raise _RowProblem(f"{where} ({role}) has `{field_name}` of type {_kind(turn[field_name])}, not text",
+                              "write the reasoning as a string", column)
+        texts.append(turn[field_name])
+    if isinstance(content, list):
+        kept = []
+        for number, part in enumerate(content, 1):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if not (isinstance(kind, str) and kind.strip().lower() in _REASONING_PART_TYPES):
+                kept.append(part)
+                continue
+            text = next((part[key] for key in ("text", "reasoning", "thinking", "value")
+                         if isinstance(part.get(key), str)), None)
+            if text is None:
+                raise _RowProblem(f"{where} ({role}) has reasoning part {number} with no text",
+                                  'write it as {"type": "reasoning", "text": "..."}', column)
+            texts.append(text)
+        content = kept
+    reasoning = "\n".join(texts) if any(text.strip() for text in texts) else None
+    if reasoning is not None and role != "assistant":
+        raise _RowProblem(f"{where} ({role}) has reasoning, but only assistant turns reason",
+                          "move the reasoning to the assistant's reply, or remove it", column)
+    if reasoning is not None:
+        _check_encodable(reasoning, where, column)
+    return content, reasoning
 
 
 def _content_text(content: Any, where: str, role: str, column: str) -> str:
@@ -1270,7 +1331,8 @@ class ExampleStore:
 
     `table` is a `datasets.Dataset` with columns `row` (the 1-based source row, for messages) and `example` (the
     example as JSON text): memory-mapped from the data cache for files and Hub datasets, so that a million
-    examples cost no Python objects until they are read.
+    examples cost no Python objects until they are read. Preference rows (what a preference stage learns from,
+    `NormalizedData.preference_rows`) are kept as a list with their source rows: they are read only for that.
     """
 
     table: Any
@@ -1282,6 +1344,8 @@ class ExampleStore:
     notices: list[str]
     folder: Path | None = None  # its data-cache folder; None for rows given in memory (not cached)
     key: str | None = None      # its cache key
+    preference: str | None = None  # NormalizedData.preference
+    preference_rows: list[tuple[int, dict]] = field(default_factory=list)  # (source row, preference row)
 
     def split(self, config: RunConfig, keep: list[int] | None = None,
               skipped: list[SkippedRow] | None = None) -> PreparedData:
@@ -1295,8 +1359,10 @@ class ExampleStore:
         train, validation, test = (ExampleList(self.table, [keep[i] for i in part]) for part in parts)
         splits = Splits(train=train, validation=validation, test=test, duplicates_removed=self.duplicates_removed)
         all_skipped = sorted([*self.skipped, *(skipped or [])], key=lambda s: s.row)
+        dropped = {s.row for s in skipped or []}  # a row the encoder refused is no preference row either
         return PreparedData(splits=splits, format=self.format, skipped=all_skipped, source=self.source,
-                            rows_read=self.rows_read, notices=self.notices)
+                            rows_read=self.rows_read, notices=self.notices, preference=self.preference,
+                            preference_rows=[record for row, record in self.preference_rows if row not in dropped])
 
 
 class ExampleList(Sequence):
@@ -1360,7 +1426,8 @@ def collect_examples(config: RunConfig, rows: list[dict] | None = None, *, sourc
         return _store_examples(config, stream, source, folder=None)
     key = data_cache.cache_key("examples", identity, source, config.data_format, config.column_mapping,
                                config.system_prompt, config.skip_invalid, config.max_rows, config.dataset_split,
-                               config.dataset_config, data_cache.code_digest(sys.modules[__name__]))
+                               config.dataset_config, _pairs_required(config),
+                               data_cache.code_digest(sys.modules[__name__]))
     folder = data_cache.cache_root() / key
     meta = data_cache.read_json(folder / _STORE_META)
     if meta is not None and (folder / _STORE_TABLE).is_file():
@@ -1377,7 +1444,7 @@ def collect_examples(config: RunConfig, rows: list[dict] | None = None, *, sourc
     return _open_store(folder, key, data_cache.read_json(folder / _STORE_META) or _store_meta(store))
 
 
-_STORE_TABLE, _STORE_META = "examples.arrow", "examples.json"
+_STORE_TABLE, _STORE_META, _STORE_PREFERENCE = "examples.arrow", "examples.json", "preference.jsonl"
 _WRITE_BATCH = 1000  # examples per Arrow record batch
 
 
@@ -1388,7 +1455,9 @@ def _store_examples(config: RunConfig, stream: RowStream, source: str, folder: P
     rows = iter(stream)
     head = list(itertools.islice(rows, _HEAD_ROWS))
     normalizer = RowNormalizer(head, fmt=config.data_format, column_mapping=config.column_mapping,
-                               system_prompt=config.system_prompt, skip_invalid=config.skip_invalid, source=source)
+                               system_prompt=config.system_prompt, skip_invalid=config.skip_invalid, source=source,
+                               pairs_required=_pairs_required(config))
+    preference_rows: list[tuple[int, dict]] = []
     schema = pa.schema([("row", pa.int64()), ("example", pa.string())])
     sink = pa.OSFile(str(folder / _STORE_TABLE), "wb") if folder else pa.BufferOutputStream()
     seen: set[bytes] = set()
@@ -1397,7 +1466,9 @@ def _store_examples(config: RunConfig, stream: RowStream, source: str, folder: P
     rows_read = duplicates = 0
     with pa.ipc.new_stream(sink, schema) as writer:
         for rows_read, row in enumerate(itertools.chain(head, rows), 1):
-            example, _ = normalizer.normalize(rows_read, row)
+            example, record = normalizer.normalize(rows_read, row)
+            if record is not None:
+                preference_rows.append((rows_read, record))
             if example is None:
                 continue
             key = duplicate_key(example)
@@ -1414,7 +1485,8 @@ def _store_examples(config: RunConfig, stream: RowStream, source: str, folder: P
             writer.write_batch(pa.record_batch([numbers, texts], schema=schema))
     notices = normalizer.finish(rows_read, stream.text_split)
     store = ExampleStore(table=None, format=normalizer.format, skipped=normalizer.skipped, source=source,
-                         rows_read=rows_read, duplicates_removed=duplicates, notices=notices)
+                         rows_read=rows_read, duplicates_removed=duplicates, notices=notices,
+                         preference=normalizer.preference, preference_rows=preference_rows)
     if folder is None:
         from datasets import Dataset
         from datasets.table import InMemoryTable
@@ -1424,22 +1496,36 @@ def _store_examples(config: RunConfig, stream: RowStream, source: str, folder: P
         from . import data_cache
 
         sink.close()
+        if preference_rows:
+            with (folder / _STORE_PREFERENCE).open("w", encoding="utf-8") as f:
+                f.writelines(json.dumps(item, ensure_ascii=False) + "\n" for item in preference_rows)
         data_cache.write_json(folder / _STORE_META, _store_meta(store))
     return store
 
 
+def _pairs_required(config: RunConfig) -> bool:
+    """A pairs stage (DPO, ORPO) needs every row's rejected answer: a row without one is a bad row there."""
+    return config.stage in ("dpo", "orpo")
+
+
 def _store_meta(store: ExampleStore) -> dict:
     return {"format": store.format, "skipped": [[s.row, s.reason] for s in store.skipped], "source": store.source,
-            "rows_read": store.rows_read, "duplicates_removed": store.duplicates_removed, "notices": store.notices}
+            "rows_read": store.rows_read, "duplicates_removed": store.duplicates_removed, "notices": store.notices,
+            "preference": store.preference}
 
 
 def _open_store(folder: Path, key: str, meta: dict) -> ExampleStore:
     from datasets import Dataset
 
+    preference_rows = []
+    if meta["preference"] is not None and (folder / _STORE_PREFERENCE).is_file():
+        with (folder / _STORE_PREFERENCE).open(encoding="utf-8") as f:
+            preference_rows = [(row, record) for row, record in map(json.loads, f)]
     return ExampleStore(table=Dataset.from_file(str(folder / _STORE_TABLE)), format=meta["format"],
                         skipped=[SkippedRow(row, reason) for row, reason in meta["skipped"]], source=meta["source"],
                         rows_read=meta["rows_read"], duplicates_removed=meta["duplicates_removed"],
-                        notices=meta["notices"], folder=folder, key=key)
+                        notices=meta["notices"], folder=folder, key=key, preference=meta["preference"],
+                        preference_rows=preference_rows)
 
 
 def write_split_files(splits: Splits, folder: str | Path) -> dict[str, Path]:

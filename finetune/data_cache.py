@@ -5,6 +5,7 @@ every example) takes minutes; a second run, a resume or another run on the same 
 
     <cache>/<examples key>/examples.arrow        unique normalised examples in source order: row, example (JSON)
                            examples.json         how they were read: format, skipped rows, notices, counts
+                           preference.jsonl      preference rows with their source rows (preference data only)
                            encoded-<key>*.arrow  token ids and labels for one tokenizer + template + settings
                            encoded-<key>.json    rows that could not be encoded; written last, so it marks a
                                                  complete entry

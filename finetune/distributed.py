@@ -157,7 +157,8 @@ def _validate_fsdp(config, settings: LaunchSettings) -> None:
         raise ConfigError("`method: qlora` can't be sharded with FSDP here: FSDP needs the 4-bit weights stored "
                           "in the compute dtype (bnb_4bit_quant_storage=bfloat16) and this tool stores them as "
                           "uint8. Use `method: lora` with FSDP, or QLoRA with plain data parallel "
-                          "(examples/accelerate/ddp.yaml) or DeepSpeed ZeRO-2 (examples/accelerate/deepspeed_zero2.yaml)")
+                          "(examples/accelerate/ddp.yaml) or DeepSpeed ZeRO-2 "
+                          "(examples/accelerate/deepspeed_zero2.yaml)")
     if settings.fsdp_state_dict_type != "FULL_STATE_DICT":
         raise ConfigError(f"FSDP `fsdp_state_dict_type: {settings.fsdp_state_dict_type}` would leave the final "
                           f"{'model' if config.method == 'full' else 'adapter'}/ folder empty (the Trainer saves "

@@ -223,8 +223,14 @@ def hub_error_message(exc: BaseException, what: str, repo_id: str | None, *, rev
     token, no permission, invalid id, offline mode, no network, rate limit, Hub outage, and model-card
     metadata the Hub refused. Works for exceptions from `huggingface_hub`, `httpx2` and `requests`.
     """
-    from huggingface_hub.errors import (GatedRepoError, HFValidationError, LocalEntryNotFoundError,
-                                        RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     name = f"{what} `{repo_id}`" if repo_id else what
     http = _http_failure(exc)
@@ -278,7 +284,7 @@ def hub_error(exc: BaseException, what: str, repo_id: str | None, *, revision: s
 def _is_hub_failure(exc: BaseException) -> bool:
     """An error the Hub, the network or the user's input caused (vs. a bug in our code)."""
     import httpx2
-    from huggingface_hub.errors import HFValidationError, HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
     if isinstance(exc, (HfHubHTTPError, LocalEntryNotFoundError, HFValidationError, httpx2.HTTPError)):
         return True
@@ -526,10 +532,16 @@ def _folder_files(folder: Path) -> dict[str, Path]:
 def _stage_extras(run_dir: Path, part: _Part, staging: Path, license: str | None) -> dict[str, Path]:
     """Write the card, loss curve, redacted config/results (and, for merged models, any missing
     generation config or chat template) into `staging`; return repo path → staged file."""
-    from .model_card import (CONFIG_FILE, LOSS_CURVE_FILE, RESULTS_FILE, build_model_card, plot_loss_curve,
-                             redact_local_paths)
-
     import yaml
+
+    from .model_card import (
+        CONFIG_FILE,
+        LOSS_CURVE_FILE,
+        RESULTS_FILE,
+        build_model_card,
+        plot_loss_curve,
+        redact_local_paths,
+    )
 
     run = RunFolder(run_dir)
     extras: dict[str, Path] = {}

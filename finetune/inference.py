@@ -5,12 +5,20 @@
 or `stream` (text chunks as they are produced). `adapter=False` answers as the base model by
 disabling the LoRA layers for that call (`PeftModel.disable_adapter`): no second copy of the base.
 
+`stream_both` answers as base and fine-tuned at once for the compare view: one batched `generate` over the
+one copy of the weights, row 0 with the adapter off and row 1 with it on (PEFT's mixed-adapter batches), so
+both panes grow together.
+
 A full fine-tune has no adapter to switch off, so `ChatModel` then holds two models (base and
-fine-tuned) and `has_adapter` is False; memory doubles. That is the only case with two copies.
+fine-tuned) and `has_adapter` is False; memory doubles. That is the only case with two copies, and there
+`stream_both` answers with one model after the other.
 
 The prompt is built by `templates.prompt_ids` with the tokenizer saved next to the adapter, which
 carries the chat template used in training. Generation stops at the EOS ids of the generation
 config, the tokenizer's EOS token and `<|im_end|>`.
+
+`describe_tool_calls` reads the tool calls an answer makes (`<tool_call>` JSON, as Qwen2.5's template and the
+built-in tool format write them; or a bare JSON call, as Llama 3.1 and Mistral write them) for display.
 
 Calls are serialised by a lock: switching the adapter off for one caller must not change what a
 concurrent caller's generation sees.
@@ -18,6 +26,9 @@ concurrent caller's generation sees.
 
 from __future__ import annotations
 
+import json
+import queue
+import re
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,8 +42,18 @@ from .errors import ModelError
 from .run_folder import CONFIG_FILE, STATUS_FILE, RunFolder, read_json_object
 
 END_OF_TURN = "<|im_end|>"  # ChatML's end of turn; also a stop token when the vocabulary has it
+BASE_ROW = "__base__"  # PEFT's adapter name for "no adapter" in a mixed-adapter batch (peft/tuners/lora/model.py)
 
 Messages = list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class PaneText:
+    """One side of a compare answer as it grows (`ChatModel.stream_both` yields a base and a fine-tuned one)."""
+
+    text: str    # the whole answer so far, not a chunk
+    tokens: int  # tokens generated for it so far, its end-of-turn token included
+    done: bool   # it ended its turn, reached max_new_tokens, or generation stopped
 
 
 # ----------------------------------------------------------------------------- where a run's pieces are
@@ -200,6 +221,11 @@ class ChatModel:
         """True when `adapter=True` answers differ from the base: an adapter or a full fine-tune is loaded."""
         return self.has_adapter or self._finetuned is not None
 
+    @property
+    def answers_together(self) -> bool:
+        """True when `stream_both` generates base and fine-tuned answers in one batched pass (see there)."""
+        return self.has_adapter and _mixes_adapters_in_a_batch(self.model)
+
     @contextmanager
     def selected_model(self, adapter: bool = True) -> Iterator[torch.nn.Module]:
         """Hold the lock and yield the model answering as fine-tuned (`adapter=True`) or as the base.
@@ -239,11 +265,64 @@ class ChatModel:
         Generation runs in a worker thread. Closing the iterator early (the user pressed Stop) stops
         generation at the next token.
         """
-        from transformers import StoppingCriteriaList, TextIteratorStreamer
+        from transformers import TextIteratorStreamer
 
         input_ids = self._prompt_tensor(messages, system_prompt)
         settings = self._generation_settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        with self._generating_in_background(streamer, adapter=adapter, seed=seed, input_ids=input_ids,
+                                            attention_mask=torch.ones_like(input_ids), **settings):
+            yield from _until_end_marker(streamer)
+
+    def stream_both(self, base_messages: Messages | str, finetuned_messages: Messages | str | None = None, *,
+                    max_new_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.9, top_k: int = 50,
+                    repetition_penalty: float = 1.0, seed: int | None = None,
+                    system_prompt: str | None = None) -> Iterator[tuple[PaneText, PaneText]]:
+        """The base and the fine-tuned answer as they grow: yields (base, fine-tuned) after each token.
+
+        `finetuned_messages` defaults to `base_messages` (each compare pane may keep its own history).
+        When `answers_together`, one batched `generate` over the one copy of the weights answers both:
+        row 0 with the adapter off (PEFT's `__base__`), row 1 with it on; each row stops at its own end of
+        turn while the other goes on. Greedy answers equal `generate(adapter=False)` and `generate(adapter=True)`
+        (up to floating-point differences between batch shapes, which in bf16 can flip a near-tie); sampled
+        ones come from the same distributions, but the batch draws random numbers for both rows, so they are
+        not the draws one-at-a-time calls with the same seed make.
+        Otherwise (a full fine-tune: two different models; or an adapter PEFT can't mix in a batch, e.g.
+        DoRA) the base answer is generated first, then the fine-tuned one. Closing the iterator stops generation.
+        """
+        settings = self._generation_settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
+        conversations = [base_messages, base_messages if finetuned_messages is None else finetuned_messages]
+        if self.answers_together:
+            inputs = self._prompt_batch(conversations, system_prompt)  # (2, T_prompt), left-padded
+            names = [BASE_ROW, self.model.active_adapter]
+            for base, finetuned in self._stream_rows(inputs, adapter=True, seed=seed, adapter_names=names,
+                                                     **settings):
+                yield base, finetuned
+            return
+        base = PaneText("", 0, False)
+        for (base,) in self._stream_rows(self._prompt_batch(conversations[:1], system_prompt), adapter=False,
+                                         seed=seed, **settings):
+            yield base, PaneText("", 0, False)
+        for (finetuned,) in self._stream_rows(self._prompt_batch(conversations[1:], system_prompt), adapter=True,
+                                              seed=seed, **settings):
+            yield base, finetuned
+
+    def _stream_rows(self, inputs: dict, *, adapter: bool, seed: int | None, **generate_kwargs
+                     ) -> Iterator[tuple[PaneText, ...]]:
+        """Each row's answer as it grows, from one `generate` over the rows of `inputs`."""
+        streamer = _RowStreamer()
+        with self._generating_in_background(streamer, adapter=adapter, seed=seed, **inputs, **generate_kwargs):
+            yield from _grow_panes(streamer, self.tokenizer, self.stop_ids, rows=inputs["input_ids"].shape[0])
+
+    @contextmanager
+    def _generating_in_background(self, streamer, *, adapter: bool, seed: int | None, **generate_kwargs):
+        """Run `generate` (feeding `streamer`) in a worker thread while the caller reads the streamer.
+
+        On leaving the block (the answer is complete, or the caller closed its iterator: the user pressed
+        Stop) generation stops at the next token, the worker is joined and its error, if any, re-raised here.
+        """
+        from transformers import StoppingCriteriaList
+
         cancelled = threading.Event()
         failure: list[BaseException] = []
 
@@ -251,9 +330,8 @@ class ChatModel:
             try:
                 with self.selected_model(adapter) as model, torch.inference_mode():
                     _seed(seed)
-                    model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                   streamer=streamer, stopping_criteria=StoppingCriteriaList([_Cancel(cancelled)]),
-                                   **settings)
+                    model.generate(streamer=streamer, stopping_criteria=StoppingCriteriaList([_Cancel(cancelled)]),
+                                   **generate_kwargs)
             except BaseException as e:  # re-raised in the caller's thread below
                 failure.append(e)
                 streamer.end()  # wake the consumer
@@ -261,7 +339,7 @@ class ChatModel:
         worker = threading.Thread(target=work, name="chatmodel-stream", daemon=True)
         worker.start()
         try:
-            yield from _until_end_marker(streamer)
+            yield
         finally:
             cancelled.set()
             worker.join()
@@ -269,12 +347,21 @@ class ChatModel:
             raise failure[0]
 
     # --- helpers
-    def _prompt_tensor(self, messages: Messages | str, system_prompt: str | None) -> torch.Tensor:
+    def _prompt_ids(self, messages: Messages | str, system_prompt: str | None) -> list[int]:
         from .templates import prompt_ids
 
-        conversation = with_system_prompt(messages, system_prompt or self.default_system_prompt)
-        ids = prompt_ids(conversation, self.tokenizer)
+        return prompt_ids(with_system_prompt(messages, system_prompt or self.default_system_prompt), self.tokenizer)
+
+    def _prompt_tensor(self, messages: Messages | str, system_prompt: str | None) -> torch.Tensor:
+        ids = self._prompt_ids(messages, system_prompt)
         return torch.tensor([ids], dtype=torch.long, device=self.model.device)  # (1, T_prompt)
+
+    def _prompt_batch(self, conversations: list[Messages | str], system_prompt: str | None) -> dict:
+        """`input_ids` and `attention_mask` (B, T_prompt) for several prompts, left-padded so that every row's
+        answer starts at the same position."""
+        rows = [self._prompt_ids(messages, system_prompt) for messages in conversations]
+        batch = self.tokenizer.pad({"input_ids": rows}, padding_side="left", return_tensors="pt")
+        return {key: batch[key].to(self.model.device) for key in ("input_ids", "attention_mask")}
 
     def _generation_settings(self, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
                              repetition_penalty: float) -> dict:
@@ -314,6 +401,65 @@ def attach_adapter(base, adapter_dir: Path):
                          "the run's base model is the one it was trained on") from None
 
 
+def _mixes_adapters_in_a_batch(model) -> bool:
+    """Whether PEFT can run the adapter on some rows of a batch and not others (`generate(adapter_names=...)`).
+
+    PEFT raises for DoRA, for LoRA on `nn.MultiheadAttention` and on raw parameters (`target_parameters`),
+    and with merged adapters (`ChatModel` never merges).
+    """
+    from peft.tuners.lora.layer import LoraLayer, MultiheadAttention, ParamWrapper
+
+    if any(getattr(config, "use_dora", False) for config in model.peft_config.values()):
+        return False
+    return not any(isinstance(m, (MultiheadAttention, ParamWrapper)) or (isinstance(m, LoraLayer) and m.merged)
+                   for m in model.modules())
+
+
+_TOOL_CALL_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+
+
+def tool_calls_in(answer: str) -> list[dict]:
+    """The tool calls in a model's answer, as {"name", "arguments"} (None where a call isn't valid JSON, with its
+    `text`): each `<tool_call>` block, or else the whole answer when it is a JSON call or a list of them."""
+    blocks = _TOOL_CALL_BLOCK.findall(answer)
+    if not blocks:
+        parsed = _json_or_none(answer.strip())
+        calls = parsed if isinstance(parsed, list) else [parsed]
+        return [_call(c) for c in calls] if all(_looks_like_call(c) for c in calls) and calls else []
+    calls = []
+    for block in blocks:
+        parsed = _json_or_none(block)
+        calls.append(_call(parsed) if _looks_like_call(parsed) else {"name": None, "arguments": None, "text": block})
+    return calls
+
+
+def describe_tool_calls(answer: str) -> list[str]:
+    """One line per tool call in `answer`, for chat and compare output: `tool call: name({"arg": ...})`."""
+    lines = []
+    for call in tool_calls_in(answer):
+        if call["name"] is None:
+            lines.append(f"tool call that is not valid JSON: {call['text']}")
+        else:
+            lines.append(f"tool call: {call['name']}({json.dumps(call['arguments'], ensure_ascii=False)})")
+    return lines
+
+
+def _json_or_none(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def _looks_like_call(value) -> bool:
+    return isinstance(value, dict) and isinstance(value.get("name"), str) and (
+        "arguments" in value or "parameters" in value)
+
+
+def _call(value: dict) -> dict:
+    return {"name": value["name"], "arguments": value.get("arguments", value.get("parameters"))}
+
+
 def _seed(seed: int | None) -> None:
     if seed is not None:
         torch.manual_seed(seed)  # seeds CPU and all CUDA devices
@@ -327,6 +473,66 @@ class _Cancel:
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class _RowStreamer:
+    """A `generate` streamer that queues each decoding step's new token ids, one per row, for another thread.
+
+    transformers' `TextStreamer`/`TextIteratorStreamer` take batch size 1 only (`put` raises on more rows).
+    """
+
+    def __init__(self):
+        self.steps: queue.Queue[list[int] | None] = queue.Queue()
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # `generate` first puts the prompt, (B, T_prompt)
+            self.prompt_seen = True
+            return
+        self.steps.put(value.tolist())  # (B,): one new token per row
+
+    def end(self) -> None:
+        self.steps.put(None)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        while (step := self.steps.get()) is not None:
+            yield step
+
+
+def _grow_panes(steps: Iterator[list[int]], tokenizer, stop_ids: list[int], rows: int
+                ) -> Iterator[tuple[PaneText, ...]]:
+    """Each row's answer after every step in which one changed; the last yield has every row done.
+
+    A row ends at its first stop token (decoded like `generate`'s answers: dropped when it is a special token);
+    `generate` pads the rows that finished until all have.
+    """
+    tokens: list[list[int]] = [[] for _ in range(rows)]
+    done = [False] * rows
+    texts = [""] * rows
+    shown = None
+    for step in steps:
+        for row, token in enumerate(step):
+            if done[row]:
+                continue
+            tokens[row].append(token)
+            done[row] = token in stop_ids
+            text = tokenizer.decode(tokens[row], skip_special_tokens=True)
+            texts[row] = _cut_at_end_marker(text) if done[row] else _partial_text(text)
+        panes = tuple(PaneText(text, len(ids), end) for text, ids, end in zip(texts, tokens, done))
+        if panes != shown:
+            shown = panes
+            yield panes
+    final = tuple(PaneText(_cut_at_end_marker(tokenizer.decode(ids, skip_special_tokens=True)), len(ids), True)
+                  for ids in tokens)
+    if final != shown:
+        yield final
+
+
+def _partial_text(text: str) -> str:
+    """What to show of an answer still being written: up to a literal `<|im_end|>`, holding back a tail that
+    could be its beginning and a trailing U+FFFD (a character whose remaining bytes come with the next token)."""
+    text = _cut_at_end_marker(text).removesuffix("\ufffd")
+    return text[: len(text) - _marker_prefix_len(text)]
 
 
 def _cut_at_end_marker(text: str) -> str:

@@ -13,6 +13,7 @@ absolute difference (≈1e-6 in fp32; bf16/fp16 add their rounding).
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from .errors import ConfigError, ModelError
 from .inference import attach_adapter, locate_run, stop_token_ids
 
 MERGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+BNB_FORMATS = ("4bit", "8bit")  # bitsandbytes: NF4 with double quantisation, or LLM.int8()
 
 # Fixed text for the logit check: prose, code and digits exercise a spread of tokens.
 CHECK_TEXTS = (
@@ -39,15 +41,22 @@ class MergeReport:
     base_model_path: str
     adapter_dir: Path
     method: str                       # lora | qlora: how the adapter was trained
+    quantized: str | None = None      # 4bit | 8bit: saved in bitsandbytes form (see save_bnb_quantized)
 
 
 def merge_adapter(run_or_adapter_dir: str | Path, out_dir: str | Path, *, dtype: str = "fp32",
-                  check: bool = True) -> MergeReport:
-    """Merge the adapter of a run (or an adapter folder) into its unquantised base; save to `out_dir`."""
+                  check: bool = True, quantize: str | None = None) -> MergeReport:
+    """Merge the adapter of a run (or an adapter folder) into its unquantised base; save to `out_dir`.
+
+    `quantize` (4bit | 8bit): the merge still happens in `dtype`; the result is then saved in
+    bitsandbytes form (`save_bnb_quantized`).
+    """
     from .models import load_base_model, load_tokenizer
 
     if dtype not in MERGE_DTYPES:
         raise ConfigError(f"`dtype` must be one of {', '.join(MERGE_DTYPES)} (got {dtype!r})")
+    if quantize is not None and quantize not in BNB_FORMATS:
+        raise ConfigError(f"`quantize` must be one of {', '.join(BNB_FORMATS)} (got {quantize!r})")
     run = locate_run(run_or_adapter_dir)
     if run.adapter_dir is None:
         raise ModelError("nothing to merge: this run trained the full model; its model/ folder is already standalone")
@@ -81,10 +90,40 @@ def merge_adapter(run_or_adapter_dir: str | Path, out_dir: str | Path, *, dtype:
     merged.generation_config.eos_token_id = stop_token_ids(tokenizer, merged.generation_config)
     merged.generation_config.pad_token_id = tokenizer.pad_token_id
     out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(str(out))  # safetensors, config.json (with dtype) and generation_config.json
-    tokenizer.save_pretrained(str(out))  # carries the chat template used in training
+    if quantize is None:
+        merged.save_pretrained(str(out))  # safetensors, config.json (with dtype) and generation_config.json
+        tokenizer.save_pretrained(str(out))  # carries the chat template used in training
+    else:
+        with tempfile.TemporaryDirectory(prefix=".merged-", dir=out) as unquantized:
+            merged.save_pretrained(unquantized)
+            tokenizer.save_pretrained(unquantized)
+            del merged, model, base
+            save_bnb_quantized(unquantized, out, quantize)
     return MergeReport(out_dir=out, max_abs_logit_diff=diff, dtype=dtype, base_model_path=run.base_path,
-                       adapter_dir=run.adapter_dir, method=run.method)
+                       adapter_dir=run.adapter_dir, method=run.method, quantized=quantize)
+
+
+def save_bnb_quantized(model_dir: str | Path, out_dir: str | Path, bits: str = "4bit") -> Path:
+    """A standalone model folder saved again with bitsandbytes 4-bit (NF4, double quantisation) or 8-bit weights.
+
+    The result loads with plain `AutoModelForCausalLM.from_pretrained(out_dir)` (its config.json carries
+    the `quantization_config`), in about a quarter (4-bit) or half (8-bit) of the 16-bit memory.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    if bits not in BNB_FORMATS:
+        raise ConfigError(f"`quantize` must be one of {', '.join(BNB_FORMATS)} (got {bits!r})")
+    if bits == "4bit":
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                          bnb_4bit_compute_dtype=torch.bfloat16)
+    else:
+        quantization = BitsAndBytesConfig(load_in_8bit=True)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), quantization_config=quantization)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(str(model_dir)).save_pretrained(str(out))  # with the chat template
+    return out
 
 
 def refuse_quantized(model: torch.nn.Module, base_path: str) -> None:

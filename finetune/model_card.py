@@ -147,6 +147,7 @@ def build_model_card(run_dir: str | Path, repo_id: str, *, kind: CardKind = "ada
         _hyperparameter_section(config, results),
         _usage_section(config, results, repo_id, kind),
         _prompt_format_section(config, tokenizer_dir),
+        _export_section(run_dir),
         _files_section(kind, loss_curve),
         _versions_section(results),
     ]
@@ -169,7 +170,8 @@ def _front_matter(config: RunConfig, results: dict, kind: CardKind, license: str
     meta["pipeline_tag"] = "text-generation"
     if license:
         meta["license"] = license
-    tags = [config.method] + (["lora"] if config.method == "qlora" else []) + ["sft", "trl"]
+    stage_tags = list(dict.fromkeys(stage["stage"] for stage in _stages(config, results)))
+    tags = [config.method] + (["lora"] if config.method == "qlora" else []) + stage_tags + ["trl"]
     if is_demo_run(config, results):
         tags.append("demo-model")
     meta["tags"] = tags
@@ -210,7 +212,7 @@ def _summary(config: RunConfig, results: dict, kind: CardKind) -> str:
         base = _base_link(config, results)
         head = f"{base[:1].upper()}{base[1:]} with a {what} adapter merged into its weights (a standalone model: " \
                "no PEFT needed)"
-    lines = [f"{head}, trained with supervised fine-tuning (TRL `SFTTrainer`) on {_dataset_text(config, results)}."]
+    lines = [f"{head}, trained {_stages_text(config, results)}."]
     rows = (results.get("data") or {}).get("rows") or {}
     if rows:
         lines.append("Examples per split: " + ", ".join(f"{k} {v}" for k, v in rows.items()) + ".")
@@ -223,6 +225,30 @@ def _summary(config: RunConfig, results: dict, kind: CardKind) -> str:
         text += ("\n> **Demo model.** The base is a tiny random-weight model built offline for testing; "
                  "its answers are noise. Don't use this repo for anything but trying the pipeline.\n")
     return text
+
+
+STAGE_NAMES = {"sft": "supervised fine-tuning", "dpo": "DPO", "kto": "KTO", "orpo": "ORPO"}
+
+
+def _stages(config: RunConfig, results: dict) -> list[dict[str, Any]]:
+    """The stages that produced the weights (results' `stages`, written by preference stages), oldest first."""
+    return results.get("stages") or [{"stage": config.stage, "trainer": "SFTTrainer"}]
+
+
+def _stages_text(config: RunConfig, results: dict) -> str:
+    """'with supervised fine-tuning (TRL `SFTTrainer`) on X', or each stage in turn: '... on X, then with DPO ...'."""
+    stages = _stages(config, results)
+    parts = []
+    for i, stage in enumerate(stages):
+        if i == len(stages) - 1:  # this run: its dataset as the config and results say
+            data = _dataset_text(config, results)
+        elif stage.get("dataset_source") == "hub":
+            data = f"the Hub dataset [{stage['dataset']}](https://huggingface.co/datasets/{stage['dataset']})"
+        else:  # recorded as a file name (finetune/preference.py), never a path
+            data = "rows passed in directly" if stage.get("dataset_source") == "rows" else \
+                f"a local dataset file (`{stage.get('dataset')}`)"
+        parts.append(f"with {STAGE_NAMES.get(stage['stage'], stage['stage'])} (TRL `{stage['trainer']}`) on {data}")
+    return ", then ".join(parts)
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -251,6 +277,13 @@ def _results_section(results: dict, loss_curve: str | None) -> str:
         before, after = results.get(f"{stem}_before"), results.get(f"{stem}_after")
         if before is not None or after is not None:
             rows.append(f"| {label} (before → after) | {_fmt(before)} → {_fmt(after)} |")
+    pref = results.get("preference") or {}
+    if pref.get("rows"):
+        what = f"on {pref['rows']} held-out {'pairs' if pref.get('kind') == 'pairs' else 'answers'}"
+        rows.append(f"| Preference accuracy {what} (before → after) | {_fmt(pref.get('accuracy_before'))} → "
+                    f"{_fmt(pref.get('accuracy_after'))} |")
+        rows.append(f"| Preference margin, nats (before → after) | {_fmt(pref.get('margin_before'))} → "
+                    f"{_fmt(pref.get('margin_after'))} |")
     if results.get("train_runtime") is not None:
         rows.append(f"| Training time | {_fmt_runtime(results['train_runtime'])} |")
     if results.get("trainable_params") is not None:
@@ -273,6 +306,8 @@ def _results_section(results: dict, loss_curve: str | None) -> str:
 def _hyperparameter_section(config: RunConfig, results: dict) -> str:
     c = config
     rows: list[tuple[str, Any]] = [("Method", c.method)]
+    if c.stage != "sft":
+        rows += [("Stage", c.stage), ("Beta", c.beta), ("Loss", (results.get("preference") or {}).get("loss_type"))]
     if c.method != "full":
         target = c.lora_target_modules if isinstance(c.lora_target_modules, str) else ", ".join(c.lora_target_modules)
         rows += [("LoRA rank (r)", c.lora_r), ("LoRA alpha", c.lora_alpha), ("LoRA dropout", c.lora_dropout),
@@ -360,6 +395,12 @@ def _prompt_format_section(config: RunConfig, tokenizer_dir: str | Path) -> str:
     return ("## Prompt format\n\nThe tokenizer carries the chat template used in training, "
             f"so `apply_chat_template` produces the right format.{system} A conversation renders as:\n\n"
             f"```text\n{example.rstrip()}\n```\n")
+
+
+def _export_section(run_dir: Path) -> str:
+    from .export import card_section  # the GGUF export owns its report; "" when the run has none
+
+    return card_section(run_dir)
 
 
 def _files_section(kind: CardKind, loss_curve: str | None) -> str:

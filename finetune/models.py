@@ -17,8 +17,9 @@ from urllib.parse import urlparse
 
 import torch
 
-from .config import DEMO_MODEL_ID, RunConfig
-from .errors import DiskFull, FinetuneError, ModelError, OutOfMemory
+from .config import DEMO_MODEL_ID, FLASH_ATTENTION, RunConfig
+from .errors import ConfigError, DiskFull, FinetuneError, ModelError, OutOfMemory
+
 # `name` or `org/name`: anything else that doesn't exist on disk is a mistyped local path (one definition).
 from .hub import MODEL_ID as HUB_ID
 
@@ -90,14 +91,16 @@ def resolve_base_model(config: RunConfig, progress=None) -> BaseModelSource:
 
 
 def resolve_precision(precision: str) -> str:
-    """`auto` → bf16 where the hardware has it (CUDA or a bf16 CPU), fp16 on older CUDA, else fp32."""
+    """`auto` → bf16 where the hardware has it (CUDA or a bf16 CPU), fp16 on older CUDA, else fp32.
+
+    Emulated bf16 doesn't count: torch reports bf16 on a pre-Ampere GPU (a T4) by default because a bf16 tensor can
+    be created there, but it has no native bf16 arithmetic (compute capability below 8.0)."""
     if precision != "auto":
         if precision == "fp16" and not torch.cuda.is_available():
-            from .errors import ConfigError
             raise ConfigError("`precision: fp16` needs a CUDA GPU; on CPU use `bf16` or `fp32` (or `auto`)")
         return precision
     if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     if _cpu_has_bf16():
         return "bf16"
     return "fp32"
@@ -109,6 +112,28 @@ def _cpu_has_bf16() -> bool:
         return bool(check and check())
     except Exception:  # older builds lack the probe: be conservative
         return False
+
+
+def resolve_attention(choice: str, precision: str) -> str | None:
+    """The `attn_implementation` to load the model with (`choice` from the config, `precision` resolved); None
+    leaves transformers' default (sdpa where the model has it, else eager).
+
+    `auto` picks FlashAttention-2 on CUDA when transformers can use the flash-attn package and the precision is one
+    its kernels take: padding-free batches then run its varlen kernel (from `position_ids`) instead of a packed
+    mask. A flash kernel asked for without a CUDA GPU fails here, before any data or weights load.
+    """
+    from transformers.utils import is_flash_attn_2_available
+
+    if choice in FLASH_ATTENTION and not torch.cuda.is_available():
+        raise ConfigError(f"`attn_implementation: {choice}` needs a CUDA GPU and none is visible; on CPU use "
+                          "`attn_implementation: auto` (or `sdpa`, `eager`)")
+    if choice != "auto":
+        return choice
+    if torch.cuda.is_available() and precision in ("bf16", "fp16") and is_flash_attn_2_available():
+        log.warning("`attn_implementation: auto` → flash_attention_2 (CUDA GPU, flash-attn installed, %s); set "
+                    "`attn_implementation: sdpa` for transformers' default", precision)
+        return "flash_attention_2"
+    return None
 
 
 def compute_dtype(precision: str) -> torch.dtype:
@@ -128,11 +153,15 @@ def load_tokenizer(path: str, *, revision: str | None = None, trust_remote_code:
 
 
 def load_base_model(path: str, *, load_in_4bit: bool = False, precision: str = "fp32",
-                    revision: str | None = None, trust_remote_code: bool = False):
-    """Weights stay fp32 for LoRA/full on CPU (autocast does bf16 math); 4-bit NF4 + double quant for QLoRA."""
+                    revision: str | None = None, trust_remote_code: bool = False,
+                    attn_implementation: str | None = None):
+    """Weights stay fp32 for LoRA/full on CPU (autocast does bf16 math); 4-bit NF4 + double quant for QLoRA.
+    `attn_implementation`: from `resolve_attention` (None: transformers' default)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     kwargs = dict(revision=revision, trust_remote_code=trust_remote_code)
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
     if load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -192,7 +221,7 @@ def out_of_memory_message(config: RunConfig, *, on_gpu: bool) -> str:
     if config.max_seq_length > 256:
         tips.append(f"a shorter `max_seq_length` ({config.max_seq_length} → {config.max_seq_length // 2})")
     if config.method != "qlora":
-        tips.append("`method: qlora` (a 4-bit base needs about a quarter of the weight memory; CUDA GPU)")
+        tips.append("`method: qlora` (a 4-bit base needs about a quarter of the weight memory)")
     if not config.gradient_checkpointing:
         tips.append("`gradient_checkpointing: true` (recomputes activations: less memory, ~30% slower)")
     advice = "; ".join(tips) if tips else "a smaller base model"

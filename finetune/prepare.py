@@ -2,8 +2,12 @@
 
 `prepare_data(config)` reads, normalises and de-duplicates the dataset a row at a time into an Arrow table
 (`data.collect_examples`), loads the base model's tokenizer with the configured chat template, encodes every
-example with its loss mask (`templates.encode_example`, one `datasets.map` over the table, in parallel where
-there are cores), then splits. What the model trains on is exactly what the preview shows and measures.
+example with its loss mask (`templates.encode_blocks`, one `datasets.map` over the table, in parallel where
+there are cores: a document longer than `max_seq_length` becomes consecutive blocks), then splits, each example's
+blocks in one split. A row the template can't encode is a bad row like any other: an error naming its row, or
+skipped with `skip_invalid`. It keeps the encodings, their token-length statistics and a report of documents,
+blocks and answer tokens lost to truncation (a warning when over 5% of the training answers are cut). What the
+model trains on is exactly what the preview shows and measures.
 
 Both the examples and their encodings are kept in the data cache (`finetune.data_cache`), keyed by the data's
 content, the tokenizer, the template and the settings that change them, so a second run or a resume starts at
@@ -13,6 +17,7 @@ once. `preview_data` reads only the first rows of a large dataset and measures t
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -22,6 +27,7 @@ from typing import Any, Callable
 from .config import RunConfig
 from .data import (
     SKIP_HINT,
+    ExampleList,
     ExampleStore,
     PreparedData,
     SkippedRow,
@@ -32,12 +38,22 @@ from .data import (
 )
 from .errors import DataError
 from .models import BaseModelSource, load_tokenizer, resolve_base_model
-from .templates import IGNORE_INDEX, apply_template_choice, encode_example
+from .templates import (
+    apply_template_choice,
+    encode_blocks,
+    encoding_report,
+    loss_token_count,
+    truncation_warning,
+)
+
+log = logging.getLogger(__name__)
 
 PREVIEW_SAMPLE = 2000      # rows a preview reads at most: its examples and its token-length sample
 ROWS_PER_PROCESS = 500     # fewer examples than this per extra process are encoded in this process only
-ENCODED_FIELDS = ("input_ids", "labels", "length", "truncated")  # what `encode_example` returns
-# Errors `encode_example` raises for one example (the row is then reported, or skipped with `skip_invalid`).
+# what `encode_blocks` returns for each encoding (and `block`, a document block's index, null for a chat example)
+ENCODED_FIELDS = ("input_ids", "labels", "length", "truncated", "loss_tokens")
+REPORT_FIELDS = ("block", "length", "truncated", "loss_tokens", "loss_kept")  # what `_report` reads
+# Errors `encode_blocks` raises for one example (the row is then reported, or skipped with `skip_invalid`).
 ROW_ERRORS = (DataError,)
 
 
@@ -60,8 +76,9 @@ def load_templated_tokenizer(config: RunConfig, source: BaseModelSource | None =
 
 
 class EncodedList(Sequence):
-    """A split's encodings as the list of `encode_example` results it stands for, read from an Arrow table
-    (`table`: a `datasets.Dataset` with those columns plus `trains`, whether any label carries loss)."""
+    """A split's encodings as the list of `encode_blocks` results it stands for, read from an Arrow table
+    (`table`: a `datasets.Dataset` with those columns plus `row`, the example's source row, and `loss_kept`,
+    the tokens carrying loss within `max_seq_length`)."""
 
     def __init__(self, table: Any):
         self.table = table
@@ -72,12 +89,12 @@ class EncodedList(Sequence):
     def __getitem__(self, item):
         if isinstance(item, slice):
             return [self[i] for i in range(*item.indices(len(self)))]
-        row = self.table[item]
-        return {name: row[name] for name in ENCODED_FIELDS}
+        return _encoding(self.table[item])
 
     def __iter__(self) -> Iterator[dict]:
-        for batch in self.table.select_columns(list(ENCODED_FIELDS)).iter(batch_size=1000):
-            yield from ({name: batch[name][i] for name in ENCODED_FIELDS} for i in range(len(batch["length"])))
+        for batch in self.table.select_columns([*ENCODED_FIELDS, "block"]).iter(batch_size=1000):
+            yield from (_encoding({name: values[i] for name, values in batch.items()})
+                        for i in range(len(batch["length"])))
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, (list, EncodedList)):
@@ -85,7 +102,13 @@ class EncodedList(Sequence):
         return len(self) == len(other) and list(self) == list(other)
 
     def __repr__(self) -> str:
-        return f"EncodedList({len(self)} examples)"
+        return f"EncodedList({len(self)} encodings)"
+
+
+def _encoding(row: dict) -> dict:
+    """One stored encoding as `encode_blocks` returned it: `block` only for a document's block."""
+    enc = {name: row[name] for name in ENCODED_FIELDS}
+    return enc if row["block"] is None else {**enc, "block": row["block"]}
 
 
 @dataclass
@@ -94,8 +117,9 @@ class EncodedData:
 
     examples: PreparedData               # normalised, split examples, skipped rows, format, source
     model: TemplatedTokenizer
-    encoded: dict[str, EncodedList]      # split → `encode_example` of each example (the first `limit` of them)
-    stats: dict[str, dict]               # split → `data.length_stats` of the encoded examples
+    encoded: dict[str, EncodedList]      # split → `encode_blocks` of each example (the first `limit` of them)
+    stats: dict[str, dict]               # split → `data.length_stats` of the encoded examples (a document's blocks)
+    report: dict[str, dict]              # split → `templates.encoding_report`: documents, blocks, answer tokens lost
     sample: int | None = None            # a preview of a larger dataset: rows read (the first ones), else None
 
     @property
@@ -107,7 +131,7 @@ class EncodedData:
         """input_ids and labels (a `datasets.Dataset`) of the split's examples that keep a loss token within
         `max_seq_length`."""
         table = self.encoded[split].table
-        keep = [i for i, trains in enumerate(column(table, "trains")) if trains]
+        keep = [i for i, kept in enumerate(column(table, "loss_kept")) if kept]
         return table.select(keep).select_columns(["input_ids", "labels"])
 
     def dropped(self, split: str) -> int:
@@ -125,7 +149,8 @@ def prepare_data(config: RunConfig, rows: list[dict] | None = None, *,
                  limit: int | None = None) -> EncodedData:
     """Load `config.dataset` (or `rows`), encode every example as training will, then split.
 
-    The data is read first, so a data mistake is reported before the tokenizer is fetched. `tokenizer_for`
+    The data is read first, so a data mistake is reported before the tokenizer is fetched. A row the template
+    can't encode is an error naming its row, or skipped with `skip_invalid` before the split. `tokenizer_for`
     loads the templated tokenizer (the app passes its cache). `limit` encodes only the first `limit` examples
     of each split (the app measures a sample of large datasets); training encodes them all, once: the
     encodings of a file or Hub dataset are kept in the data cache.
@@ -137,14 +162,34 @@ def prepare_data(config: RunConfig, rows: list[dict] | None = None, *,
     encoded, errors = _encode_store(store, model, config)
     skipped = _row_problems(errors, store.source, config.skip_invalid)
     failed = {row for row, _ in errors}
-    keep = [i for i, row in enumerate(column(encoded, "row")) if row not in failed] if failed else None
+    keep = [i for i, row in enumerate(column(store.table, "row")) if row not in failed] if failed else None
     if keep == []:
         raise DataError(f"{store.source}: no example could be encoded, nothing is left to train on; the first "
                         f"problem: row {errors[0][0]}: {errors[0][1]}", source=store.source)
     examples = store.split(config, keep, skipped)
-    split_encoded = {name: EncodedList(encoded.select(part.indices)) for name, part in
+    spans = _example_spans(encoded, len(store.table))
+    split_encoded = {name: EncodedList(encoded.select(_encoding_indices(spans, part.indices))) for name, part in
                      examples.splits.as_dict().items()}
     return _with_stats(examples, model, split_encoded, config)
+
+
+def _example_spans(encoded, examples: int):
+    """(starts, ends): example i of the store (in order) is encodings [starts[i], ends[i]) of `encoded` (a document
+    has one per block; every example, an unencodable one too, has at least one)."""
+    import numpy as np
+
+    rows = np.asarray(column(encoded, "row"), dtype=np.int64)
+    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]]) if len(rows) else np.zeros(0, dtype=np.int64)
+    ends = np.r_[starts[1:], len(rows)].astype(np.int64)
+    if len(starts) != examples:
+        raise AssertionError(f"{len(starts)} encoded examples for {examples} examples")  # a bug, not a data problem
+    return starts, ends
+
+
+def _encoding_indices(spans, positions: list[int]) -> list[int]:
+    """The encodings of the examples at `positions`, in that order: all blocks of each example together."""
+    starts, ends = spans
+    return [i for p in positions for i in range(starts[p], ends[p])]
 
 
 def preview_data(config: RunConfig, *,
@@ -170,7 +215,8 @@ def preview_data(config: RunConfig, *,
 
 def _encode_first(store: ExampleStore, model: TemplatedTokenizer, config: RunConfig,
                   limit: int | None) -> EncodedData:
-    """Split, then encode the first `limit` examples of each split (all when None), in memory (uncached)."""
+    """Split, then encode the first `limit` examples of each split (all when None), in memory (uncached). A row that
+    can't be encoded leaves its split (it is skipped, as in `prepare_data`), so what is shown can be rendered."""
     examples = store.split(config)
     encoded, skipped = {}, []
     for name, part in examples.splits.as_dict().items():
@@ -181,6 +227,9 @@ def _encode_first(store: ExampleStore, model: TemplatedTokenizer, config: RunCon
         if errors:
             failed = {row for row, _ in errors}
             table = table.select([i for i, row in enumerate(column(table, "row")) if row not in failed])
+            rows = column(store.table.select(part.indices), "row")
+            setattr(examples.splits, name, ExampleList(store.table, [i for i, row in zip(part.indices, rows)
+                                                                     if row not in failed]))
         encoded[name] = EncodedList(table)
     examples.skipped = sorted([*examples.skipped, *skipped], key=lambda s: s.row)
     return _with_stats(examples, model, encoded, config)
@@ -190,7 +239,20 @@ def _with_stats(examples: PreparedData, model: TemplatedTokenizer, encoded: dict
                 config: RunConfig) -> EncodedData:
     stats = {split: length_stats(column(encs.table, "length"), config.max_seq_length)
              for split, encs in encoded.items()}
-    return EncodedData(examples=examples, model=model, encoded=encoded, stats=stats)
+    report = {split: _report(encs.table) for split, encs in encoded.items()}
+    warning = truncation_warning(report["train"], config.max_seq_length)
+    if warning:
+        log.warning(warning)
+    return EncodedData(examples=examples, model=model, encoded=encoded, stats=stats, report=report)
+
+
+def _report(table) -> dict:
+    """`templates.encoding_report` of a split, from its summary columns: no token ids are read (`loss_kept` is the
+    count of loss tokens in the labels)."""
+    columns = table.select_columns(list(REPORT_FIELDS)).with_format("arrow")[:].to_pydict()
+    summaries = [{name: columns[name][i] for name in REPORT_FIELDS if name != "block" or columns[name][i] is not None}
+                 for i in range(len(table))]
+    return encoding_report(summaries)
 
 
 # ---------------------------------------------------------------------------- encoding with datasets.map
@@ -207,7 +269,8 @@ def _encode_store(store: ExampleStore, model: TemplatedTokenizer, config: RunCon
         table = _map_encode(store.table, model.tokenizer, config, store.source, num_proc, cache_file=None)
         return table, _errors(table)
     key = data_cache.cache_key("encoded", store.key, tokenizer_digest(model.tokenizer), model.template,
-                               config.max_seq_length, config.train_on_prompt, data_cache.code_digest(templates),
+                               config.max_seq_length, config.train_on_prompt, config.train_on_reasoning,
+                               data_cache.code_digest(templates),
                                data_cache.code_digest(sys.modules[__name__]), _library_versions())
     meta_file = store.folder / f"encoded-{key}.json"
     meta = data_cache.read_json(meta_file)
@@ -223,41 +286,53 @@ def _encode_store(store: ExampleStore, model: TemplatedTokenizer, config: RunCon
 
 
 def _map_encode(table, tokenizer, config: RunConfig, source: str, num_proc: int | None, cache_file: str | None):
-    """`encode_example` over the table's `example` column: one `datasets.map`, written to `cache_file` (or kept in
-    memory), in `num_proc` processes."""
-    from datasets import Features, List, Value
+    """`encode_blocks` over the table's `example` column: one `datasets.map`, written to `cache_file` (or kept in
+    memory), in `num_proc` processes. One output row per encoding (a document's blocks follow each other), each
+    with its example's source `row`."""
+    from datasets import Dataset, Features, List, Value
 
     features = Features({"row": Value("int64"), "input_ids": List(Value("int32")), "labels": List(Value("int32")),
-                         "length": Value("int32"), "truncated": Value("bool"), "trains": Value("bool"),
-                         "error": Value("string")})
+                         "length": Value("int64"), "truncated": Value("bool"), "loss_tokens": Value("int64"),
+                         "block": Value("int64"), "loss_kept": Value("int64"), "error": Value("string")})
+    if not len(table):  # an empty split: `map` would return it without the new columns
+        return Dataset.from_dict({name: [] for name in features}, features=features)
     if num_proc:
         # forked workers encode one example at a time: the tokenizers library's own threads add nothing there
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return table.map(_encode_batch, batched=True, batch_size=100, remove_columns=["example"], features=features,
+    # both input columns are removed: a batch may come back with more rows than it had (documents' blocks)
+    return table.map(_encode_batch, batched=True, batch_size=100, remove_columns=["row", "example"],
+                     features=features,
                      fn_kwargs={"tokenizer": tokenizer, "max_seq_length": config.max_seq_length,
-                                "train_on_prompt": config.train_on_prompt, "skip_invalid": config.skip_invalid,
+                                "train_on_prompt": config.train_on_prompt,
+                                "train_on_reasoning": config.train_on_reasoning, "skip_invalid": config.skip_invalid,
                                 "source": source},
                      num_proc=num_proc, cache_file_name=cache_file, keep_in_memory=cache_file is None,
                      load_from_cache_file=cache_file is not None, desc="encoding examples")
 
 
-def _encode_batch(batch: dict, *, tokenizer, max_seq_length: int, train_on_prompt: bool, skip_invalid: bool,
-                  source: str) -> dict:
-    out: dict[str, list] = {name: [] for name in (*ENCODED_FIELDS, "trains", "error")}
+_NO_ENCODING = {"input_ids": [], "labels": [], "length": 0, "truncated": False, "loss_tokens": 0}  # an error's row
+
+
+def _encode_batch(batch: dict, *, tokenizer, max_seq_length: int, train_on_prompt: bool, train_on_reasoning: bool,
+                  skip_invalid: bool, source: str) -> dict:
+    out: dict[str, list] = {name: [] for name in ("row", *ENCODED_FIELDS, "block", "loss_kept", "error")}
     for row, text in zip(batch["row"], batch["example"]):
         error = None
         try:
-            enc = encode_example(json.loads(text), tokenizer, max_seq_length=max_seq_length,
-                                 train_on_prompt=train_on_prompt)
+            encs = encode_blocks(json.loads(text), tokenizer, max_seq_length=max_seq_length,
+                                 train_on_prompt=train_on_prompt, train_on_reasoning=train_on_reasoning)
         except ROW_ERRORS as e:
             if not skip_invalid:
                 raise _row_error(e, source, row) from None
-            enc, error = {"input_ids": [], "labels": [], "length": 0, "truncated": False}, str(e)
-        for name in ENCODED_FIELDS:
-            out[name].append(enc[name])
-        out["trains"].append(any(label != IGNORE_INDEX for label in enc["labels"]))
-        out["error"].append(error)
-    return {"row": batch["row"], **out}
+            encs, error = [_NO_ENCODING], str(e)
+        for enc in encs:
+            out["row"].append(row)
+            for name in ENCODED_FIELDS:
+                out[name].append(enc[name])
+            out["block"].append(enc.get("block"))
+            out["loss_kept"].append(loss_token_count(enc))
+            out["error"].append(error)
+    return out
 
 
 def column(table, name: str) -> list:

@@ -4,7 +4,8 @@
     status.json     queued | running | stopping | finished | stopped | failed (+ pid, time, error, total_steps)
     metrics.jsonl   one record per log/eval step (`train.METRIC_FIELDS`), appended while training
     results.json    final losses and perplexities, runtime, parameters, memory, data stats, library versions
-    data/           train.jsonl, validation.jsonl, test.jsonl: the split actually used
+    data/           train.jsonl, validation.jsonl, test.jsonl: the split actually used (a preference stage: the
+                    good answers, and its preference rows in preference_train.jsonl, ...)
     checkpoints/    checkpoint-N folders (`resume_from_checkpoint`)
     adapter/        LoRA/QLoRA adapter + tokenizer with its chat template   (model/ for full fine-tuning)
     merged/         the adapter merged into its base (`python -m finetune merge`)
@@ -76,6 +77,10 @@ class RunFolder:
     def split_file(self, split: str) -> Path:
         """data/<split>.jsonl: the normalised examples of `split` (train, validation or test)."""
         return self.data_dir / f"{split}.jsonl"
+
+    def preference_split_file(self, split: str) -> Path:
+        """data/preference_<split>.jsonl: a preference stage's rows of `split` (finetune/preference.py)."""
+        return self.data_dir / f"preference_{split}.jsonl"
 
     @property
     def checkpoints_dir(self) -> Path:

@@ -125,6 +125,10 @@ def _make_callbacks(config: RunConfig, run: RunFolder, observer: TrainObserver, 
                       "loss": logs.get("loss"), "eval_loss": logs.get("eval_loss"),
                       "learning_rate": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"),
                       "num_tokens": self.num_tokens, "elapsed_s": round(time.time() - self.t0, 3)}
+            if config.stage != "sft":  # a preference stage's rewards (finetune/preference.py)
+                from .preference import METRIC_FIELDS as REWARD_FIELDS
+
+                record.update({name: logs.get(name) for name in REWARD_FIELDS})
             if state.is_world_process_zero:
                 run.append_metrics(record)
                 observer.on_log(record)
@@ -192,11 +196,12 @@ def _peft_config(config: RunConfig):
                       use_dora=config.use_dora, bias="none", task_type="CAUSAL_LM")
 
 
-def _load_model(config: RunConfig, path: str, precision: str):
+def _load_model(config: RunConfig, path: str, precision: str, attention: str | None = None):
     from .models import keep_4bit_layers_trainable, load_base_model
 
     model = load_base_model(path, load_in_4bit=config.load_in_4bit, precision=precision,
-                            revision=config.model_revision, trust_remote_code=config.trust_remote_code)
+                            revision=config.model_revision, trust_remote_code=config.trust_remote_code,
+                            attn_implementation=attention)
     if config.load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
@@ -233,8 +238,15 @@ def _sft_args(config: RunConfig, precision: str, total_steps: int, eval_every: i
               has_eval: bool):
     from trl import SFTConfig
 
+    return SFTConfig(**_training_args(config, precision, total_steps, eval_every, save_every, has_eval),
+                     max_length=config.max_seq_length, dataset_kwargs={"skip_prepare_dataset": True})
+
+
+def _training_args(config: RunConfig, precision: str, total_steps: int, eval_every: int, save_every: int,
+                   has_eval: bool) -> dict[str, Any]:
+    """The TrainingArguments every stage shares (schedule, precision, logging, evaluation, saving)."""
     early = bool(config.early_stopping_patience) and has_eval
-    return SFTConfig(
+    return dict(
         output_dir=str(RunFolder(config.output_dir).checkpoints_dir),
         num_train_epochs=config.num_train_epochs, max_steps=config.max_steps,
         learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler_type,
@@ -245,13 +257,12 @@ def _sft_args(config: RunConfig, precision: str, total_steps: int, eval_every: i
         activation_checkpointing=config.gradient_checkpointing,
         bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=not torch.cuda.is_available(),
         seed=config.seed, data_seed=config.seed,
-        max_length=config.max_seq_length,
         logging_steps=config.logging_steps, logging_first_step=True,
         eval_strategy="steps" if has_eval else "no", eval_steps=eval_every if has_eval else None,
         save_strategy="steps", save_steps=save_every, save_total_limit=config.save_total_limit,
         load_best_model_at_end=early, metric_for_best_model="eval_loss" if early else None,
         greater_is_better=False if early else None,
-        report_to="none", dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False,
+        report_to="none", remove_unused_columns=False,
         # DDP: every adapter weight takes part in every forward, so skip the per-step search for unused ones
         ddp_find_unused_parameters=False if config.method != "full" else None,
         disable_tqdm=True,  # TerminalProgress draws one clean bar instead
@@ -297,7 +308,7 @@ def _train(config: RunConfig, observer: TrainObserver, out: Path, rows: list[dic
     from transformers.trainer_utils import get_last_checkpoint
 
     from .data import write_split_files
-    from .models import resolve_precision
+    from .models import resolve_attention, resolve_precision
     from .prepare import prepare_data
 
     validate_launch(config)  # launcher (FSDP, DeepSpeed) + method combinations that can't work
@@ -305,6 +316,7 @@ def _train(config: RunConfig, observer: TrainObserver, out: Path, rows: list[dic
     t_start = time.time()
     set_seed(config.seed)
     precision = resolve_precision(config.precision)
+    attention = resolve_attention(config.attn_implementation, precision)
 
     # --- setup: data, base model source, tokenizer + template, encoded examples (as `preview` shows them)
     prepared = prepare_data(config, rows)
@@ -312,26 +324,43 @@ def _train(config: RunConfig, observer: TrainObserver, out: Path, rows: list[dic
     if source.notice and is_main_process():
         log.info(source.notice)
     template_used = prepared.model.template
+    pref = None  # a preference stage's rows (finetune/preference.py): they, not the answers alone, are trained on
+    if config.stage != "sft":
+        from . import preference
+
+        preference.start_run(config)  # a wrong `init_from` fails now, not after the data is encoded
+        pref = preference.prepare_preference_data(config, data, tokenizer)
     if is_main_process():  # every process splits the same way (seeded); one writes
-        write_split_files(data.splits, run.data_dir)
-    train_ds, eval_ds, test_ds = (prepared.dataset(split) for split in ("train", "validation", "test"))
+        write_split_files(pref.answers if pref else data.splits, run.data_dir)
+        if pref:
+            preference.write_preference_splits(pref, run)
+    train_ds, eval_ds, test_ds = ((pref or prepared).dataset(split) for split in ("train", "validation", "test"))
     if train_ds is None:
         raise DataError(f"no training example has any answer tokens left within `max_seq_length` "
                         f"({config.max_seq_length}); raise `max_seq_length` or shorten the prompts")
-    dropped_train, stats = prepared.dropped("train"), prepared.stats
-    train_ids = [enc["input_ids"] for enc in prepared.encoded["train"]] if debug_shards_enabled() else None
+    dropped_train, stats, encoding = (pref or prepared).dropped("train"), prepared.stats, prepared.report
+    train_ids = [enc["input_ids"] for enc in prepared.encoded["train"]] if debug_shards_enabled() and not pref \
+        else None
     del prepared  # the datasets hold the tokens now: free the Python lists before the model loads
     if is_main_process():
         run.write_config(config)  # resolved config, written before the slow part
 
     # --- model and trainer
-    model = _load_model(config, source.path, precision)
     total_steps, eval_every, save_every = _schedule(config, len(train_ds))
-    args = _sft_args(config, precision, total_steps, eval_every, save_every, eval_ds is not None)
     write_status(out, "running", total_steps=total_steps)  # lets the app draw progress and an ETA
     callbacks = _make_callbacks(config, run, observer, stop_flag)
-    trainer = sft_trainer(config, model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                          processing_class=tokenizer, peft_config=_peft_config(config), callbacks=callbacks)
+    if pref is None:
+        model = _load_model(config, source.path, precision, attention)
+        args = _sft_args(config, precision, total_steps, eval_every, save_every, eval_ds is not None)
+        trainer = sft_trainer(config, model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                              processing_class=tokenizer, peft_config=_peft_config(config), callbacks=callbacks)
+    else:  # from `init_from`'s weights when given; TRL's DPO/KTO/ORPO trainer on the encoded preference rows
+        model = preference.start_model(config, _load_model(config, preference.weights_path(config, source.path),
+                                                           precision, attention))
+        trainer = preference.preference_trainer(
+            config, model=model, data=pref, tokenizer=tokenizer, callbacks=callbacks,
+            training_args=_training_args(config, precision, total_steps, eval_every, save_every, eval_ds is not None),
+            peft_config=_peft_config(config) if not config.init_from else None)
     trainer.remove_callback(PrinterCallback)  # raw log dicts; TerminalProgress prints compact lines instead
     shards = None
     if debug_shards_enabled():  # diagnostic: which training rows this process batches (see finetune/distributed.py)
@@ -339,6 +368,9 @@ def _train(config: RunConfig, observer: TrainObserver, out: Path, rows: list[dic
 
     # --- train: test loss before, the loop (SIGTERM = graceful stop), test loss after
     test_before = trainer.evaluate(test_ds, metric_key_prefix="test")["test_loss"] if test_ds is not None else None
+    if pref:  # preference accuracy and margin on the held-out rows, before → after
+        held_out_split, held_out = preference.held_out_rows(pref)
+        scores_before = preference.preference_scores(trainer.model, held_out, batch_size=config.batch_size)
     allow_training_wrap(trainer)  # else an evaluation before train() leaves DDP processes training unsynced
     resume = _resume_path(config, get_last_checkpoint)
     if resume is None and not config.resume_from_checkpoint and is_main_process():
@@ -361,6 +393,8 @@ def _train(config: RunConfig, observer: TrainObserver, out: Path, rows: list[dic
     trainer.save_model(str(final))  # every process: FSDP/DeepSpeed gather the weights; the main one writes
     if is_main_process():
         tokenizer.save_pretrained(str(final))
+        if pref:
+            preference.remove_reference_adapter(final)
         for leftover in ("training_args.bin", "README.md"):  # a pickle nobody needs; the Hub card is ours to write
             (final / leftover).unlink(missing_ok=True)
     eval_loss = trainer.evaluate(eval_ds)["eval_loss"] if eval_ds is not None else None
@@ -387,9 +421,14 @@ def _train(config: RunConfig, observer: TrainObserver, out: Path, rows: list[dic
                  "rows": {k: len(getattr(data.splits, k)) for k in ("train", "validation", "test")},
                  "duplicates_removed": data.splits.duplicates_removed,
                  "skipped": [{"row": s.row, "reason": s.reason} for s in data.skipped],
-                 "dropped_without_answer_tokens": dropped_train, "token_stats": stats},
+                 "dropped_without_answer_tokens": dropped_train, "token_stats": stats,
+                 "encoding": encoding},
         "versions": library_versions(),
     }
+    if pref:
+        scores_after = preference.preference_scores(trainer.model, held_out, batch_size=config.batch_size)
+        results.update(preference.stage_results(config, pref, scores_before, scores_after, held_out_split,
+                                                _dataset_source(config, rows)))
     if is_main_process():
         run.write_results(results)
     write_status(out, status)

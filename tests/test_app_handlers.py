@@ -287,6 +287,20 @@ def test_chat_needs_a_message_and_a_loaded_run(ctx):
     assert "Type a message first" in out[-1][2]
 
 
+def test_chat_streams_both_panes_together(ctx, lora_run_dir):
+    settings = {"max_new_tokens": 12, "temperature": 0, "repetition_penalty": 1.0}
+    def answer(history: list) -> str:
+        return history[-1]["content"] if history[-1]["role"] == "assistant" else ""
+
+    updates = [(answer(base), answer(tuned)) for base, tuned, _ in
+               compare_tab.chat_both(ctx, "s:o", str(lora_run_dir), "What is the capital of France?", [], [], settings)]
+    model = ctx.chat_models.get(str(lora_run_dir))
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    final = tuple(model.generate(question, adapter=side, max_new_tokens=12, temperature=0) for side in (False, True))
+    assert updates[-1] == final and final[0] != final[1]
+    assert any(base and tuned and base != final[0] for base, tuned in updates)  # the fine-tuned pane didn't wait
+
+
 def test_compare_cannot_reach_other_sessions_or_disallowed_folders(ctx, tmp_path):
     *_, state, _ = load(ctx)
     _, run_id = train_tab.start_training(ctx, "s:alice", state, {}, {**SETTINGS, "max_steps": 1})

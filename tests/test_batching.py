@@ -14,10 +14,22 @@ import torch
 import torch.nn.functional as F
 
 from finetune.speed import segment_attention
-from finetune.speed.batching import (PaddedCollator, PaddingFreeCollator, check_lengths, forward, padding_free_mode,
-                               packed_logits_match, shifted, sliding_window)
-from finetune.speed.fast_trainer import (ReusedBuffer, target_cross_entropy, target_cross_entropy_and_hits,
-                                   target_token_loss)
+from finetune.speed.batching import (
+    PaddedCollator,
+    PaddingFreeCollator,
+    check_lengths,
+    forward,
+    packed_logits_match,
+    padding_free_mode,
+    shifted,
+    sliding_window,
+)
+from finetune.speed.fast_trainer import (
+    ReusedBuffer,
+    target_cross_entropy,
+    target_cross_entropy_and_hits,
+    target_token_loss,
+)
 from finetune.templates import IGNORE_INDEX
 
 TOLERANCE = 1e-3  # relative, fp32; the correct paths differ by ~1e-6, a leak by ~1e-1
@@ -299,6 +311,34 @@ def test_chunked_target_cross_entropy_equals_cross_entropy_and_its_gradient(dtyp
         torch.testing.assert_close(fast.grad, plain.grad, rtol=ulp, atol=1e-9)
 
 
+@pytest.mark.parametrize("reused", [False, True])
+@pytest.mark.parametrize("scale", [2.0**16, 2.0**10])
+def test_fp16_logits_get_the_plain_gradient_under_gradscaler(scale, reused):
+    """Under fp16 mixed precision the loss reaches backward multiplied by GradScaler's scale (2^16 at first, above
+    fp16's 65504). The gradient must come back finite and equal to F.cross_entropy's autograd in fp32 cast once to
+    fp16 (as the plain path casts it): to one fp16 rounding step (relative 2^-10, or 2^-24 absolute, fp16's
+    subnormal spacing), keeping the whole off-target part (softmax / target count) that the plain path keeps; in
+    fresh memory and in a `ReusedBuffer`."""
+    g = torch.Generator().manual_seed(0)
+    rows, vocab, count = 64, 8192, 4000.0  # a clear favourite and a long tail, as trained logits have
+    targets = torch.randint(vocab, (rows,), generator=g)
+    logits = 2.0 * torch.randn(rows, vocab, generator=g)
+    logits[torch.arange(rows), targets] += 8.0
+    logits = logits.half()
+    plain = logits.float().requires_grad_()
+    (F.cross_entropy(plain, targets, reduction="sum") / count * scale).backward()
+    fast = logits.clone().requires_grad_()
+    loss, _ = target_cross_entropy_and_hits(fast, targets, torch.tensor(count), chunk_rows=8,
+                                            grad_buffer=ReusedBuffer() if reused else None)
+    (loss * scale).backward()
+    assert fast.grad.dtype == torch.float16 and fast.grad.isfinite().all()
+    torch.testing.assert_close(fast.grad, plain.grad.half(), rtol=2**-10, atol=2**-24)
+    off_target = torch.ones(rows, vocab, dtype=torch.bool)
+    off_target[torch.arange(rows), targets] = False
+    kept = fast.grad.float()[off_target].sum() / plain.grad[off_target].sum()
+    assert kept.item() == pytest.approx(1.0, abs=1e-4)
+
+
 def test_the_gradient_buffer_is_reused_and_changes_nothing():
     """Micro-batch after micro-batch (backward in between), the cross-entropy's gradient lands in the same memory,
     and every loss and gradient equals the one computed with fresh memory."""
@@ -349,8 +389,8 @@ def test_frozen_weights_stored_in_bf16_train_bit_identically(demo_model_dir, tmp
 
     from safetensors.torch import load_file
 
-    from finetune.speed import fast_trainer
     from finetune.config import RunConfig
+    from finetune.speed import fast_trainer
     from finetune.train import train
 
     seen = {}
@@ -445,7 +485,8 @@ def test_segment_attention_backward_is_the_same_whether_it_keeps_or_recomputes_p
     monkeypatch.setattr(segment_attention, "BLOCK_ROWS", 4)
     g = torch.Generator().manual_seed(1)
     lengths, heads, kv_heads, dim = (3, 9, 6), 4, 2, 8
-    leaves = [torch.randn(1, h, sum(lengths), dim, generator=g, requires_grad=True) for h in (heads, kv_heads, kv_heads)]
+    leaves = [torch.randn(1, h, sum(lengths), dim, generator=g, requires_grad=True)
+              for h in (heads, kv_heads, kv_heads)]
     weights = torch.randn(1, sum(lengths), heads, dim, generator=g)
     cu = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
 

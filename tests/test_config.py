@@ -38,6 +38,11 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
      "`save_steps` must be a multiple of `eval_steps` (4) when early stopping is on, so the best evaluation has a "
      "checkpoint"),
     ({"base_model": "  "}, "`base_model` is empty; give a Hub id, a local folder or `demo`"),
+    ({"attn_implementation": "flash"}, "`attn_implementation` must be one of auto, sdpa, eager, flash_attention_2, "
+                                       "flash_attention_3 (got 'flash')"),
+    ({"attn_implementation": "flash_attention_2", "precision": "fp32"},
+     "`attn_implementation: flash_attention_2` runs in bf16/fp16 only, and `precision` is fp32; set "
+     "`precision: auto` (or bf16/fp16), or use `attn_implementation: sdpa`"),
 ])
 def test_validation_names_field_and_fix(changes, message):
     with pytest.raises(ConfigError) as e:
@@ -58,6 +63,7 @@ def test_defaults_are_correct_by_default():
     assert c.trust_remote_code is False
     assert c.lora_target_modules == "all-linear"
     assert c.learning_rate == 2e-4
+    assert c.attn_implementation == "auto"  # transformers' default, or FlashAttention-2 where it can run
     assert RunConfig(method="full").learning_rate == 2e-5
 
 

@@ -844,8 +844,8 @@ def test_max_rows_stops_reading_jsonl_before_a_later_bad_line(tmp_path):
 
 def test_missing_local_looking_paths_are_file_not_found(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    for given in ["data/train.jsonl", "./mydata", "train.csv", "a/b/c", "my data"]:
-        assert read_error(given) == f"file not found: {given} (relative to {tmp_path})"
+    for name in ["data/train.jsonl", "./mydata", "train.csv", "a/b/c", "my data"]:
+        assert read_error(name) == f"file not found: {name} (relative to {tmp_path})"
     missing = tmp_path / "nope.json"
     assert read_error(str(missing)) == f"file not found: {missing}"
     assert read_error(missing) == f"file not found: {missing}"
@@ -1129,3 +1129,45 @@ def test_example_datasets_load_and_are_small_and_distinct():
     assert all("ZenX" in ex["messages"][0]["content"] for ex in headlines.examples)
     for path in EXAMPLES.iterdir():
         assert path.stat().st_size < 30_000, path
+
+
+# ---------------------------------------------------------------------------- reasoning
+
+@pytest.mark.parametrize("reply", [
+    {"role": "assistant", "content": "4", "reasoning_content": "Add."},
+    {"role": "assistant", "content": "4", "reasoning": "Add."},
+    {"from": "gpt", "value": "4", "thinking": "Add."},
+    {"role": "assistant", "content": [{"type": "reasoning", "text": "Add."}, {"type": "text", "text": "4"}]},
+    {"role": "assistant", "content": [{"type": "thinking", "thinking": "Add."}, {"type": "text", "text": "4"}]},
+])
+def test_reasoning_in_each_shape_becomes_reasoning_content(reply):
+    column = "conversations" if "from" in reply else "messages"
+    question = {"from": "human", "value": "2+2?"} if "from" in reply else user("2+2?")
+    data = normalize_rows([{column: [question, reply]}])
+    assert data.examples == [{"messages": [user("2+2?"), {**assistant("4"), "reasoning_content": "Add."}]}]
+
+
+def test_reasoning_with_tool_calls_and_blank_reasoning():
+    rows = [{"messages": [user("Q"), {**CALL, "reasoning_content": "Need the weather."}, tool("sun"),
+                          {**assistant("Sunny."), "reasoning": "  "}]}]
+    messages = normalize_rows(rows).examples[0]["messages"]
+    assert messages[1]["reasoning_content"] == "Need the weather." and messages[1]["tool_calls"] == CALL["tool_calls"]
+    assert messages[3] == assistant("Sunny.")  # blank reasoning is no reasoning
+
+
+@pytest.mark.parametrize("turn, expected", [
+    ({"role": "user", "content": "Q", "reasoning_content": "Hmm."},
+     "turn 1 of `messages` (user) has reasoning, but only assistant turns reason; move the reasoning to the "
+     "assistant's reply, or remove it"),
+    ({"role": "assistant", "content": "A", "thinking": ["Hmm."]},
+     "turn 2 of `messages` (assistant) has `thinking` of type a list, not text; write the reasoning as a string"),
+    ({"role": "assistant", "content": [{"type": "reasoning", "summary": ["Hmm."]}, {"type": "text", "text": "A"}]},
+     'turn 2 of `messages` (assistant) has reasoning part 1 with no text; write it as {"type": "reasoning", '
+     '"text": "..."}'),
+])
+def test_bad_reasoning_is_named_by_row_turn_and_field_and_skipped_with_skip_invalid(turn, expected):
+    conversation = [turn, assistant("A")] if turn["role"] == "user" else [user("Q"), turn]
+    good = {"messages": [user("Q"), assistant("A")]}
+    assert normalize_error([good, {"messages": conversation}]) == f"data.jsonl, row 2: {expected}{SKIP}"
+    data = normalize_rows([good, {"messages": conversation}], skip_invalid=True)
+    assert data.examples == [good] and data.skipped == [SkippedRow(2, expected.split("; ")[0])]

@@ -11,10 +11,19 @@ import pytest
 
 from finetune.cli import main
 from finetune.config import RunConfig
-from finetune.data import SKIP_HINT, ExampleList, SkippedRow, load_examples, normalize_rows, read_rows, split_examples
+from finetune.data import (
+    SKIP_HINT,
+    ExampleList,
+    SkippedRow,
+    collect_examples,
+    load_examples,
+    normalize_rows,
+    read_rows,
+    split_examples,
+)
 from finetune.errors import DataError
 from finetune.prepare import prepare_data, preview_data
-from finetune.templates import encode_example
+from finetune.templates import encode_blocks, encode_example, encoding_report
 
 
 def write_rows(path: Path, rows: list[dict]) -> Path:
@@ -147,3 +156,30 @@ def test_parallel_encoding_equals_encoding_in_process(demo_model_dir, tmp_path, 
         sample = [*range(min(20, len(examples))), *range(max(0, len(examples) - 20), len(examples))]
         assert [prepared.encoded[split][i] for i in sample] == \
             [encode_example(examples[i], tok, max_seq_length=16) for i in sample]
+
+
+def test_a_documents_blocks_stay_together_in_one_split_and_the_report_comes_from_the_cache(demo_model_dir, tmp_path,
+                                                                                          data_cache):
+    docs = [{"text": " ".join(f"word{i}-{j}" for j in range(30 + 7 * i))} for i in range(12)]
+    config = RunConfig(base_model=str(demo_model_dir), dataset=str(write_rows(tmp_path / "docs.jsonl", docs)),
+                       max_seq_length=32, eval_fraction=0.25, test_fraction=0.25)
+    first = prepare_data(config)
+    tok = first.model.tokenizer
+    expected = {split: [enc for ex in examples for enc in encode_blocks(ex, tok, max_seq_length=32)]
+                for split, examples in first.examples.splits.as_dict().items()}
+    assert first.encoded == expected  # every example's blocks, in split order, in its split only
+    assert all(len(encs) > len(getattr(first.examples.splits, split)) for split, encs in expected.items())
+    assert first.report == {split: encoding_report(encs) for split, encs in expected.items()}
+    second = prepare_data(config)  # read from the cache
+    assert second.encoded == first.encoded and second.report == first.report
+
+
+def test_preference_rows_are_kept_in_the_cache_and_leave_with_rows_the_encoder_refuses(tmp_path, data_cache):
+    rows = [{"prompt": f"Q{i}", "chosen": f"A{i}.", "rejected": f"No{i}."} for i in range(4)]
+    config = RunConfig(stage="dpo", dataset=str(write_rows(tmp_path / "pairs.jsonl", rows)))
+    first, second = load_examples(config), load_examples(config)  # the second from the cache
+    assert first.preference == second.preference == "pairs"
+    assert first.preference_rows == second.preference_rows and len(second.preference_rows) == 4
+    store = collect_examples(config)
+    kept = store.split(config, keep=[0, 1, 3], skipped=[SkippedRow(3, "refused")])
+    assert [r["prompt"][0]["content"] for r in kept.preference_rows] == ["Q0", "Q1", "Q3"]

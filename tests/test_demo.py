@@ -8,8 +8,17 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from finetune import demo
-from finetune.demo import (DEMO_LABEL, DEMO_VERSION, IM_END, IM_START, PAD_TOKEN, build_demo_model,
-                           default_cache_dir, demo_model_path, is_demo_model)
+from finetune.demo import (
+    DEMO_LABEL,
+    DEMO_VERSION,
+    IM_END,
+    IM_START,
+    PAD_TOKEN,
+    build_demo_model,
+    default_cache_dir,
+    demo_model_path,
+    is_demo_model,
+)
 
 
 def file_hashes(folder):

@@ -4,8 +4,8 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from finetune.speed.dropout import cpu_dropout, dropout, dropped
 from finetune.models import load_base_model
+from finetune.speed.dropout import cpu_dropout, dropout, dropped
 
 
 @pytest.mark.parametrize("p", [0.05, 0.25, 0.5])  # drop positions drawn as gaps; one draw per element

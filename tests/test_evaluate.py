@@ -12,8 +12,17 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from finetune.errors import DataError
-from finetune.evaluate import (ANSWER_COLUMNS, evaluate_run, exact_match, lcs_length, normalize_answer,
-                               prompt_and_reference, rouge_l, split_loss, token_f1)
+from finetune.evaluate import (
+    ANSWER_COLUMNS,
+    evaluate_run,
+    exact_match,
+    lcs_length,
+    normalize_answer,
+    prompt_and_reference,
+    rouge_l,
+    split_loss,
+    token_f1,
+)
 from finetune.inference import ChatModel
 from finetune.templates import encode_example
 

@@ -29,8 +29,8 @@ def _load_gpu_check():
 
 gpu_check = _load_gpu_check()
 
-SMOLLM2_LINE = ("  smollm2-135m: 134,515,008 parameters (HuggingFaceTB/SmolLM2-135M shape: hidden 576, 30 layers, 9 heads, "
-                "3 kv heads, intermediate 1536, vocab 49152, tied embeddings)")
+SMOLLM2_LINE = ("  smollm2-135m: 134,515,008 parameters (HuggingFaceTB/SmolLM2-135M shape: hidden 576, 30 layers, "
+                "9 heads, 3 kv heads, intermediate 1536, vocab 49152, tied embeddings)")
 ONE_B_LINE = ("  1b: 1,235,814,400 parameters (meta-llama/Llama-3.2-1B shape: hidden 2048, 16 layers, 32 heads, "
               "8 kv heads, intermediate 8192, vocab 128256, tied embeddings)")
 

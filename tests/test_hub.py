@@ -17,14 +17,22 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from hub_server import HubStandIn, Token
 
 from finetune.config import RunConfig
 from finetune.errors import HubError, ModelError
-from finetune.hub import (NO_TOKEN, TOKEN_READ_ONLY, TOKEN_REJECTED, check_token, hub_errors, push_run,
-                          resolve_model_source, resolve_token)
+from finetune.hub import (
+    NO_TOKEN,
+    TOKEN_READ_ONLY,
+    TOKEN_REJECTED,
+    check_token,
+    hub_errors,
+    push_run,
+    resolve_model_source,
+    resolve_token,
+)
 from finetune.model_card import build_model_card, front_matter, hub_dataset, plot_loss_curve
 from finetune.run_folder import RunFolder
+from hub_server import HubStandIn, Token
 
 # Planted token strings: each must never show up in output, logs, files or error messages.
 WRITE_TOKEN = "hf_PlantedWriteToken0123456789abcdefXYZ"

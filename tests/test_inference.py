@@ -64,7 +64,8 @@ def test_only_one_copy_of_the_base_weights(lora_run_dir, demo_model_dir):
 
     chat.generate(QUESTION, adapter=False, max_new_tokens=2, temperature=0)
     chat.generate(QUESTION, adapter=True, max_new_tokens=2, temperature=0)
-    assert llama_instances() - before == 1  # switching didn't load a second model
+    list(chat.stream_both(QUESTION, max_new_tokens=2, temperature=0))
+    assert llama_instances() - before == 1  # switching or answering both at once didn't load a second model
 
     # Every base weight is held by exactly one tensor: as many distinct storages as the base model has.
     base_storages = {p.data_ptr() for name, p in chat.model.named_parameters() if "lora_" not in name}
@@ -113,6 +114,110 @@ def test_concurrent_callers_get_their_own_side(chat):
         t.join(timeout=60)
     assert len(results) == 6
     assert all(answer == expected[side] for side, answer in results)
+
+
+def separate_answers(chat, base_messages, finetuned_messages=None, **settings) -> tuple[str, str]:
+    """The two answers one at a time: adapter off for the base, on for the fine-tuned side."""
+    return (chat.generate(base_messages, adapter=False, **settings),
+            chat.generate(finetuned_messages or base_messages, adapter=True, **settings))
+
+
+def assert_one_pass(updates) -> None:
+    """Both rows of one batched `generate` get a token per step: while neither side is done, they have as many."""
+    assert len(updates) > 2  # a real stream
+    assert all(base.tokens == tuned.tokens for base, tuned in updates if not (base.done or tuned.done))
+    assert updates[-1][0].done and updates[-1][1].done
+
+
+def test_both_answers_in_one_pass_equal_the_separate_answers(chat):
+    updates = list(chat.stream_both(QUESTION, **GREEDY))
+    assert chat.answers_together
+    assert_one_pass(updates)
+    base, tuned = updates[-1]
+    assert (base.text, tuned.text) == separate_answers(chat, QUESTION, **GREEDY)
+    assert base.text != tuned.text
+    assert any(0 < b.tokens < base.tokens and 0 < t.tokens < tuned.tokens for b, t in updates)  # grew together
+
+
+def test_qlora_answers_both_in_one_pass(make_adapter_run, tmp_path):
+    chat = ChatModel.from_run(make_adapter_run(tmp_path / "qlora", method="qlora"))
+    assert chat.model.is_loaded_in_4bit and chat.answers_together
+    updates = list(chat.stream_both(QUESTION, **GREEDY))
+    assert_one_pass(updates)
+    base, tuned = updates[-1]
+    assert (base.text, tuned.text) == separate_answers(chat, QUESTION, **GREEDY)
+    assert base.text != tuned.text
+
+
+def test_each_pane_answers_its_own_history(chat):
+    """The compare panes keep their own histories: prompts of different lengths, left-padded in one batch."""
+    base_history = QUESTION + [{"role": "assistant", "content": "Lyon."}, {"role": "user", "content": "Sure?"}]
+    tuned_history = QUESTION + [{"role": "assistant", "content": "It is Paris, on the Seine."},
+                                {"role": "user", "content": "Sure?"}]
+    updates = list(chat.stream_both(base_history, tuned_history, **GREEDY))
+    assert_one_pass(updates)
+    base, tuned = updates[-1]
+    assert (base.text, tuned.text) == separate_answers(chat, base_history, tuned_history, **GREEDY)
+
+
+def test_a_side_that_ends_its_turn_early_leaves_the_other_going(chat, monkeypatch):
+    settings = dict(temperature=0.0, max_new_tokens=16)
+    full_base, full_tuned = separate_answers(chat, QUESTION, **settings)
+    tuned_ids = set(chat.tokenizer(full_tuned, add_special_tokens=False).input_ids)
+    # Make a token of the base answer (one the fine-tuned answer doesn't use) a stop token: the base side ends there.
+    stop = next(t for t in chat.tokenizer(full_base, add_special_tokens=False).input_ids[2:] if t not in tuned_ids)
+    monkeypatch.setattr(chat, "stop_ids", chat.stop_ids + [stop])
+    short_base, tuned_text = separate_answers(chat, QUESTION, **settings)
+    assert len(short_base) < len(full_base) and tuned_text == full_tuned
+
+    updates = list(chat.stream_both(QUESTION, **settings))
+    base, tuned = updates[-1]
+    assert (base.text, tuned.text) == (short_base, full_tuned)
+    assert base.tokens < tuned.tokens == settings["max_new_tokens"]
+    after_base_ended = [t for b, t in updates if b.done and not t.done]
+    assert len(after_base_ended) > 1 and all(b.text == short_base for b, t in updates if b.done)
+
+
+def test_both_answers_sampled_are_reproducible(chat):
+    sampled = dict(temperature=1.0, top_p=0.95, top_k=40, max_new_tokens=12, seed=7)
+    first = [pane.text for pane in list(chat.stream_both(QUESTION, **sampled))[-1]]
+    assert [pane.text for pane in list(chat.stream_both(QUESTION, **sampled))[-1]] == first
+    assert first[0] != first[1]
+
+
+def test_closing_both_answers_early_stops_generation(chat):
+    updates = chat.stream_both(QUESTION, temperature=0.0, max_new_tokens=1500)
+    next(updates)
+    started = time.perf_counter()
+    updates.close()
+    assert time.perf_counter() - started < 3.0
+    assert chat.generate(QUESTION, **GREEDY) == chat.generate(QUESTION, **GREEDY)
+
+
+def test_dora_adapter_answers_both_one_after_the_other(demo_model_dir, tmp_path):
+    """PEFT refuses mixed-adapter batches with DoRA: the two answers then come one after the other."""
+    from peft import LoraConfig, get_peft_model
+
+    from conftest import perturb_lora_b
+
+    model = AutoModelForCausalLM.from_pretrained(str(demo_model_dir), dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj"],
+                                             task_type="CAUSAL_LM"))
+    perturb_lora_b(model, seed=0)
+    model.save_pretrained(str(tmp_path / "dora"))
+    chat = ChatModel(str(demo_model_dir), tmp_path / "dora", tokenizer_path=demo_model_dir)
+    assert chat.has_adapter and not chat.answers_together
+    base, tuned = list(chat.stream_both(QUESTION, **GREEDY))[-1]
+    assert (base.text, tuned.text) == separate_answers(chat, QUESTION, **GREEDY)
+
+
+def test_full_fine_tune_answers_both_one_after_the_other(full_run_dir):
+    chat = ChatModel.from_run(full_run_dir)
+    assert not chat.answers_together
+    updates = list(chat.stream_both(QUESTION, **GREEDY))
+    base, tuned = updates[-1]
+    assert (base.text, tuned.text) == separate_answers(chat, QUESTION, **GREEDY)
+    assert all(t.tokens == 0 for b, t in updates if not b.done)  # the fine-tuned side starts once the base is done
 
 
 def test_full_fine_tune_loads_base_and_fine_tuned_models(full_run_dir, demo_model_dir):

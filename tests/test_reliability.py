@@ -147,7 +147,7 @@ def test_out_of_memory_ends_with_a_clear_message_and_suggestions(tmp_path):
                   env={"HEADROOM_MB": "1000"}, code=LIMITED)
     expected = ("training ran out of memory (CPU RAM). Try: a smaller `batch_size` (200 → 100; double "
                 "`gradient_accumulation_steps` to keep the effective batch); a shorter `max_seq_length` (2048 → "
-                "1024); `method: qlora` (a 4-bit base needs about a quarter of the weight memory; CUDA GPU); "
+                "1024); `method: qlora` (a 4-bit base needs about a quarter of the weight memory); "
                 "`gradient_checkpointing: true` (recomputes activations: less memory, ~30% slower)")
     assert result.returncode == 2, result.stderr[-3000:]
     assert f"error: {expected}\n" in result.stderr and "Traceback" not in result.stderr

@@ -13,8 +13,15 @@ from pathlib import Path
 import pytest
 
 from finetune.config import RunConfig
-from finetune.runs import (RunManager, RunNotFound, copy_into, estimate_total_steps, safe_filename, tail,
-                           workspace_from_env)
+from finetune.runs import (
+    RunManager,
+    RunNotFound,
+    copy_into,
+    estimate_total_steps,
+    safe_filename,
+    tail,
+    workspace_from_env,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASET = ROOT / "examples" / "data" / "python_qa.jsonl"

@@ -1,4 +1,6 @@
-"""Prompt formats and loss masks on the demo tokenizer: exactly the assistant replies carry loss."""
+"""Prompt formats and loss masks on the demo tokenizer and real templates: exactly the assistant replies carry loss."""
+
+import json
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -6,11 +8,27 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from finetune.config import RunConfig
+from finetune.data import SkippedRow
 from finetune.demo import demo_model_path
 from finetune.errors import ConfigError, DataError
-from finetune.templates import (ALPACA_PREAMBLE, ALPACA_TEMPLATE, BUILTIN_TEMPLATES, CHATML_TEMPLATE, IGNORE_INDEX,
-                                apply_template_choice, encode_example, ensure_pad_token, loss_token_count,
-                                preview_text, prompt_ids, render_preview)
+from finetune.prepare import TemplatedTokenizer, prepare_data
+from finetune.templates import (
+    ALPACA_PREAMBLE,
+    ALPACA_TEMPLATE,
+    BUILTIN_TEMPLATES,
+    CHATML_TEMPLATE,
+    IGNORE_INDEX,
+    apply_template_choice,
+    encode_example,
+    ensure_pad_token,
+    loss_token_count,
+    preview_text,
+    prompt_ids,
+    render_preview,
+    system_turn_notice,
+)
+from real_models import real_tokenizer, save_tiny_model
 
 # HuggingFaceTB/SmolLM2-135M-Instruct's chat template (ChatML with a default system prompt, no
 # generation markers), as published on the Hub.
@@ -143,22 +161,23 @@ def test_template_not_prefix_stable_falls_back_to_generation_markers(tok):
 
 
 def test_template_neither_prefix_stable_nor_marked_is_refused(tok):
+    # A row-level DataError (was a ConfigError that stopped the run): prepare_data names the row or skips it.
     tokenizer_with_template(tok, TURN_COUNT_TEMPLATE.replace("{% generation %}", "")
                             .replace("{% endgeneration %}", ""))
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(DataError) as err:
         encode_example(CHAT, tok, max_seq_length=1024)
     assert str(err.value) == (
-        "this chat template re-renders earlier turns differently as the conversation grows and has no "
-        "`{% generation %}` markers, so the loss can't be limited to assistant replies; use "
-        "`chat_template: chatml` (or `alpaca`), or set `train_on_prompt: true`")
+        "the chat template renders the conversation before assistant reply 1 differently once later turns follow, "
+        "so the prompt for that reply isn't what the model would be trained after; use `chat_template: chatml` "
+        "(or `alpaca`), or set `train_on_prompt: true`")
     everything = encode_example(CHAT, tok, max_seq_length=1024, train_on_prompt=True)  # needs no mask
     assert everything["labels"] == everything["input_ids"]
 
 
 def test_template_that_rejects_the_conversation_says_how_to_fix_it(tok):
     tokenizer_with_template(tok, "{{ raise_exception('System role not supported') }}")
-    with pytest.raises(ConfigError, match=r"^the chat template can't render this conversation \(.*System role "
-                                          r"not supported\); use `chat_template: chatml` or `alpaca`$"):
+    with pytest.raises(DataError, match=r"^the chat template can't render this conversation \(TemplateError: System "
+                                        r"role not supported\); use `chat_template: chatml` or `alpaca`$"):
         encode_example(CHAT, tok, max_seq_length=1024)
 
 
@@ -310,3 +329,97 @@ def test_any_reply_is_masked_exactly_and_previewed_faithfully(tok, question, ans
     segments = render_preview(example, tok)
     assert "".join(text for text, _ in segments) == tok.decode(enc["input_ids"])
     assert [text for text, loss in segments if loss] == [f"{answer}<|im_end|>"]
+
+
+# --- real templates that re-render history or can't place a system turn (issue 14) ------------------
+
+def replies_text(tokenizer, enc) -> list[str]:
+    """The loss-carrying tokens, decoded one reply (one run of loss tokens) at a time."""
+    runs, run = [], []
+    for t, label in zip(enc["input_ids"], enc["labels"]):
+        if label != IGNORE_INDEX:
+            run.append(t)
+        elif run:
+            runs, run = runs + [run], []
+    return [tokenizer.decode(r) for r in runs + ([run] if run else [])]
+
+
+def test_phi3_multi_turn_trains_every_reply_though_each_render_ends_with_eos():
+    tokenizer = real_tokenizer("phi3")  # its template closes every render without a generation prompt with EOS
+    enc = encode_example(NO_SYSTEM_CHAT, tokenizer, max_seq_length=1024)
+    assert enc["input_ids"] == tokenizer.apply_chat_template(NO_SYSTEM_CHAT["messages"], tokenize=True)["input_ids"]
+    # Each reply with its <|end|>; the last one also with the EOS that closes the conversation.
+    assert replies_text(tokenizer, enc) == [f"{A1}<|end|>", f"{A2}<|end|><|endoftext|>"]
+    prompt = prompt_ids(NO_SYSTEM_CHAT["messages"][:3], tokenizer)
+    assert enc["input_ids"][:len(prompt)] == prompt and enc["labels"][len(prompt)] != IGNORE_INDEX
+
+
+@pytest.mark.parametrize("family, problem", [
+    ("mistral", "moves the system text as the conversation grows (earlier turns lose it)"),
+    ("gemma2", "refuses a system turn (TemplateError: System role not supported)"),
+])
+def test_system_turn_the_template_cannot_place_goes_into_the_first_user_turn(family, problem, caplog):
+    tokenizer = real_tokenizer(family)
+    notice = (f"the chat template {problem}; the system text goes at the start of the first user turn instead, "
+              "followed by a blank line")
+    assert system_turn_notice(tokenizer, [NO_SYSTEM_CHAT]) is None  # no system turn, nothing to say
+    assert system_turn_notice(tokenizer, [NO_SYSTEM_CHAT, CHAT]) == notice
+    with caplog.at_level("WARNING", logger="finetune.templates"):
+        enc = encode_example(CHAT, tokenizer, max_seq_length=1024)
+        encode_example(CHAT, tokenizer, max_seq_length=1024)
+    assert [r.getMessage() for r in caplog.records] == [notice]  # one line, once
+    folded = [{"role": "user", "content": f"{SYSTEM}\n\n{Q1}"}, *CHAT["messages"][2:]]
+    assert enc["input_ids"] == tokenizer.apply_chat_template(folded, tokenize=True)["input_ids"]
+    end = "<|endoftext|>" if family == "mistral" else "<end_of_turn>"  # Mistral's EOS on the Phi-3 vocabulary
+    assert replies_text(tokenizer, enc) == [f"{A1}{end}", f"{A2}{end}"]
+    assert preview_text(render_preview(CHAT, tokenizer)).count(f"{SYSTEM}\n\n{Q1}") == 1
+    # Prompts for generation place it the same way, so they match training.
+    assert enc["input_ids"][:len(prompt_ids(CHAT["messages"][:4], tokenizer))] == prompt_ids(
+        CHAT["messages"][:4], tokenizer)
+
+
+UNENCODABLE_ROWS = [{"instruction": Q1, "output": A1},
+                    {"instruction": Q2, "output": "Madrid.<|end|> And Lisbon."},
+                    {"instruction": "And of Italy?", "output": "Rome."}]
+UNENCODABLE_REASON = ("assistant reply 1 contains the chat template's end-of-turn text '<|end|>', so where the reply "
+                      "ends is ambiguous; remove that text from the reply")
+
+
+def prepare_with(tokenizer, tmp_path, **settings):
+    """`prepare_data` on UNENCODABLE_ROWS as the file qa.json, encoded with `tokenizer`."""
+    data = tmp_path / "qa.json"
+    data.write_text(json.dumps(UNENCODABLE_ROWS), encoding="utf-8")
+    config = RunConfig(dataset=str(data), eval_fraction=0.0, test_fraction=0.0, **settings)
+    return prepare_data(config, tokenizer_for=lambda _: TemplatedTokenizer(source=None, tokenizer=tokenizer,
+                                                                           template="tokenizer"))
+
+
+def test_row_the_template_cannot_encode_is_a_row_error_naming_the_row(tmp_path):
+    with pytest.raises(DataError) as err:
+        prepare_with(real_tokenizer("phi3"), tmp_path)
+    assert str(err.value) == f"qa.json, row 2: {UNENCODABLE_REASON} (or set skip_invalid: true to drop bad rows)"
+    assert (err.value.row, err.value.field) == (2, "messages")
+
+
+def test_row_the_template_cannot_encode_is_skipped_with_skip_invalid(tmp_path):
+    data = prepare_with(real_tokenizer("phi3"), tmp_path, skip_invalid=True).examples
+    assert data.skipped == [SkippedRow(2, UNENCODABLE_REASON)]
+    assert sorted(ex["messages"][1]["content"] for ex in data.splits.train) == [A1, "Rome."]
+
+
+def test_preview_shows_the_system_turn_notice_and_skips_rows_it_cannot_encode(tmp_path, capsys):
+    from finetune.cli import main
+
+    base = save_tiny_model(tmp_path / "gemma", "gemma2")
+    rows = [{"system": SYSTEM, "instruction": Q1, "output": A1},
+            {"instruction": Q2, "output": "Madrid.<end_of_turn> And Lisbon."}]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    code = main(["preview", "--base_model", str(base), "--dataset", str(tmp_path / "rows.jsonl"), "--skip_invalid",
+                 "true", "--eval_fraction", "0", "--test_fraction", "0", "-n", "1"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert ("note: the chat template refuses a system turn (TemplateError: System role not supported); the system "
+            "text goes at the start of the first user turn instead, followed by a blank line\n") in out
+    assert ("skipped 1 invalid rows, e.g. row 2: assistant reply 1 contains the chat template's end-of-turn text "
+            "'<end_of_turn>', so where the reply ends is ambiguous; remove that text from the reply\n") in out
+    assert f"<start_of_turn>user\n{SYSTEM}\n\n{Q1}<end_of_turn>\n<start_of_turn>model\n[[{A1}<end_of_turn>]]\n" in out

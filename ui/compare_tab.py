@@ -1,5 +1,5 @@
-"""Compare tab: Base and Fine-tuned side by side. One message box sends to both and both stream; the answers
-come from one loaded copy of the base weights with the adapter switched off and on. "Run test prompts"
+"""Compare tab: Base and Fine-tuned side by side. One message box sends to both and both stream together; the
+answers come from one loaded copy of the base weights with the adapter switched off and on. "Run test prompts"
 fills a table from the run's held-out test split. An adapter from an earlier run, a local folder or the
 Hub can be loaded without training."""
 
@@ -99,7 +99,8 @@ def generation_settings(values: dict[str, Any]) -> dict[str, Any]:
 
 def chat_both(ctx: AppContext, owner: str, folder: str | None, message: str, base_history: list,
               tuned_history: list, settings: dict) -> Iterator[tuple[list, list, str]]:
-    """Stream the base answer, then the fine-tuned one; yields (base history, tuned history, status)."""
+    """Stream both answers together (one batched pass; see ChatModel.stream_both); yields (base history, tuned
+    history, status)."""
     message = (message or "").strip()
     if not message:
         yield base_history, tuned_history, error_md("Type a message first.")
@@ -114,21 +115,22 @@ def chat_both(ctx: AppContext, owner: str, folder: str | None, message: str, bas
         yield base_history, tuned_history, error_md(str(e))
         return
     gen = generation_settings(settings)
-    histories = {False: list(base_history) + [{"role": "user", "content": message}],
-                 True: list(tuned_history) + [{"role": "user", "content": message}]}
-    for adapter in (False, True):
-        conversation = [{"role": m["role"], "content": m["content"]} for m in histories[adapter]]
-        histories[adapter].append({"role": "assistant", "content": ""})
-        try:
-            for chunk in model.stream(conversation, adapter=adapter, **gen):
-                histories[adapter][-1]["content"] += chunk
-                yield histories[False], histories[True], ""
-        except (FinetuneError, ValueError) as e:
-            yield histories[False], histories[True], error_md(str(e))
-            return
-        if not histories[adapter][-1]["content"].strip():
-            histories[adapter][-1]["content"] = "(empty answer: the model ended its turn at once)"
-    yield histories[False], histories[True], ""
+    histories = [list(history) + [{"role": "user", "content": message}] for history in (base_history, tuned_history)]
+    conversations = [[{"role": m["role"], "content": m["content"]} for m in history] for history in histories]
+    for history in histories:
+        history.append({"role": "assistant", "content": ""})
+    try:
+        for panes in model.stream_both(*conversations, **gen):
+            for history, pane in zip(histories, panes):
+                history[-1]["content"] = pane.text
+            yield histories[0], histories[1], ""
+    except (FinetuneError, ValueError) as e:
+        yield histories[0], histories[1], error_md(str(e))
+        return
+    for history in histories:
+        if not history[-1]["content"].strip():
+            history[-1]["content"] = "(empty answer: the model ended its turn at once)"
+    yield histories[0], histories[1], ""
 
 
 def test_prompts(ctx: AppContext, owner: str, folder: str | None, limit: int | None, max_new_tokens: int,
@@ -233,8 +235,8 @@ def wire_compare_tab(ctx: AppContext, c: dict, *, owner: gr.State) -> None:
     def on_send(who: str, folder: str | None, message: str, base: list, tuned: list, request: gr.Request,
                 **settings):
         me = owner_of(who, request.session_hash)
-        for base, tuned, status in chat_both(ctx, me, folder, message, base, tuned, settings):
-            yield base, tuned, base, tuned, status or gr.skip(), ""
+        for base_pane, tuned_pane, status in chat_both(ctx, me, folder, message, base, tuned, settings):
+            yield base_pane, tuned_pane, base_pane, tuned_pane, status or gr.skip(), ""
 
     inputs = [owner, c["folder"], c["message"], c["base_history"], c["tuned_history"]]
     outputs = [c["base_chat"], c["tuned_chat"], c["base_history"], c["tuned_history"], c["status"], c["message"]]

@@ -115,7 +115,8 @@ def metrics_table(results: dict) -> list[list[str]]:
         ["runtime", format_duration(runtime)],
         ["samples / s", _fmt(r.get("train_samples_per_second"), ".3g")],
         ["tokens / s", _fmt(tokens_per_s, ".4g")],
-        ["trainable parameters", f"{_fmt(r.get('trainable_params'), ',')} ({_fmt(r.get('trainable_percent'), '.3g')}%)"],
+        ["trainable parameters",
+         f"{_fmt(r.get('trainable_params'), ',')} ({_fmt(r.get('trainable_percent'), '.3g')}%)"],
         ["peak memory", f"{_fmt(r.get('peak_memory_mb'), '.0f')} MB"],
         ["steps", _fmt(r.get("global_step"), "d")],
     ]

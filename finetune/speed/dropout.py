@@ -27,7 +27,6 @@ import math
 import numpy as np
 import torch
 
-
 SPARSE_UP_TO = 0.25  # drop probabilities up to this draw the positions to drop; above, one 32-bit draw per element
 
 

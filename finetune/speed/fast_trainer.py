@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from trl import SFTTrainer
 
+from ..templates import IGNORE_INDEX
 from . import LEVERS
 from .batching import PaddedCollator, PaddingFreeCollator, forward, padding_free_mode
 from .dropout import cpu_dropout
-from ..templates import IGNORE_INDEX
 
 
 def accepts_logits_to_keep(model) -> bool:
@@ -110,12 +110,13 @@ class ReusedBuffer:
     def __init__(self) -> None:
         self._flat: torch.Tensor | None = None
 
-    def take(self, like: torch.Tensor) -> torch.Tensor:
-        """An uninitialised tensor of `like`'s shape, dtype and device, in the reused memory."""
+    def take(self, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """An uninitialised tensor of `like`'s shape and device and `dtype` (default `like`'s), in the reused memory."""
         n = like.numel()
+        dtype = dtype or like.dtype
         flat = self._flat
-        if flat is None or flat.numel() < n or flat.dtype != like.dtype or flat.device != like.device:
-            flat = self._flat = torch.empty(n + n // 4, dtype=like.dtype, device=like.device)  # room to grow
+        if flat is None or flat.numel() < n or flat.dtype != dtype or flat.device != like.device:
+            flat = self._flat = torch.empty(n + n // 4, dtype=dtype, device=like.device)  # room to grow
         return flat[:n].view(like.shape)
 
 
@@ -127,6 +128,11 @@ class _TargetCrossEntropy(torch.autograd.Function):
     backward. Here only the gradient is kept, in the logits' own dtype (K x V x 2 bytes in bf16), plus one chunk's
     fp32 temporaries. The arithmetic is
     the same: softmax in fp32, minus one at the target, divided by `divisor`, cast once to the logits' dtype.
+
+    fp16 logits keep an fp32 gradient (K x V x 4 bytes) and are cast only in backward, after the incoming gradient
+    is applied, as the plain computation does: under fp16 mixed precision that gradient carries GradScaler's scale
+    (2^16 at first), which fp16 itself overflows at (max 65504), and an unscaled gradient stored in fp16 flushes
+    the small probabilities (below 2^-24) to zero before the scale could lift them.
     """
 
     @staticmethod
@@ -137,7 +143,9 @@ class _TargetCrossEntropy(torch.autograd.Function):
         hits = torch.zeros((), dtype=torch.int64, device=logits.device)
         grad = None
         if needs_grad:
-            grad = grad_buffer.take(logits) if grad_buffer is not None else torch.empty_like(logits)
+            grad_dtype = torch.float32 if logits.dtype == torch.float16 else logits.dtype  # see the docstring
+            grad = (grad_buffer.take(logits, dtype=grad_dtype) if grad_buffer is not None
+                    else torch.empty_like(logits, dtype=grad_dtype))
         # one chunk's fp32 logits and probabilities, reused by every chunk (fresh ones would be new pages each time)
         part_buffer = torch.empty(min(chunk_rows, count), vocab, dtype=torch.float32, device=logits.device)
         probs_buffer = torch.empty_like(part_buffer)
@@ -159,17 +167,22 @@ class _TargetCrossEntropy(torch.autograd.Function):
             part = logits[underflow].float()
             losses[underflow] = torch.logsumexp(part, dim=-1) - part.gather(1, targets[underflow, None]).squeeze(1)
         ctx.save_for_backward(grad)
+        ctx.logits_dtype = logits.dtype
         ctx.mark_non_differentiable(hits)
         return losses.sum() / divisor, hits
 
     @staticmethod
     def backward(ctx, grad_output, _grad_hits):
         (grad,) = ctx.saved_tensors
+        dtype = ctx.logits_dtype
         # Trainer's backward passes exactly 1.0 (one process): skip a pass over K x V on CPU, where reading the
         # scalar costs nothing; on a GPU .item() would sync, so multiply there (x 1.0 is exact either way)
         if grad.device.type == "cpu" and grad_output.item() == 1.0:
-            return grad, None, None, None, None
-        return grad * grad_output.to(grad.dtype), None, None, None, None
+            return grad.to(dtype), None, None, None, None
+        if grad.dtype == dtype:
+            return grad * grad_output.to(dtype), None, None, None, None
+        # fp16 logits, fp32 gradient: scale in fp32 and round once, straight into the fp16 result
+        return torch.mul(grad, grad_output, out=torch.empty_like(grad, dtype=dtype)), None, None, None, None
 
 
 def frozen_linears(model) -> list[torch.nn.Linear]:

@@ -43,7 +43,10 @@ ATTENTION_NAME = "finetune_segments"
 
 def segment_attention_forward(module, query, key, value, attention_mask=None, dropout: float = 0.0,
                               scaling: float | None = None, cu_seq_lens_q=None, **kwargs):
-    """transformers attention-interface signature. query (1, H, T, D), key/value (1, KV, T, D) → ((1, T, H, D), None)."""
+    """transformers attention-interface signature.
+
+    query (1, H, T, D), key/value (1, KV, T, D) → ((1, T, H, D), None).
+    """
     if cu_seq_lens_q is None:
         raise ValueError(f"`{ATTENTION_NAME}` attention needs `cu_seq_lens_q` (the packed row's example boundaries)")
     if query.shape[0] != 1 or query.shape[2] != key.shape[2]:
@@ -53,7 +56,8 @@ def segment_attention_forward(module, query, key, value, attention_mask=None, dr
         raise ValueError(f"`{ATTENTION_NAME}` attention has no attention dropout; this model uses {dropout}")
     # plain causal softmax attention only: anything else the model asks for makes the caller use
     # transformers' packed masks instead (exact for windows and soft-capping; ours is measured on plain causal)
-    unsupported = [name for name in ("softcap", "sliding_window", "s_aux", "position_bias") if kwargs.get(name) is not None]
+    unsupported = [name for name in ("softcap", "sliding_window", "s_aux", "position_bias")
+                   if kwargs.get(name) is not None]
     if unsupported or getattr(module, "is_causal", True) is False:
         raise ValueError(f"`{ATTENTION_NAME}` attention is plain causal attention; this model also needs "
                          f"{', '.join(unsupported) or 'non-causal attention'}")

@@ -398,7 +398,7 @@ def _common_token_prefix(tokenizer, a: str, b: str) -> str:
 
 
 def _row_error(reason: str, fix: str) -> DataError:
-    """A conversation this template can't encode exactly; `data.normalize_rows` names the row (or skips it)."""
+    """A conversation this template can't encode exactly; `prepare.prepare_data` names the row (or skips it)."""
     return DataError(f"{reason}; {fix}", field="messages")
 
 

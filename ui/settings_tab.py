@@ -11,7 +11,7 @@ import gradio as gr
 
 from finetune.config import DEFAULT_BASE_MODEL, DEMO_MODEL_ID, RunConfig
 from finetune.errors import FinetuneError
-from finetune.memory import available_memory, estimate_memory, model_shape
+from finetune.memory import available_memory, estimate_memory, format_size, model_shape, shortfall
 from finetune.runs import train_command
 
 from .forms import (BASIC_FIELDS, DEMO_PRESET, METHOD_LABELS, METHOD_PRESETS, advanced_fields, config_from_values,
@@ -62,26 +62,30 @@ PRESET_FIELDS = ("learning_rate", "lora_r", "lora_alpha", "lora_dropout", "batch
 
 def memory_report(config: RunConfig, available: tuple[str, int, bool] | None = None) -> tuple[str, bool]:
     """(markdown, fits) for the memory estimate of `config` on this machine (or on `available`)."""
+    text, short = memory_check(config, available)
+    return text, short is None
+
+
+def memory_check(config: RunConfig, available: tuple[str, int, bool] | None = None) -> tuple[str, str | None]:
+    """(markdown, why it won't fit or None) for the memory estimate of `config` on this machine (or on `available`)."""
     shape = model_shape(config.base_model)
     device, free, on_gpu = available or available_memory()
     if shape is None:
         return notice_md(f"Memory estimate: unknown for `{config.base_model}` (its config.json isn't cached here). "
-                         f"{device}: {free / GIB:.1f} GiB free."), True
+                         f"{device}: {free / GIB:.1f} GiB free."), None
     est = estimate_memory(config, shape, on_gpu=on_gpu)
     parts = (f"weights {_size(est.weights)} + gradients & optimizer {_size(est.training)} + "
              f"activations {_size(est.activations)} + overhead {_size(est.overhead)}")
     trainable = f"{_count(est.trainable_params)} trainable parameters of {_count(shape.n_params)}"
     text = f"Estimated memory: **{_size(est.total)}** ({parts}); {device}: {_size(free)} free. {trainable}."
-    if config.method == "qlora" and not on_gpu:
-        return warning_md(text + " QLoRA's 4-bit base needs a CUDA GPU; on this CPU choose LoRA."), False
-    if est.total > free:
+    short = shortfall(est, device, free)
+    if short is not None:
         tips = "try QLoRA, a smaller batch, a shorter max sequence length or gradient checkpointing"
-        return warning_md(text + f" This run probably won't fit: {tips}."), False
-    return ok_md(text), True
+        return warning_md(text + f" This run probably won't fit ({short}): {tips}."), short
+    return ok_md(text), None
 
 
-def _size(n_bytes: float) -> str:
-    return f"{n_bytes / GIB:.1f} GiB" if n_bytes >= GIB else f"{n_bytes / 2**20:.0f} MiB"
+_size = format_size
 
 
 def _count(n: int) -> str:
@@ -225,4 +229,4 @@ def show_yaml(values: dict[str, Any], dataset: str | None = None) -> tuple:
 
 __all__ = ["MODEL_CHOICES", "create_settings_tab", "default_model", "gpu_count", "memory_report", "model_choices",
            "processes_widget", "settings_form", "show_yaml", "trust_remote_code_warning", "update_memory", "wire_settings_tab",
-           "yaml_and_command"]
+           "yaml_and_command", "memory_check"]

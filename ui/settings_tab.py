@@ -227,6 +227,6 @@ def show_yaml(values: dict[str, Any], dataset: str | None = None) -> tuple:
     return gr.update(visible=False), gr.update(value=text, visible=True), gr.update(value=command, visible=True)
 
 
-__all__ = ["MODEL_CHOICES", "create_settings_tab", "default_model", "gpu_count", "memory_report", "model_choices",
-           "processes_widget", "settings_form", "show_yaml", "trust_remote_code_warning", "update_memory", "wire_settings_tab",
-           "yaml_and_command", "memory_check"]
+__all__ = ["MODEL_CHOICES", "create_settings_tab", "default_model", "gpu_count", "memory_check", "memory_report",
+           "model_choices", "processes_widget", "settings_form", "show_yaml", "trust_remote_code_warning", "update_memory",
+           "wire_settings_tab", "yaml_and_command"]

@@ -21,7 +21,7 @@ from .speed import LEVERS
 
 # The real default base model for connected users. Named here and nowhere else.
 DEFAULT_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
-# `base_model: demo` means the offline random-weight model built by `finetune.demo`.
+# `base_model: demo` means the tiny offline demo model built by `finetune.demo`.
 DEMO_MODEL_ID = "demo"
 
 Method = Literal["lora", "qlora", "full"]
@@ -53,11 +53,11 @@ def _f(default: Any, help: str, group: str, **kw) -> Any:
 class RunConfig:
     # --- model ---
     base_model: str = _f(DEFAULT_BASE_MODEL, "Hub id (`org/name`) or local folder of the base model; "
-                         "`demo` for the offline random-weight demo model.", "model")
+                         "`demo` for the tiny offline demo model.", "model")
     model_revision: str | None = _f(None, "Hub branch, tag or commit of the base model (default: main).", "model")
     trust_remote_code: bool = _f(False, "Run Python code shipped inside the model repo. Only for repos you trust.",
                                  "model")
-    offline_fallback: bool = _f(True, "If the base model can't be reached, fall back to the random-weight demo "
+    offline_fallback: bool = _f(True, "If the base model can't be reached, fall back to the tiny offline demo "
                                 "model (clearly labelled) instead of failing.", "model")
     chat_template: TemplateChoice = _f("auto", "Prompt format: `auto` uses the tokenizer's chat template if it "
                                        "has one, else `chatml`; `tokenizer` requires it; `chatml` or `alpaca` "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -156,7 +157,7 @@ def test_presets_follow_method_and_demo_model():
     full = dict(zip(fields, settings_tab.apply_preset("full", "meta-llama/Llama-3.2-1B-Instruct")))
     assert full["learning_rate"] == 2e-5 and full["gradient_checkpointing"] is True
     demo = dict(zip(fields, settings_tab.apply_preset("lora", "demo")))
-    assert demo["learning_rate"] == 2e-3 and demo["max_seq_length"] == 512
+    assert demo["learning_rate"] == 1e-2 and demo["max_seq_length"] == 512 and demo["num_train_epochs"] == 24
 
 
 def test_model_choices_put_the_demo_first_when_offline():
@@ -169,12 +170,17 @@ def test_memory_report_warns_before_a_run_that_cannot_fit():
     big = RunConfig(base_model="meta-llama/Llama-3.1-8B-Instruct", method="full")
     text, fits = settings_tab.memory_report(big, ("GPU test", 24 * 2**30, True))
     assert not fits and "probably won't fit" in text and "try QLoRA" in text
+    text, short = settings_tab.memory_check(big, ("GPU test", 24 * 2**30, True))
+    assert short == "this run needs about 156.5 GiB and GPU test has 24.0 GiB free (132.5 GiB short)"
+    assert f"This run probably won't fit ({short}): try QLoRA" in text
     qlora = RunConfig(base_model="meta-llama/Llama-3.1-8B-Instruct", method="qlora", batch_size=1,
                       gradient_checkpointing=True, max_seq_length=1024)
     text, fits = settings_tab.memory_report(qlora, ("GPU test", 24 * 2**30, True))
     assert fits and "ft-ok" in text
     text, fits = settings_tab.memory_report(qlora, ("CPU RAM", 64 * 2**30, False))
-    assert not fits and "needs a CUDA GPU" in text
+    assert fits and "ft-ok" in text  # QLoRA runs on a CPU too (bitsandbytes' CPU kernels): only memory can refuse it
+    demo_qlora = RunConfig(base_model="demo", method="qlora", batch_size=4, max_seq_length=512)
+    assert settings_tab.memory_check(demo_qlora, ("CPU RAM", 22 * 2**30, False))[1] is None  # issue 17: was refused
     text, fits = settings_tab.memory_report(RunConfig(base_model="someone/unknown-model"), ("CPU RAM", 2**30, False))
     assert fits and "unknown" in text
 
@@ -205,7 +211,9 @@ def test_start_refuses_a_run_that_cannot_fit_unless_forced(ctx):
     huge = {"base_model": "meta-llama/Llama-3.1-8B-Instruct", "method": "full", "batch_size": 64,
             "max_seq_length": 4096}
     text, run_id = train_tab.start_training(ctx, "s:o", state, {}, huge)
-    assert run_id is None and "Not started: the memory estimate says this run won't fit" in text
+    assert run_id is None
+    assert re.search(r"Not started: by the memory estimate, this run needs about [0-9.]+ GiB and (CPU RAM|GPU .+) has "
+                     r"[0-9.]+ [GM]iB free \([0-9.]+ GiB short\)\. Change the settings, or tick “Start anyway”\.", text)
     assert ctx.runs.list_runs("s:o") == []
 
 

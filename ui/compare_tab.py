@@ -60,7 +60,7 @@ def check_owner(ctx: AppContext, owner: str, folder: str | Path) -> None:
 def describe(model, folder: Path) -> str:
     kind = "adapter switched off / on (one copy of the base weights)" if model.has_adapter else \
         "base model and full fine-tune (two copies)"
-    demo = " The base is the random-weight demo model: its own answers are noise." if _is_demo(model) else ""
+    demo = " The base is the tiny offline demo model: its own answers are noise." if _is_demo(model) else ""
     name = f"run `{folder.name[:8]}`" if RunFolder(folder).has_config else f"`{folder.name}`"
     return ok_md(f"Loaded {name} on base `{Path(model.base_path).name}`: {kind}.{demo}")
 

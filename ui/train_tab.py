@@ -17,7 +17,7 @@ from finetune.runs import RunStatus
 from .context import AppContext, owner_of
 from .data_tab import DataSource, data_config
 from .messages import error_md, notice_md, ok_md, warning_md
-from .settings_tab import memory_report
+from .settings_tab import memory_check
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def metrics_table(results: dict) -> list[list[str]]:
         ["steps", _fmt(r.get("global_step"), "d")],
     ]
     if r.get("is_demo_model"):
-        rows.append(["base model", "random-weight demo model (answers are only meaningful on trained prompts)"])
+        rows.append(["base model", "tiny offline demo model (answers are only meaningful on trained prompts)"])
     return rows
 
 
@@ -165,10 +165,10 @@ def start_training(ctx: AppContext, owner: str, data_state: dict, data_values: d
                         data_state.get("name") or "dataset")
     try:
         config = data_config(data_values, settings, source)
-        report, fits = memory_report(config)
-        if not fits and not force:
-            return report + "\n\n" + error_md("Not started: the memory estimate says this run won't fit. Change the "
-                                              "settings, or tick “Start anyway”."), None
+        report, short = memory_check(config)
+        if short is not None and not force:
+            return report + "\n\n" + error_md(f"Not started: by the memory estimate, {short}. Change the settings, "
+                                              "or tick “Start anyway”."), None
         hub_token = resolve_token(oauth_token, None, machine_tokens=False) if ctx.on_space else None
         run_id = ctx.runs.submit(config, owner, dataset_file=source.file, dataset_name=source.name,
                                  num_processes=int(settings.get("num_processes") or 1), hub_token=hub_token)

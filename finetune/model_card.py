@@ -222,8 +222,9 @@ def _summary(config: RunConfig, results: dict, kind: CardKind) -> str:
         lines.append("Training was stopped early by the user; these are the weights at that point.")
     text = "\n".join(lines) + "\n"
     if is_demo_run(config, results):
-        text += ("\n> **Demo model.** The base is a tiny model built offline for testing (pre-trained for seconds on a small corpus; it knows no language); "
-                 "its answers are noise. Don't use this repo for anything but trying the pipeline.\n")
+        text += ("\n> **Demo model.** The base is a tiny model built offline for testing (pre-trained for seconds on a "
+                 "small corpus; it knows no language); its answers are noise. Don't use this repo for anything but "
+                 "trying the pipeline.\n")
     return text
 
 

@@ -427,7 +427,8 @@ def train_on_preferences(ctx: AppContext, owner: str, folder: str | None, mix_fi
     extra = f" + {len(mixed)} from {Path(mix_file).name}" if mixed else ""
     steps = estimate_total_steps(config, len(pairs) + len(mixed))
     return notice_md(f"DPO run `{run_id[:8]}` queued: your {len(pairs)} pairs{extra}, starting from run "
-                     f"`{run.root.name[:8]}`, {steps} steps."), run_id
+                     f"`{run.root.name[:8]}`, {steps} steps. Its loss and rewards are plotted live in the **Train** "
+                     "tab (↻ Refresh list there)."), run_id
 
 
 def loop_run_view(ctx: AppContext, owner: str, run_id: str | None) -> tuple[str, bool]:
@@ -475,13 +476,15 @@ def create_preference_loop() -> dict[str, Any]:
                                                 elem_id="pref-sample-2")
                 c["pref_pick_2"] = gr.Button("Pick sample 2", elem_id="pref-pick-2")
         c["pref_status"] = gr.Markdown(elem_id="pref-status")
-        with gr.Row(equal_height=True):
-            c["pref_counter"] = gr.Markdown(notice_md("Load one of your runs to judge its answers."),
-                                            elem_id="pref-counter")
-            c["pref_mix"] = gr.File(label="Mix in a preference file (optional)", type="filepath", height=90,
-                                    file_types=[".json", ".jsonl", ".csv", ".parquet"], elem_id="pref-mix")
-            c["pref_train"] = gr.Button("Train on my preferences", variant="primary", interactive=False,
-                                        elem_id="pref-train")
+        with gr.Row():
+            with gr.Column(scale=3):
+                c["pref_counter"] = gr.Markdown(notice_md("Load one of your runs to judge its answers."),
+                                                elem_id="pref-counter")
+                c["pref_train"] = gr.Button("Train on my preferences", variant="primary", interactive=False,
+                                            elem_id="pref-train")
+            c["pref_mix"] = gr.File(label="Mix in a preference file (optional): its chosen/rejected pairs train too",
+                                    type="filepath", file_types=[".json", ".jsonl", ".csv", ".parquet"], scale=2,
+                                    elem_id="pref-mix")
         c["pref_run_status"] = gr.Markdown(elem_id="pref-run-status")
     c["pref_samples_state"] = gr.State(None)
     c["pref_run"] = gr.State(None)

@@ -277,9 +277,10 @@ def create_train_tab() -> dict[str, Any]:
                                      height=280, elem_id="train-loss-plot", x_title="step", y_title="loss")
         c["lr_plot"] = gr.LinePlot(lr_frame([]), x="step", y="learning_rate",
                                    title="Learning rate", height=280, elem_id="train-lr-plot", y_axis_format=".1e")
-        c["reward_plot"] = gr.LinePlot(reward_frame([]), x="step", y="value", color="reward", title="Preference rewards",
-                                       color_map={"margin": "#059669", "accuracy": "#d97706"}, height=280,
-                                       visible=False, elem_id="train-reward-plot", x_title="step", y_title="")
+        c["reward_plot"] = gr.LinePlot(reward_frame([]), x="step", y="value", color="reward",
+                                       title="Preference rewards", height=280, visible=False,
+                                       color_map={"margin": "#059669", "accuracy": "#d97706"},
+                                       elem_id="train-reward-plot", x_title="step", y_title="")
     c["metrics"] = gr.Dataframe(headers=METRICS_HEADERS, label="Results", interactive=False, visible=False,
                                 elem_id="train-metrics")
     c["log"] = gr.Textbox(label="Log (last lines)", lines=10, max_lines=10, autoscroll=True, interactive=False,

@@ -417,3 +417,118 @@ def test_submit_records_the_process_count_and_launches_with_it(tmp_path):
         f"-m accelerate.commands.launch --multi_gpu --num_processes 2 -m finetune train {run_dir / 'run.yaml'}"
     with pytest.raises(FinetuneError, match=r"the number of processes must be at least 1 \(got 0\)"):
         runs.submit(RunConfig(base_model="demo", dataset="d.jsonl"), "alice", num_processes=0)
+
+
+# ----------------------------------------------------------------------------- Compare: judge, then train (DPO)
+
+def run_in_workspace(ctx, make_adapter_run, owner: str, name: str = "judged") -> Path:
+    """A finished LoRA run of `owner` in the app's runs folder (adapter/, run.yaml), as the Compare list offers."""
+    import time
+
+    from finetune.run_folder import RunFolder, write_json_atomic
+
+    run_dir = make_adapter_run(ctx.runs.runs_dir / (name + "-" + "a" * 16))
+    write_json_atomic(RunFolder(run_dir).owner_file, {"owner": owner, "created": time.time()})
+    RunFolder(run_dir).write_status({"state": "finished", "time": time.time()})
+    return run_dir
+
+
+def exchange(question: str, base: str, tuned: str) -> tuple[list, list]:
+    """The two panes' histories after one question."""
+    user = {"role": "user", "content": question}
+    return [user, {"role": "assistant", "content": base}], [user, {"role": "assistant", "content": tuned}]
+
+
+def test_judgements_become_preference_rows_and_train_a_dpo_stage(ctx, make_adapter_run, lora_run_dir):
+    from finetune.preference_loop import preference_pairs
+    from finetune.run_folder import RunFolder
+
+    run_dir = run_in_workspace(ctx, make_adapter_run, "s:o")
+    folder = str(run_dir)
+    counter, button = compare_tab.counter_view(ctx, "s:o", folder)
+    assert "0 preference pairs in this run's preferences.jsonl." in counter
+    assert (button["value"], button["interactive"]) == ("Train on my 0 preferences", False)
+
+    text, saved = compare_tab.judge(ctx, "s:o", folder, "base", *exchange("Q1?", "B1", "T1"), "", "")
+    assert saved and "Saved as row 1 of preferences.jsonl: the base answer preferred to the fine-tuned answer." in text
+    text, saved = compare_tab.judge(ctx, "s:o", folder, "finetuned", *exchange("Q1?", "B1", "T1"), "", "")
+    assert not saved and "these answers are already judged (row 1 of preferences.jsonl); ask something else" in text
+    text, _ = compare_tab.judge(ctx, "s:o", folder, "finetuned", *exchange("Q2?", "B2", "T2"), "Better.", " Be brief.")
+    assert "row 2 of preferences.jsonl: your answer preferred to the base answer." in text
+    text, _ = compare_tab.judge(ctx, "s:o", folder, "both_bad", *exchange("Q3?", "B3", compare_tab.EMPTY_ANSWER), "",
+                                "")
+    assert "row 3 of preferences.jsonl: both bad: recorded, but not a pair (write a better answer to make one)." in text
+    rows = RunFolder(run_dir).read_preferences()
+    assert [(r["choice"], r["edited"]) for r in rows] == [("base", False), ("finetuned", True), ("both_bad", False)]
+    assert rows[1]["prompt"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q2?"}]
+    assert (rows[1]["chosen"][0]["content"], rows[1]["rejected"][0]["content"]) == ("Better.", "B2")
+    assert rows[2]["answers"] == {"base": "B3", "finetuned": ""}  # the pane's placeholder is no answer
+    counter, button = compare_tab.counter_view(ctx, "s:o", folder)
+    assert "2 preference pairs in this run's preferences.jsonl (+1 both bad with no better answer: kept in the " \
+           "file, not trained on)." in counter
+    assert (button["value"], button["interactive"]) == ("Train on my 2 preferences", True)
+
+    # only the owner's runs in this app keep judgements
+    text, saved = compare_tab.judge(ctx, "s:bob", folder, "base", *exchange("Q4?", "B", "T"), "", "")
+    assert not saved and "in this session" in text
+    text, _ = compare_tab.judge(ctx, "s:o", str(lora_run_dir), "base", *exchange("Q4?", "B", "T"), "", "")
+    assert "the loaded model is not one of your runs here" in text
+    text, _ = compare_tab.judge(ctx, "s:o", folder, "base", [], [], "", "")
+    assert "nothing to judge yet: ask both models something first" in text
+
+    # train: a DPO stage from this run, on its 2 pairs and a mixed-in file's 14, queued like any run
+    mix = ROOT / "examples" / "data" / "dpo_en_demo_slice.json"
+    text, run_id = compare_tab.train_on_preferences(ctx, "s:o", folder, str(mix))
+    assert run_id and f"DPO run `{run_id[:8]}` queued: your 2 pairs + 14 from dpo_en_demo_slice.json, starting " \
+        f"from run `{run_dir.name[:8]}`, 12 steps." in text  # 16 pairs in batches of 4, 3 epochs
+    ctx.runs.stop(run_id, "s:o")
+    new_dir = ctx.runs.run_dir(run_id, "s:o")
+    config = RunConfig.from_yaml(new_dir / "run.yaml")
+    assert (config.stage, config.init_from, config.output_dir) == ("dpo", str(run_dir.resolve()), str(new_dir))
+    assert config.dataset == str(new_dir / "input" / "preferences.jsonl")
+    trained = [json.loads(line) for line in Path(config.dataset).read_text().splitlines()]
+    assert len(trained) == 16 and trained[:2] == preference_pairs(rows)
+    assert f"DPO run `{run_id[:8]}`" in compare_tab.loop_run_view(ctx, "s:o", run_id)[0]
+    text, run_id = compare_tab.train_on_preferences(ctx, "s:o", folder, str(ROOT / "examples/data/python_qa.jsonl"))
+    assert run_id is None and "python_qa.jsonl holds plain examples, not chosen/rejected pairs" in text
+
+
+def test_two_samples_of_the_fine_tuned_model_and_picking_one(ctx, make_adapter_run):
+    from finetune.run_folder import RunFolder
+
+    run_dir = run_in_workspace(ctx, make_adapter_run, "s:o")
+    _, tuned = exchange("What is the capital of France?", "", "Paris?")
+    text, saved = compare_tab.pick_sample(ctx, "s:o", str(run_dir), "sample_1", None, "")
+    assert not saved and "no samples of this run yet: press **Two samples** first" in text
+    settings = {"max_new_tokens": 8, "temperature": 0, "seed": 5, "repetition_penalty": 1.0}
+    updates = list(compare_tab.two_samples(ctx, "s:o", str(run_dir), tuned, settings))
+    first, second, status, samples = updates[-1]
+    model = ctx.chat_models.get(run_dir)
+    expected = [model.generate(tuned[:1], adapter=True, max_new_tokens=8, temperature=0.7, top_p=0.9, top_k=50,
+                               seed=seed) for seed in (5, 6)]
+    assert [first, second] == expected and first != second
+    assert "Temperature 0 gives one answer only, so these are sampled at 0.7." in status
+    assert len(updates) > 3 and updates[1][1] == ""  # streamed: sample 1 grows before sample 2 starts
+    text, saved = compare_tab.pick_sample(ctx, "s:o", str(run_dir), "sample_2", samples, "")
+    assert saved and "sample 2 preferred to sample 1" in text
+    row = RunFolder(run_dir).read_preferences()[-1]
+    assert (row["prompt"], row["chosen"][0]["content"], row["rejected"][0]["content"]) == (tuned[:1], second, first)
+
+
+def test_the_train_tab_plots_rewards_of_preference_runs_only(ctx, make_adapter_run):
+    from finetune.run_folder import RunFolder
+
+    metrics = [{"step": 1, "loss": 0.69, "rewards/margins": 0.0, "rewards/accuracies": 0.0},
+               {"step": 2, "loss": 0.6, "rewards/margins": 0.25, "rewards/accuracies": 0.75}]
+    frame = train_tab.reward_frame(metrics)
+    assert frame.dropna().values.tolist() == [[1, 0.0, "margin"], [2, 0.25, "margin"], [1, 0.0, "accuracy"],
+                                              [2, 0.75, "accuracy"]]
+    assert set(frame["reward"]) == {"margin", "accuracy"} and str(frame["step"].dtype) == "int64"
+    run_dir = run_in_workspace(ctx, make_adapter_run, "s:o")
+    for record in metrics:
+        RunFolder(run_dir).append_metrics(record)
+    *_, view, rewards = train_tab.poll(ctx, "s:o", run_dir.name, {})
+    assert view["n"] == 2 and rewards["visible"] is True and rewards["value"].equals(frame)
+    *_, hidden = train_tab.poll(ctx, "s:o", None, {})
+    assert hidden["visible"] is False
+    assert train_tab.reward_view([{"step": 1, "loss": 2.0}])["visible"] is False

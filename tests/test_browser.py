@@ -1,5 +1,6 @@
 """A real browser (Debian's chromium, driven by Playwright) clicks through the whole app on the demo model:
-data preview → live training → side-by-side streamed chat → adapter zip download; and stop → resume.
+data preview → live training → side-by-side streamed chat → adapter zip download; stop → resume; and the
+preference loop: judge answers in Compare → a DPO run on them → judge that run.
 
 Screenshots go to tests/artifacts/ (gitignored). Needs `/usr/bin/chromium`:
     apt-get update && apt-get install -y chromium
@@ -7,6 +8,7 @@ Screenshots go to tests/artifacts/ (gitignored). Needs `/usr/bin/chromium`:
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import zipfile
@@ -24,9 +26,14 @@ TRAIN_TIMEOUT_S = 180
 
 
 @pytest.fixture(scope="module")
-def app_url(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("browser-app")
-    with running_app(folder / "workspace", folder / "app.log") as url:
+def app_folder(tmp_path_factory) -> Path:
+    """Holds the app's workspace/ and app.log."""
+    return tmp_path_factory.mktemp("browser-app")
+
+
+@pytest.fixture(scope="module")
+def app_url(app_folder):
+    with running_app(app_folder / "workspace", app_folder / "app.log") as url:
         yield url
 
 
@@ -179,6 +186,91 @@ def test_stop_then_resume_in_a_browser(app_url, browser):
     assert stopped_again > stopped_at + 2
     assert f"step {stopped_again}/400" in page.inner_text("#train-progress"), "a stopped run's bar: done / planned"
     shot(page, "08-resumed-and-stopped")
+
+
+def test_judge_answers_then_train_on_them_in_a_browser(app_folder, app_url, browser):
+    """The Compare tab's loop: judge three answers (base better; both bad with a better answer written; one of two
+    fine-tuned samples), see three rows in the run's preferences.jsonl and the counter at 3, train a DPO stage on
+    them, watch it finish and find it selected in the Compare run list, ready to be judged in turn."""
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.set_default_timeout(60_000)
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(app_url)
+    page.wait_for_selector("#data-load")
+    page.click("#data-load")
+    page.wait_for_selector("#data-status .ft-ok")
+    open_tab(page, "Model & settings")
+    page.fill("#field-max_seq_length input", "128")
+    page.click("#settings-advanced .label-wrap")
+    page.fill("#field-max_steps input", "2")
+    open_tab(page, "Train")
+    page.click("#train-start")
+    page.wait_for_selector("#train-status .ft-ok, #train-status .ft-error", timeout=TRAIN_TIMEOUT_S * 1000)
+    assert "finished" in page.inner_text("#train-status"), page.inner_text("#train-log")
+    sft_name = re.search(r"Run (\S{8}) finished", page.inner_text("#train-status")).group(1)
+
+    open_tab(page, "Compare")
+    page.click("#compare-load")
+    page.wait_for_selector("#compare-status .ft-ok", timeout=90_000)
+    page.wait_for_function("() => document.querySelector('#pref-counter').innerText.includes('0 preference pairs')")
+
+    def ask(question: str) -> None:
+        before = page.locator("#chat-tuned [data-testid='bot']").count()
+        page.fill("#chat-message textarea", question)
+        page.click("#chat-send")
+        page.wait_for_function(f"() => document.querySelectorAll('#chat-tuned [data-testid=\"bot\"]').length > "
+                               f"{before}", timeout=90_000)
+        _wait_until_idle(page)
+
+    def saved(row: int) -> str:
+        page.wait_for_function(f"() => document.querySelector('#pref-status').innerText.includes('row {row} of')")
+        return page.inner_text("#pref-status")
+
+    ask("How do I reverse a list in Python?")
+    page.click("#pref-base")
+    assert "the base answer preferred to the fine-tuned answer" in saved(1)
+    ask("What does len() return?")
+    page.fill("#pref-better textarea", "The number of items in the container.")
+    page.click("#pref-both-bad")
+    assert "your answer preferred to the fine-tuned answer" in saved(2)
+    assert page.input_value("#pref-better textarea") == ""  # a saved judgement clears the box
+    ask("How do I open a file?")
+    page.click("#pref-samples")
+    page.wait_for_function("() => document.querySelector('#pref-status').innerText.includes('pick the better one')",
+                           timeout=90_000)
+    samples = [page.input_value(f"#pref-sample-{i} textarea") for i in (1, 2)]
+    assert all(samples) and samples[0] != samples[1], samples
+    page.click("#pref-pick-2")
+    assert "sample 2 preferred to sample 1" in saved(3)
+    page.wait_for_function("() => document.querySelector('#pref-counter').innerText.includes('3 preference pairs')")
+    assert page.inner_text("#pref-train").strip() == "Train on my 3 preferences"
+    shot(page, "09-compare-judged")
+
+    judged = next(p for p in (app_folder / "workspace" / "runs").glob("*/preferences.jsonl")
+                  if p.parent.name.startswith(sft_name))
+    rows = [json.loads(line) for line in judged.read_text().splitlines()]
+    assert [r["choice"] for r in rows] == ["base", "both_bad", "sample_2"]
+    assert rows[1]["chosen"][0]["content"] == "The number of items in the container."
+    assert [r["chosen"][0]["content"] for r in rows[2:]] == [samples[1]]
+
+    page.click("#pref-train")
+    page.wait_for_selector("#pref-run-status .ft-notice")
+    assert "your 3 pairs, starting from run" in page.inner_text("#pref-run-status")
+    page.wait_for_selector("#pref-run-status .ft-ok, #pref-run-status .ft-error, #pref-run-status .ft-warning",
+                           timeout=TRAIN_TIMEOUT_S * 1000)
+    status = page.inner_text("#pref-run-status")
+    assert "finished" in status, status
+    dpo_id = re.search(r"DPO run (\S{8}) finished", status).group(1)
+    listed = page.input_value("#compare-run input")
+    assert dpo_id[:6] in listed and "preferences.jsonl" in listed and "finished" in listed, listed
+    shot(page, "10-compare-dpo-finished")
+
+    page.click("#compare-load")  # the DPO run: judged like any other, its own (empty) preferences
+    page.wait_for_function("() => document.querySelector('#compare-status').innerText.includes('"
+                           + dpo_id + "')", timeout=90_000)
+    page.wait_for_function("() => document.querySelector('#pref-counter').innerText.includes('0 preference pairs')")
+    assert not errors, f"JavaScript errors on the page: {errors}"
 
 
 def _stop_after(page, condition) -> int:

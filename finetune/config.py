@@ -29,6 +29,9 @@ Precision = Literal["auto", "bf16", "fp16", "fp32"]
 DataFormat = Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text"]
 TemplateChoice = Literal["auto", "tokenizer", "chatml", "alpaca"]
 Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr"]
+ReportTo = Literal["none", "tensorboard", "trackio", "wandb"]
+# The packages transformers' reporting callbacks need (any one of a tuple will do).
+REPORTER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "trackio": ("trackio",), "wandb": ("wandb",)}
 
 # Default learning rates by method: adapters tolerate ~10x more than full fine-tuning.
 DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "full": 2e-5}
@@ -121,6 +124,10 @@ class RunConfig:
     save_steps: int | None = _f(None, "Save a checkpoint every N steps (default: with each evaluation).",
                                 "training")
     save_total_limit: int = _f(2, "Keep at most this many checkpoints (the best one is always kept).", "training")
+    report_to: ReportTo = _f("none", "Also send the training metrics to an experiment tracker: `tensorboard`, "
+                             "`trackio` or `wandb` (its package must be installed; wandb and trackio read their "
+                             "usual environment variables). The run folder's metrics.jsonl is written either way.",
+                             "training")
     output_dir: str = _f("outputs/run", "Run folder: adapter/ or model/, checkpoints/, the metrics, results and "
                          "resolved config (layout: finetune/run_folder.py).", "training")
     resume_from_checkpoint: str | None = _f(None, "Checkpoint folder to resume from, or `latest` for the newest "
@@ -179,6 +186,7 @@ class RunConfig:
         unknown = [lever for lever in self.speed_levers_off or [] if lever not in LEVERS]
         _check(not unknown, "speed_levers_off", f"has unknown lever(s) {', '.join(map(repr, unknown))}; choose from "
                f"{', '.join(LEVERS)} (padding-free batches are switched by `padding_free`)")
+        _check_reporter(self.report_to)
         _check(bool(self.base_model.strip()), "base_model", "is empty; give a Hub id, a local folder or `demo`")
         _check(bool(self.output_dir.strip()), "output_dir", "is empty; give a folder for the run")
 
@@ -200,7 +208,8 @@ class RunConfig:
         for key in data:
             if key not in names:
                 close = difflib.get_close_matches(str(key), names, n=1)
-                hint = f"; did you mean `{close[0]}`?" if close else "; run `python -m finetune train --help` for the list"
+                hint = f"; did you mean `{close[0]}`?" if close else \
+                    "; run `python -m finetune train --help` for the list"
                 raise ConfigError(f"{source}: unknown field `{key}`{hint}")
         return cls(**data)
 
@@ -231,6 +240,17 @@ class RunConfig:
         for f in dataclasses.fields(cls):
             groups.setdefault(f.metadata["group"], []).append(f.name)
         return groups
+
+
+def _check_reporter(report_to: str) -> None:
+    """Fail before any loading when the chosen tracker's package is missing (transformers would fail only when
+    the trainer is built, after the model has loaded)."""
+    import importlib.util
+
+    packages = REPORTER_PACKAGES.get(report_to, ())
+    if packages and not any(importlib.util.find_spec(p) for p in packages):
+        raise ConfigError(f"`report_to: {report_to}` needs the `{packages[0]}` package, which is not installed "
+                          f"here; install it (`pip install {packages[0]}`) or set `report_to: none`")
 
 
 def _check(ok: bool, name: str, message: str) -> None:

@@ -15,8 +15,15 @@ from finetune.memory import available_memory, estimate_memory, model_shape
 from finetune.run_folder import CONFIG_FILE
 from finetune.runs import train_command
 
-from .forms import (BASIC_FIELDS, DEMO_PRESET, METHOD_LABELS, METHOD_PRESETS, advanced_fields, config_from_values,
-                    field_widget)
+from .forms import (
+    BASIC_FIELDS,
+    DEMO_PRESET,
+    METHOD_LABELS,
+    METHOD_PRESETS,
+    advanced_fields,
+    config_from_values,
+    field_widget,
+)
 from .messages import error_md, notice_md, ok_md, warning_md
 
 # Sensible small-to-8B instruct models (any other Hub id or local folder can be typed in).
@@ -177,8 +184,8 @@ def settings_form(c: dict) -> dict[str, Any]:
 def wire_settings_tab(c: dict, data_state: gr.State) -> None:
     form = settings_form(c)
     presets = [c[name] for name in PRESET_FIELDS]
-    for trigger in (c["method"], c["base_model"]):
-        trigger.change(apply_preset, [c["method"], c["base_model"]], presets, show_progress="hidden",
+    for trigger in (c["method"], c["base_model"]):  # `input`: the user's choice, not a restored form
+        trigger.input(apply_preset, [c["method"], c["base_model"]], presets, show_progress="hidden",
                        api_visibility="private")
 
     def on_change(**values):
@@ -225,5 +232,5 @@ def show_yaml(values: dict[str, Any], dataset: str | None = None) -> tuple:
 
 
 __all__ = ["MODEL_CHOICES", "create_settings_tab", "default_model", "gpu_count", "memory_report", "model_choices",
-           "processes_widget", "settings_form", "show_yaml", "trust_remote_code_warning", "update_memory", "wire_settings_tab",
-           "yaml_and_command"]
+           "processes_widget", "settings_form", "show_yaml", "trust_remote_code_warning", "update_memory",
+           "wire_settings_tab", "yaml_and_command"]

@@ -27,16 +27,18 @@ def loss_metrics(start: float, steps: int = 4) -> list[dict]:
 
 
 def write_finished_run(runs_dir: Path, owner: str, *, metrics: list[dict] | None = None, created: float | None = None,
-                       **config_changes) -> str:
+                       run_id: str | None = None, **config_changes) -> str:
     """A finished run of `owner` in `runs_dir` with its config (demo model, the bundled dataset copied in),
-    metrics and results; returns its id."""
-    run_id = secrets.token_urlsafe(18)
+    metrics and results; returns its id. A folder `run_id` that already holds a config (weights built by
+    conftest's `make_adapter_run`) keeps it."""
+    run_id = run_id or secrets.token_urlsafe(18)
     run = RunFolder(Path(runs_dir) / run_id)
-    run.input_dir.mkdir(parents=True)
-    dataset = run.input_dir / DATASET.name
-    dataset.write_bytes(DATASET.read_bytes())
-    run.write_config(RunConfig(**{"base_model": "demo", "dataset": str(dataset.resolve()),
-                                  "output_dir": str(run.root.resolve()), **config_changes}))
+    if not run.has_config:
+        run.input_dir.mkdir(parents=True)
+        dataset = run.input_dir / DATASET.name
+        dataset.write_bytes(DATASET.read_bytes())
+        run.write_config(RunConfig(**{"base_model": "demo", "dataset": str(dataset.resolve()),
+                                      "output_dir": str(run.root.resolve()), **config_changes}))
     write_json_atomic(run.owner_file, {"owner": owner, "created": created or time.time()})
     run.write_status({"state": "finished", "time": time.time()})
     metrics = loss_metrics(3.0) if metrics is None else metrics

@@ -513,13 +513,15 @@ def test_compare_table_puts_runs_side_by_side_and_marks_differences(ctx):
 def test_compare_runs_overlays_every_runs_curves_and_only_your_runs(ctx):
     first = write_finished_run(ctx.runs.runs_dir, "s:a")
     second = write_finished_run(ctx.runs.runs_dir, "s:a", seed=7, metrics=loss_metrics(2.0, steps=2))
-    message, curves, table = runs_tab.compare_runs(ctx, "s:a", [first, second])
+    message, runs, table = runs_tab.compare_runs(ctx, "s:a", [first, second])
     assert "2 runs; they differ in: seed, train loss, validation loss, steps" in message
-    points = curves.dropna()
-    assert sorted(set(points["run"])) == sorted([f"{first[:8]} train", f"{first[:8]} validation",
-                                                 f"{second[:8]} train", f"{second[:8]} validation"])
-    assert points[points["run"] == f"{second[:8]} train"].values.tolist() == [[1, 1.75, f"{second[:8]} train"],
-                                                                             [2, 1.5, f"{second[:8]} train"]]
-    assert "Pick one more run" in runs_tab.compare_runs(ctx, "s:a", [first])[0]
-    message, curves, table = runs_tab.compare_runs(ctx, "s:b", [first, second])
-    assert f"no run `{first}` in this session" in message and table is None and curves.dropna().empty
+    curves = runs_tab.loss_curves(runs)
+    assert curves[curves["run"] == second[:8]].values.tolist() == [
+        [1, 1.75, second[:8], "train"], [2, 1.5, second[:8], "train"], [2, 1.6, second[:8], "validation"]]
+    lines = {line.get_label(): (line.get_linestyle(), line.get_color(), list(line.get_ydata()))
+             for line in runs_tab.loss_figure(runs).axes[0].get_lines()}
+    assert lines[f"{second[:8]} train"] == ("-", runs_tab.RUN_COLOURS[1], [1.75, 1.5])
+    assert lines[f"{second[:8]} validation"] == ("--", runs_tab.RUN_COLOURS[1], [1.6])
+    assert lines[f"{first[:8]} validation"] == ("--", runs_tab.RUN_COLOURS[0], [2.6, 2.2]) and len(lines) == 4
+    message, runs, table = runs_tab.compare_runs(ctx, "s:b", [first, second])
+    assert f"no run `{first}` in this session" in message and table is None and runs == []

@@ -1,5 +1,7 @@
 """A real browser (Debian's chromium, driven by Playwright) clicks through the whole app on the demo model:
-data preview → live training → side-by-side streamed chat → adapter zip download; and stop → resume.
+data preview → live training → side-by-side streamed chat → adapter zip download; and stop → resume. Then what a
+returning user needs: runs seen from another browser, the form kept over a reload, one page width on every tab,
+and runs compared side by side.
 
 Screenshots go to tests/artifacts/ (gitignored). Needs `/usr/bin/chromium`:
     apt-get update && apt-get install -y chromium
@@ -8,6 +10,7 @@ Screenshots go to tests/artifacts/ (gitignored). Needs `/usr/bin/chromium`:
 from __future__ import annotations
 
 import re
+import secrets
 import time
 import zipfile
 from pathlib import Path
@@ -15,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from app_server import running_app
+from run_folders import loss_metrics, write_finished_run
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -24,10 +28,16 @@ TRAIN_TIMEOUT_S = 180
 
 
 @pytest.fixture(scope="module")
-def app_url(tmp_path_factory):
+def app(tmp_path_factory):
+    """(url, workspace) of the one app server the tests in this file share (run locally: one user)."""
     folder = tmp_path_factory.mktemp("browser-app")
     with running_app(folder / "workspace", folder / "app.log") as url:
-        yield url
+        yield url, folder / "workspace"
+
+
+@pytest.fixture(scope="module")
+def app_url(app):
+    return app[0]
 
 
 @pytest.fixture(scope="module")
@@ -213,3 +223,124 @@ def _wait_until_idle(page, timeout_s: float = 90) -> None:
         elif now and time.time() - stable_since > 2:
             return
         page.wait_for_timeout(300)
+
+
+# ----------------------------------------------------------------------------- issue 17: runs, form, width, compare
+
+TABS = ("Data", "Model & settings", "Train", "Compare", "Export", "Runs")
+
+
+def fresh_page(browser, url: str):
+    """A page in a new browser context: nothing shared with other pages but the server (no localStorage)."""
+    page = browser.new_context(viewport={"width": 1280, "height": 1000}).new_page()
+    page.set_default_timeout(60_000)
+    page.goto(url)
+    page.wait_for_selector("#data-load")
+    return page
+
+
+def dropdown_options(page, elem_id: str) -> list[str]:
+    page.click(f"#{elem_id} input")
+    page.wait_for_selector("ul.option-list li")
+    labels = page.locator("ul.option-list li").evaluate_all("items => items.map(li => li.getAttribute('aria-label'))")
+    page.keyboard.press("Escape")
+    return labels
+
+
+def pick(page, elem_id: str, text: str) -> None:
+    """Choose the option of dropdown `elem_id` whose label contains `text`."""
+    page.click(f"#{elem_id} input")
+    page.locator("ul.option-list li", has_text=text).first.click()
+
+
+def test_a_local_run_is_seen_and_opened_from_any_browser(app, browser, make_adapter_run):
+    """Locally, every run on disk is the one user's: a browser with no stored session lists a run that another
+    browser session started under an earlier app process, shows it, and loads it by its folder's path."""
+    url, workspace = app
+    run_id = secrets.token_urlsafe(18)
+    run_dir = make_adapter_run(workspace / "runs" / run_id)
+    write_finished_run(workspace / "runs", "s:" + "o" * 32, run_id=run_id)
+    for context in ("first", "second"):
+        page = fresh_page(browser, url)
+        open_tab(page, "Train")
+        assert any(run_id[:6] in label for label in dropdown_options(page, "train-run")), context
+        open_tab(page, "Compare")
+        page.fill("#compare-path textarea", str(run_dir))
+        page.click("#compare-load")
+        page.wait_for_selector("#compare-status .ft-ok, #compare-status .ft-error", timeout=90_000)
+        assert f"Loaded run {run_id[:8]}" in page.inner_text("#compare-status"), context
+        page.context.close()
+
+
+def test_a_reload_keeps_the_whole_form(app_url, browser):
+    page = fresh_page(browser, app_url)
+    pick(page, "data-example", "zenx_headlines.json")  # picking an example loads it
+    page.wait_for_function("() => document.querySelector('#data-status').innerText.includes('zenx_headlines.json')")
+    open_tab(page, "Model & settings")
+    page.fill("#field-num_train_epochs input", "5")
+    page.click("#settings-advanced .label-wrap")
+    page.fill("#field-seed input", "7")
+    page.press("#field-seed input", "Tab")
+    page.wait_for_timeout(1000)  # the last change reaches the server
+
+    page.reload()
+    page.wait_for_selector("#data-status .ft-ok")
+    assert "zenx_headlines.json" in page.inner_text("#data-status"), "the dataset was not loaded again"
+    assert page.input_value("#data-example input") == "zenx_headlines.json"
+    open_tab(page, "Model & settings")
+    assert page.input_value("#field-num_train_epochs input") == "5"
+    page.click("#settings-advanced .label-wrap")
+    assert page.input_value("#field-seed input") == "7"
+    page.click("#settings-show-yaml")  # the YAML Start would run: the restored dataset and settings
+    page.wait_for_selector("#settings-yaml")
+    yaml_text = page.inner_text("#settings-yaml")
+    assert "dataset: examples/data/zenx_headlines.json" in yaml_text and "num_train_epochs: 5.0" in yaml_text
+    assert "seed: 7" in yaml_text
+    shot(page, "10-form-after-reload")
+    page.context.close()
+
+
+def test_every_tab_has_one_page_width(app, browser, make_adapter_run):
+    url, workspace = app
+    run_id = secrets.token_urlsafe(18)
+    make_adapter_run(workspace / "runs" / run_id)
+    write_finished_run(workspace / "runs", "local", run_id=run_id)
+    page = fresh_page(browser, url)
+    widths = {}
+    for number, name in enumerate(TABS, 1):
+        open_tab(page, name)
+        widths[name] = page.evaluate("() => document.querySelector('#tabs').getBoundingClientRect().width")
+        shot(page, f"tab-{number}-{name.split()[0].lower()}")
+    assert len(set(widths.values())) == 1, widths
+    open_tab(page, "Compare")  # a run's name fits its box
+    pick(page, "compare-run", run_id[:6])
+    assert run_id[:6] in page.input_value("#compare-run input")
+    assert page.evaluate("() => { const e = document.querySelector('#compare-run input'); "
+                         "return e.scrollWidth <= e.clientWidth; }"), page.input_value("#compare-run input")
+    page.context.close()
+
+
+def test_compare_runs_overlays_curves_and_highlights_differences(app, browser):
+    url, workspace = app
+    first = write_finished_run(workspace / "runs", "local", learning_rate=1e-3)
+    second = write_finished_run(workspace / "runs", "local", learning_rate=3e-3, metrics=loss_metrics(2.5))
+    page = fresh_page(browser, url)
+    open_tab(page, "Runs")  # opening the tab lists the runs
+    pick(page, "runs-pick", first[:6])
+    pick(page, "runs-pick", second[:6])
+    page.keyboard.press("Escape")
+    page.wait_for_function("() => document.querySelector('#runs-message').innerText.includes('2 runs')")
+    assert "2 runs; they differ in: learning_rate, train loss, validation loss (highlighted)" in \
+        page.inner_text("#runs-message")
+    page.wait_for_selector("#runs-loss-plot img")  # the figure: both runs' curves (tests/test_app_handlers.py)
+
+    def row(name: str):
+        cells = page.locator("#runs-table [role=row]", has_text=name).first.locator("[role=gridcell]")
+        return cells.all_inner_texts(), cells.first.evaluate("td => getComputedStyle(td).backgroundColor")
+
+    assert row("learning_rate") == (["learning_rate", "0.001", "0.003"], "rgb(254, 243, 199)")  # highlighted
+    values, colour = row("base_model")
+    assert values == ["base_model", "demo", "demo"] and colour != "rgb(254, 243, 199)"
+    assert page.locator("#runs-table [role=columnheader]").all_inner_texts()[1:3] == [first[:8], second[:8]]
+    shot(page, "11-compare-runs")
+    page.context.close()

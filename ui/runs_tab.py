@@ -24,7 +24,8 @@ KEY_SETTINGS = ("base_model", "method", "dataset", "num_train_epochs", "max_step
 # Different for any two runs by construction (each run has its own folder): never compared.
 NOT_COMPARED = ("output_dir", "resume_from_checkpoint")
 DIFF_STYLE = "background-color: #fef3c7; font-weight: 600"  # amber: the rows where the runs differ
-PLOT_COLUMNS = {"step": "int64", "loss": "float64", "run": "str"}  # column → dtype
+PLOT_COLUMNS = {"step": "int64", "loss": "float64", "run": "str", "split": "str"}  # column → dtype
+RUN_COLOURS = ["#4f46e5", "#d97706", "#059669", "#e11d48", "#0284c7", "#7c3aed"]  # one per run; repeats after six
 
 
 def run_name(status: RunStatus) -> str:
@@ -81,27 +82,50 @@ def styled_table(headers: list[str], rows: list[list[str]], differs: list[bool])
 
 
 def loss_curves(runs: list[RunStatus]) -> pd.DataFrame:
-    """Every run's train and validation loss by step, one series per run and split (`<run> train`)."""
-    rows: list[list] = []
+    """Every run's train and validation loss by step: columns step, loss, run, split."""
+    rows = []
     for r in runs:
-        name = run_name(r)
-        # one empty point per series first: the plot fixes its legend from the first data it gets
-        rows += [[0, float("nan"), f"{name} train"], [0, float("nan"), f"{name} validation"]]
-        rows += [[m["step"], m["loss"], f"{name} train"] for m in r.metrics if m.get("loss") is not None]
-        rows += [[m["step"], m["eval_loss"], f"{name} validation"] for m in r.metrics
+        rows += [[m["step"], m["loss"], run_name(r), "train"] for m in r.metrics if m.get("loss") is not None]
+        rows += [[m["step"], m["eval_loss"], run_name(r), "validation"] for m in r.metrics
                  if m.get("eval_loss") is not None]
     return pd.DataFrame(rows, columns=list(PLOT_COLUMNS)).astype(PLOT_COLUMNS)
 
 
-def compare_runs(ctx: AppContext, owner: str, run_ids: list[str] | None) -> tuple[str, Any, Any]:
-    """(message, loss curves, settings and results table) for the picked runs."""
+def loss_figure(runs: list[RunStatus]):
+    """The runs' loss curves on one matplotlib figure: one colour per run, train solid, validation dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = loss_curves(runs)
+    fig, ax = plt.subplots(figsize=(10, 3.4), dpi=100)
+    for i, r in enumerate(runs):
+        colour = RUN_COLOURS[i % len(RUN_COLOURS)]
+        for split, style in (("train", "-"), ("validation", "--")):
+            points = curves[(curves["run"] == run_name(r)) & (curves["split"] == split)]
+            if len(points):
+                ax.plot(points["step"], points["loss"], style, color=colour, marker="o" if split == "validation"
+                        else None, markersize=3, linewidth=1.6, label=f"{run_name(r)} {split}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    if ax.lines:
+        ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def compare_runs(ctx: AppContext, owner: str, run_ids: list[str] | None) -> tuple[str, list[RunStatus], Any]:
+    """(message, the runs, settings and results table) for the picked runs (no runs: none could be read)."""
     run_ids = list(dict.fromkeys(run_ids or []))
     if not run_ids:
-        return notice_md("Pick two or more runs to compare."), loss_curves([]), None
+        return notice_md("Pick two or more runs to compare."), [], None
     try:
         runs = [ctx.runs.status(run_id, owner) for run_id in run_ids]
     except FinetuneError as e:
-        return error_md(str(e)), loss_curves([]), None
+        return error_md(str(e)), [], None
     headers, rows, differs = compare_table(runs)
     different = [row[0] for row, d in zip(rows, differs) if d]
     if len(runs) < 2:
@@ -110,7 +134,7 @@ def compare_runs(ctx: AppContext, owner: str, run_ids: list[str] | None) -> tupl
         message = ok_md(f"{len(runs)} runs; they differ in: {', '.join(different)} (highlighted).")
     else:
         message = ok_md(f"{len(runs)} runs with the same settings and results.")
-    return message, loss_curves(runs), styled_table(headers, rows, differs)
+    return message, runs, styled_table(headers, rows, differs)
 
 
 # ============================================================================ layout and wiring
@@ -118,29 +142,29 @@ def compare_runs(ctx: AppContext, owner: str, run_ids: list[str] | None) -> tupl
 def create_runs_tab() -> dict[str, Any]:
     c: dict[str, Any] = {}
     gr.Markdown("### Compare runs", elem_classes="ft-subhead")
-    with gr.Row(equal_height=True):
+    with gr.Row():
         c["runs"] = gr.Dropdown([], value=[], multiselect=True, label="Runs", scale=5, elem_id="runs-pick",
                                 info="Two or more of your runs: their curves overlaid, their settings side by side.")
-        c["refresh"] = gr.Button("↻ Refresh list", scale=1, size="sm", elem_id="runs-refresh")
+        c["refresh"] = gr.Button("↻ Refresh list", scale=1, size="sm", min_width=120, elem_id="runs-refresh")
     c["message"] = gr.Markdown(notice_md("Pick two or more runs to compare."), elem_id="runs-message")
-    c["plot"] = gr.LinePlot(loss_curves([]), x="step", y="loss", color="run", title="Loss by run (train and "
-                            "validation)", height=320, elem_id="runs-loss-plot", x_title="step", y_title="loss")
+    # matplotlib, not gr.LinePlot: that plot keeps the series of the first data it shows, and the runs picked change
+    c["plot"] = gr.Plot(label="Loss by run: train (solid) and validation (dashed)", elem_id="runs-loss-plot")
     c["table"] = gr.Dataframe(label="Settings and results (differences highlighted)", interactive=False, wrap=True,
-                              elem_id="runs-table")
+                              visible=False, elem_id="runs-table")
     return c
 
 
 def wire_runs_tab(ctx: AppContext, c: dict, *, owner: gr.State, tab: gr.Tab) -> None:
     def on_pick(who: str, run_ids: list[str] | None, request: gr.Request):
-        return compare_runs(ctx, owner_of(who, request.session_hash), run_ids)
+        message, picked, table = compare_runs(ctx, owner_of(who, request.session_hash), run_ids)
+        return (message, loss_figure(picked) if picked else None, gr.update(value=table, visible=table is not None))
 
     c["runs"].change(on_pick, [owner, c["runs"]], [c["message"], c["plot"], c["table"]], show_progress="hidden",
                      api_name="compare_runs")
 
-    def on_refresh(who: str, picked: list[str] | None, request: gr.Request):
-        choices = run_choices(ctx, owner_of(who, request.session_hash))
-        ids = {run_id for _, run_id in choices}
-        return gr.update(choices=choices, value=[r for r in picked or [] if r in ids])
+    def on_refresh(who: str, request: gr.Request):
+        # choices only: a value sent back would undo a pick made while this was on its way
+        return gr.update(choices=run_choices(ctx, owner_of(who, request.session_hash)))
 
     for trigger in (c["refresh"].click, tab.select):  # opening the tab lists runs that ended meanwhile
-        trigger(on_refresh, [owner, c["runs"]], c["runs"], show_progress="hidden", api_visibility="private")
+        trigger(on_refresh, owner, c["runs"], show_progress="hidden", api_visibility="private")

@@ -13,8 +13,15 @@ from pathlib import Path
 import pytest
 
 from finetune.config import RunConfig
-from finetune.runs import (RunManager, RunNotFound, copy_into, estimate_total_steps, safe_filename, tail,
-                           workspace_from_env)
+from finetune.runs import (
+    RunManager,
+    RunNotFound,
+    copy_into,
+    estimate_total_steps,
+    safe_filename,
+    tail,
+    workspace_from_env,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASET = ROOT / "examples" / "data" / "python_qa.jsonl"
@@ -120,6 +127,27 @@ def test_submit_creates_an_unguessable_self_contained_run_folder(tmp_path):
         wait_done(manager, run_id, "alice")
     finally:
         manager.close()
+
+
+def test_a_shared_manager_shows_every_run_to_everyone(tmp_path):
+    """`shared` (a local app's one user, a team Space): every caller lists and opens every run; else only the
+    owner does. A caller still needs an owner."""
+    from run_folders import write_finished_run
+
+    private = RunManager(tmp_path / "ws", start_worker=False)
+    shared = RunManager(tmp_path / "ws", start_worker=False, shared=True)
+    try:
+        run_id = write_finished_run(private.runs_dir, "alice")
+        assert private.list_runs("bob") == []
+        with pytest.raises(RunNotFound, match=f"no run `{run_id}` in this session"):
+            private.run_dir(run_id, "bob")
+        assert [s.run_id for s in shared.list_runs("bob")] == [run_id]
+        assert shared.status(run_id, "bob").state == "finished"
+        with pytest.raises(RunNotFound):
+            shared.run_dir(run_id, "")
+    finally:
+        private.close()
+        shared.close()
 
 
 # ----------------------------------------------------------------------------- real trainings

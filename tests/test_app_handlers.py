@@ -418,10 +418,13 @@ def test_ownership_follows_the_deployment(environ, mode):
     session = {"owner": "s:" + "b" * 32}
     if mode == "single_user":  # one user: every browser, signed in or not, and every API client is that user
         assert policy.owner(session, "alice") == policy.owner(None, None) == policy.initial_owner == LOCAL_OWNER
+        assert "every run in it is listed here, in any browser" in policy.describe(Path("/ws"), LOCAL_OWNER)
     else:  # a Hub user in any browser; else the browser's saved session; API clients: their Gradio session
         assert policy.owner(session, "alice") == policy.owner(None, "alice") == "hf:alice"
         assert policy.owner(session, None) == "s:" + "b" * 32
         assert policy.initial_owner == "" and owner_of(policy.initial_owner, "h1") == "api:h1"
+        footer = policy.describe(Path("/ws"), "hf:alice")
+        assert ("Signed in as alice: your runs follow you to any browser" in footer) is (mode == "per_user")
 
 
 def test_a_bad_shared_runs_setting_says_what_it_takes():
@@ -473,7 +476,8 @@ def test_the_saved_form_is_restored_and_its_data_loaded_again(ctx):
             "num_train_epochs": 8, "base_model": "demo", "max_seq_length": 256}
     out = app_module.restore_session(ctx, {"owner": owner}, None, page)
     assert out[0] == owner
-    restored = dict(zip(page, out[8:]))
+    assert "Not signed in: your runs belong to this browser" in out[8]
+    restored = dict(zip(page, out[9:]))
     assert restored["source"]["value"] == "Paste rows" and restored["num_train_epochs"]["value"] == 5
     assert restored["paste"]["value"].startswith('{"instruction": "a"')
     # what no longer fits the page keeps the page's value: an example that is gone, an upload whose file is gone

@@ -53,6 +53,17 @@ def browser():
         b.close()
 
 
+def open_app(page, url: str) -> None:
+    """Open the app and wait for the page load to finish: it restores the form, and would undo earlier typing."""
+    page.goto(url)
+    wait_until_loaded(page)
+
+
+def wait_until_loaded(page) -> None:
+    page.wait_for_selector("#data-load")
+    page.wait_for_function("() => document.querySelector('#footer').innerText.includes('Workspace')")
+
+
 def shot(page, name: str) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
@@ -70,8 +81,7 @@ def test_whole_flow_in_a_browser(app_url, browser):
     page.on("pageerror", lambda e: errors.append(str(e)))
 
     # 1. open the page
-    page.goto(app_url)
-    page.wait_for_selector("#data-load")
+    open_app(page, app_url)
     shot(page, "01-opened")
 
     # 2. pick the bundled example and see the preview, with the loss-carrying text highlighted
@@ -95,7 +105,7 @@ def test_whole_flow_in_a_browser(app_url, browser):
     shot(page, "03-settings")
 
     open_tab(page, "Train")
-    page.click("#train-start")
+    start_run(page)
     seen_steps: set[int] = set()
     seen_curves: set[str] = set()  # the train loss line's SVG path, as it grows
     train_line = page.locator('#train-loss-plot path[aria-roledescription="line mark"]').first
@@ -124,7 +134,7 @@ def test_whole_flow_in_a_browser(app_url, browser):
 
     # reloading the page reattaches to the session and its last run
     page.reload()
-    page.wait_for_selector("#data-load")
+    wait_until_loaded(page)
     open_tab(page, "Train")
     page.wait_for_selector("#train-status .ft-ok")
     assert f"Run {run_name} finished" in page.inner_text("#train-status")
@@ -165,8 +175,7 @@ def test_stop_then_resume_in_a_browser(app_url, browser):
     step it stopped at (and is stopped again, to keep the test short)."""
     page = browser.new_page(viewport={"width": 1280, "height": 1000})
     page.set_default_timeout(60_000)
-    page.goto(app_url)
-    page.wait_for_selector("#data-load")
+    open_app(page, app_url)
     page.click("#data-load")
     page.wait_for_selector("#data-status .ft-ok")
     open_tab(page, "Model & settings")
@@ -175,7 +184,7 @@ def test_stop_then_resume_in_a_browser(app_url, browser):
     page.fill("#field-max_steps input", "400")
     page.fill("#field-save_steps input", "2")
     open_tab(page, "Train")
-    page.click("#train-start")
+    start_run(page)
     stopped_at = _stop_after(page, lambda step: step >= 4)
     assert stopped_at >= 4
 
@@ -189,6 +198,16 @@ def test_stop_then_resume_in_a_browser(app_url, browser):
     assert stopped_again > stopped_at + 2
     assert f"step {stopped_again}/400" in page.inner_text("#train-progress"), "a stopped run's bar: done / planned"
     shot(page, "08-resumed-and-stopped")
+
+
+def start_run(page) -> str:
+    """Press Start and wait until the live view follows the new run (it showed the newest earlier run before:
+    locally, every run in the workspace is listed); return the run's short name."""
+    page.click("#train-start")
+    page.wait_for_selector("#train-message .ft-ok")
+    name = re.search(r"Run (\S{8}) queued", page.inner_text("#train-message")).group(1)
+    page.wait_for_function(f"() => document.querySelector('#train-status').innerText.includes('Run {name}')")
+    return name
 
 
 def _stop_after(page, condition) -> int:
@@ -234,8 +253,7 @@ def fresh_page(browser, url: str):
     """A page in a new browser context: nothing shared with other pages but the server (no localStorage)."""
     page = browser.new_context(viewport={"width": 1280, "height": 1000}).new_page()
     page.set_default_timeout(60_000)
-    page.goto(url)
-    page.wait_for_selector("#data-load")
+    open_app(page, url)
     return page
 
 
@@ -284,6 +302,7 @@ def test_a_reload_keeps_the_whole_form(app_url, browser):
     page.wait_for_timeout(1000)  # the last change reaches the server
 
     page.reload()
+    wait_until_loaded(page)
     page.wait_for_selector("#data-status .ft-ok")
     assert "zenx_headlines.json" in page.inner_text("#data-status"), "the dataset was not loaded again"
     assert page.input_value("#data-example input") == "zenx_headlines.json"

@@ -48,7 +48,7 @@ def build_app(ctx: AppContext | None = None, *, hub_ok: bool | None = None) -> g
                 export = create_export_tab(ctx)
             with gr.Tab("6 · Runs", id="runs", elem_id="tab-runs") as runs_tab:
                 runs = create_runs_tab()
-        gr.Markdown(ctx.policy.describe(ctx.workspace), elem_classes="ft-footer", elem_id="footer")
+        footer = gr.Markdown(elem_classes="ft-footer", elem_id="footer")  # filled on page load: whose runs
 
         form = settings_form(settings)
         run_data_form = {k: data[k] for k in DATA_FIELDS if k in data}  # the data fields of a RunConfig
@@ -73,7 +73,7 @@ def build_app(ctx: AppContext | None = None, *, hub_ok: bool | None = None) -> g
 
         demo.load(on_page_load, saved,
                   [owner, saved, train["run"], compare["run"], export["run"], runs["runs"], train["timer"],
-                   settings["memory"], *whole_form.values()],
+                   settings["memory"], footer, *whole_form.values()],
                   inputs_kwargs=whole_form, api_visibility="private") \
             .then(on_reload_data, owner, load_outputs(data), inputs_kwargs=whole_form, api_visibility="private")
     demo.queue(default_concurrency_limit=4, max_size=256)
@@ -83,8 +83,9 @@ def build_app(ctx: AppContext | None = None, *, hub_ok: bool | None = None) -> g
 
 
 def restore_session(ctx: AppContext, stored: dict | None, username: str | None, values: dict[str, Any]) -> tuple:
-    """Page load: who this browser is (`ctx.policy`), its runs, the last run reattached to the live view, and its
-    saved form (`values`: the form as the page starts, in the order of the widgets it updates)."""
+    """Page load: who this browser is (`ctx.policy`), its runs, the last run reattached to the live view, the footer
+    saying whose runs these are, and its saved form (`values`: the form as the page starts, in the order of the
+    widgets it updates)."""
     owner = ctx.policy.owner(stored, username)
     runs = run_choices(ctx, owner)
     ids = {run_id for _, run_id in runs}
@@ -97,6 +98,7 @@ def restore_session(ctx: AppContext, stored: dict | None, username: str | None, 
             gr.update(choices=runs, value=last), gr.update(choices=with_weights, value=weights_value),
             gr.update(choices=with_weights, value=weights_value), gr.update(choices=runs),
             gr.Timer(active=bool(last)), update_memory({**values, **restored}),
+            ctx.policy.describe(ctx.workspace, owner),
             *[gr.update(value=restored[name]) if name in restored else gr.skip() for name in values])
 
 

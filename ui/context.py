@@ -74,15 +74,17 @@ class OwnershipPolicy:
         """The owner of a browser that loads the page: its signed-in user, its saved session, or the local user."""
         return LOCAL_OWNER if self.mode == "single_user" else session_owner(saved, username)
 
-    def describe(self, workspace: Path) -> str:
-        """One line for the page footer: where runs live and who sees them."""
+    def describe(self, workspace: Path, owner: str) -> str:
+        """The page footer, once the page knows its owner: where runs live and whose they are."""
         where = f"Workspace: `{workspace}` · runs are kept on disk"
         if self.mode == "single_user":
             return f"{where}; every run in it is listed here, in any browser, and again after a restart."
         if self.mode == "team":
             return f"{where}; they are shared: everyone using this app sees every run."
-        return (f"{where}. Signed in with Hugging Face, your runs follow you to any browser; otherwise they belong "
-                "to this browser.")
+        if owner.startswith("hf:"):
+            return f"{where}. Signed in as {owner[3:]}: your runs follow you to any browser."
+        return (f"{where}. Not signed in: your runs belong to this browser; sign in with Hugging Face to keep them "
+                "in any browser.")
 
 
 @dataclass

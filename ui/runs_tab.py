@@ -107,6 +107,7 @@ def loss_figure(runs: list[RunStatus]):
             if len(points):
                 ax.plot(points["step"], points["loss"], style, color=colour, marker="o" if split == "validation"
                         else None, markersize=3, linewidth=1.6, label=f"{run_name(r)} {split}")
+    ax.set_title("Loss by run: train (solid) and validation (dashed)", fontsize=10)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     if ax.lines:
@@ -148,9 +149,9 @@ def create_runs_tab() -> dict[str, Any]:
         c["refresh"] = gr.Button("↻ Refresh list", scale=1, size="sm", min_width=120, elem_id="runs-refresh")
     c["message"] = gr.Markdown(notice_md("Pick two or more runs to compare."), elem_id="runs-message")
     # matplotlib, not gr.LinePlot: that plot keeps the series of the first data it shows, and the runs picked change
-    c["plot"] = gr.Plot(label="Loss by run: train (solid) and validation (dashed)", elem_id="runs-loss-plot")
+    c["plot"] = gr.Plot(label="Loss by run", show_label=False, elem_id="runs-loss-plot")
     c["table"] = gr.Dataframe(label="Settings and results (differences highlighted)", interactive=False, wrap=True,
-                              visible=False, elem_id="runs-table")
+                              visible=False, max_height=1200, elem_id="runs-table")  # ~35 rows: no inner scroll
     return c
 
 

@@ -524,8 +524,12 @@ def test_compare_runs_overlays_every_runs_curves_and_only_your_runs(ctx):
         [1, 1.75, second[:8], "train"], [2, 1.5, second[:8], "train"], [2, 1.6, second[:8], "validation"]]
     lines = {line.get_label(): (line.get_linestyle(), line.get_color(), list(line.get_ydata()))
              for line in runs_tab.loss_figure(runs).axes[0].get_lines()}
-    assert lines[f"{second[:8]} train"] == ("-", runs_tab.RUN_COLOURS[1], [1.75, 1.5])
-    assert lines[f"{second[:8]} validation"] == ("--", runs_tab.RUN_COLOURS[1], [1.6])
-    assert lines[f"{first[:8]} validation"] == ("--", runs_tab.RUN_COLOURS[0], [2.6, 2.2]) and len(lines) == 4
+    assert lines[f"run {second[:8]} train"] == ("-", runs_tab.RUN_COLOURS[1], [1.75, 1.5])
+    assert lines[f"run {second[:8]} validation"] == ("--", runs_tab.RUN_COLOURS[1], [1.6])
+    assert lines[f"run {first[:8]} validation"] == ("--", runs_tab.RUN_COLOURS[0], [2.6, 2.2]) and len(lines) == 4
+    underscored = status_of("finished", loss_metrics(3.0))
+    underscored.run_id = "_starts_with_underscore"  # ids are URL-safe base64: "_" and "-" can come first
+    legend = runs_tab.loss_figure([underscored]).axes[0].get_legend().get_texts()
+    assert [t.get_text() for t in legend] == ["run _starts_ train", "run _starts_ validation"]
     message, runs, table = runs_tab.compare_runs(ctx, "s:b", [first, second])
     assert f"no run `{first}` in this session" in message and table is None and runs == []

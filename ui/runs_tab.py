@@ -92,7 +92,8 @@ def loss_curves(runs: list[RunStatus]) -> pd.DataFrame:
 
 
 def loss_figure(runs: list[RunStatus]):
-    """The runs' loss curves on one matplotlib figure: one colour per run, train solid, validation dashed."""
+    """The runs' loss curves on one matplotlib figure: one colour per run, train solid, validation dashed. Labels start
+    with "run ": matplotlib leaves labels that start with "_" (as run ids may) out of the legend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,7 +107,7 @@ def loss_figure(runs: list[RunStatus]):
             points = curves[(curves["run"] == run_name(r)) & (curves["split"] == split)]
             if len(points):
                 ax.plot(points["step"], points["loss"], style, color=colour, marker="o" if split == "validation"
-                        else None, markersize=3, linewidth=1.6, label=f"{run_name(r)} {split}")
+                        else None, markersize=3, linewidth=1.6, label=f"run {run_name(r)} {split}")
     ax.set_title("Loss by run: train (solid) and validation (dashed)", fontsize=10)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")

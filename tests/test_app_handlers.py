@@ -8,16 +8,19 @@ import os
 import re
 from pathlib import Path
 
+import gradio as gr
 import pytest
 import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from finetune.config import RunConfig
-from finetune.errors import ConfigError
+from finetune.errors import ConfigError, FinetuneError
 from finetune.runs import RunStatus
-from ui import compare_tab, data_tab, export_tab, settings_tab, train_tab
-from ui.context import create_context, owner_of, session_owner
+from run_folders import loss_metrics, write_finished_run
+from ui import app as app_module
+from ui import compare_tab, data_tab, export_tab, runs_tab, settings_tab, train_tab
+from ui.context import LOCAL_OWNER, OwnershipPolicy, create_context, owner_of, session_owner
 from ui.forms import config_from_values
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +29,8 @@ SETTINGS = {"base_model": "demo", "method": "lora", "max_seq_length": 256}
 
 @pytest.fixture()
 def ctx(tmp_path):
-    context = create_context(tmp_path / "ws", start_worker=False)
+    """The app's context as in a Space: each owner sees only their own runs (the isolation tests need that)."""
+    context = create_context(tmp_path / "ws", start_worker=False, policy=OwnershipPolicy("per_user"))
     yield context
     context.runs.close()
 
@@ -532,3 +536,136 @@ def test_the_train_tab_plots_rewards_of_preference_runs_only(ctx, make_adapter_r
     *_, hidden = train_tab.poll(ctx, "s:o", None, {})
     assert hidden["visible"] is False
     assert train_tab.reward_view([{"step": 1, "loss": 2.0}])["visible"] is False
+
+
+# ----------------------------------------------------------------------------- whose runs (issue 17, item 1)
+
+@pytest.mark.parametrize("environ, mode", [
+    ({}, "single_user"),                                                   # python app.py
+    ({"FINETUNE_SHARED_RUNS": "1"}, "single_user"),
+    ({"FINETUNE_SHARED_RUNS": "0"}, "per_user"),                           # a server several people use
+    ({"SPACE_ID": "me/app"}, "per_user"),
+    ({"SPACE_ID": "me/app", "FINETUNE_SHARED_RUNS": "yes"}, "team"),       # a private team Space
+    ({"SPACE_ID": "me/app", "FINETUNE_SHARED_RUNS": "0"}, "per_user"),
+])
+def test_ownership_follows_the_deployment(environ, mode):
+    policy = OwnershipPolicy.from_env(environ)
+    assert policy.mode == mode and policy.shared is (mode != "per_user")
+    session = {"owner": "s:" + "b" * 32}
+    if mode == "single_user":  # one user: every browser, signed in or not, and every API client is that user
+        assert policy.owner(session, "alice") == policy.owner(None, None) == policy.initial_owner == LOCAL_OWNER
+        assert "every run in it is listed here, in any browser" in policy.describe(Path("/ws"), LOCAL_OWNER)
+    else:  # a Hub user in any browser; else the browser's saved session; API clients: their Gradio session
+        assert policy.owner(session, "alice") == policy.owner(None, "alice") == "hf:alice"
+        assert policy.owner(session, None) == "s:" + "b" * 32
+        assert policy.initial_owner == "" and owner_of(policy.initial_owner, "h1") == "api:h1"
+        footer = policy.describe(Path("/ws"), "hf:alice")
+        assert ("Signed in as alice: your runs follow you to any browser" in footer) is (mode == "per_user")
+
+
+def test_a_bad_shared_runs_setting_says_what_it_takes():
+    with pytest.raises(FinetuneError, match=r"\$FINETUNE_SHARED_RUNS must be 1 \(everyone sees every run\) or 0 "
+                                            r"\(each user sees only their own runs\), got 'maybe'"):
+        OwnershipPolicy.from_env({"FINETUNE_SHARED_RUNS": "maybe"})
+
+
+def test_a_local_app_lists_and_opens_every_run_on_disk(tmp_path):
+    """Runs of an earlier app process, started in another browser session, are the local user's too."""
+    ctx = create_context(tmp_path / "ws", start_worker=False, policy=OwnershipPolicy.from_env({}))
+    try:
+        old = write_finished_run(ctx.runs.runs_dir, "s:" + "c" * 32, created=1.0)
+        new = write_finished_run(ctx.runs.runs_dir, LOCAL_OWNER)
+        assert [r for _, r in train_tab.run_choices(ctx, LOCAL_OWNER)] == [new, old]
+        assert ctx.runs.status(old, LOCAL_OWNER).state == "finished"
+        compare_tab.check_owner(ctx, LOCAL_OWNER, ctx.runs.runs_dir / old)  # its folder typed as a path: allowed
+    finally:
+        ctx.runs.close()
+
+
+def test_in_a_space_runs_follow_the_user_or_stay_with_the_browser(tmp_path):
+    per_user = create_context(tmp_path / "ws", start_worker=False, policy=OwnershipPolicy("per_user"))
+    team = create_context(tmp_path / "ws", start_worker=False, policy=OwnershipPolicy("team"))
+    try:
+        alice = write_finished_run(per_user.runs.runs_dir, "hf:alice")
+        visitor = write_finished_run(per_user.runs.runs_dir, "s:" + "v" * 32)
+        in_another_browser = per_user.policy.owner({"owner": "s:" + "w" * 32}, "alice")
+        assert [r for _, r in train_tab.run_choices(per_user, in_another_browser)] == [alice]
+        assert train_tab.run_choices(per_user, "hf:bob") == []
+        with pytest.raises(FinetuneError, match=f"no run `{visitor}` in this session"):
+            per_user.runs.status(visitor, "hf:alice")
+        assert {r for _, r in train_tab.run_choices(team, "hf:bob")} == {alice, visitor}
+    finally:
+        per_user.runs.close()
+        team.runs.close()
+
+
+# ----------------------------------------------------------------------------- the form after a reload (item 2)
+
+def test_the_saved_form_is_restored_and_its_data_loaded_again(ctx):
+    owner = "s:" + "f" * 32
+    ctx.save_form(owner, {"source": "Paste rows"})
+    ctx.save_form(owner, {"paste": '{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": "d"}',
+                          "num_train_epochs": 5, "example": "gone.jsonl", "upload": "/nonexistent/x.jsonl",
+                          "no_such_field": 1})
+    ctx.save_form(owner, loaded=True)
+    page = {"source": "Example dataset", "example": "python_qa.jsonl", "upload": None, "paste": "",
+            "num_train_epochs": 8, "base_model": "demo", "max_seq_length": 256}
+    out = app_module.restore_session(ctx, {"owner": owner}, None, page)
+    assert out[0] == owner
+    assert "Not signed in: your runs belong to this browser" in out[8]
+    restored = dict(zip(page, out[9:]))
+    assert restored["source"]["value"] == "Paste rows" and restored["num_train_epochs"]["value"] == 5
+    assert restored["paste"]["value"].startswith('{"instruction": "a"')
+    # what no longer fits the page keeps the page's value: an example that is gone, an upload whose file is gone
+    assert restored["example"] == restored["upload"] == restored["base_model"] == gr.skip()
+    values = {**page, "source": "Paste rows", "paste": ctx.saved_form(owner)["values"]["paste"],
+              "num_train_epochs": 5, "data_format": "auto", "column_mapping": "", "skip_invalid": False,
+              "max_rows": None, "hub_id": "", "dataset_config": "", "dataset_split": "train"}
+    status, *_, state, _ = app_module.reload_data(ctx, owner, values)
+    assert "format **alpaca**" in status and state["name"] == "pasted_rows.jsonl"
+    ctx.save_form(owner, loaded=False)  # nothing was loaded: nothing is loaded again
+    assert app_module.reload_data(ctx, owner, values) == (gr.skip(),) * len(data_tab.LOAD_OUTPUTS)
+    assert ctx.saved_form("s:" + "g" * 32) == {"values": {}, "loaded": False}  # another owner: a fresh form
+
+
+# ----------------------------------------------------------------------------- compare runs (item 11)
+
+def test_compare_table_puts_runs_side_by_side_and_marks_differences(ctx):
+    first = write_finished_run(ctx.runs.runs_dir, "s:a", learning_rate=1e-3, lora_r=8)
+    second = write_finished_run(ctx.runs.runs_dir, "s:a", learning_rate=2e-3, lora_r=8, warmup_ratio=0.1,
+                                metrics=loss_metrics(2.5))
+    runs = [ctx.runs.status(r, "s:a") for r in (first, second)]
+    headers, rows, differs = runs_tab.compare_table(runs)
+    assert headers == ["", first[:8], second[:8]]
+    table = {row[0]: row[1:] for row in rows}
+    changed = {row[0] for row, d in zip(rows, differs) if d}
+    assert table["learning_rate"] == ["0.001", "0.002"] and table["warmup_ratio"] == ["0.03", "0.1"]
+    assert table["dataset"] == ["python_qa.jsonl"] * 2 and table["lora_r"] == ["8", "8"]  # each run's own copy
+    assert "output_dir" not in table and "lora_dropout" not in table  # own folders; equal non-key settings
+    assert table["state"] == ["finished", "finished"] and table["train loss"] == ["2.375", "1.875"]
+    assert changed == {"learning_rate", "warmup_ratio", "train loss", "validation loss"}
+    html = runs_tab.styled_table(headers, rows, differs).to_html()
+    style = html.split("</style>")[0]  # one rule: the highlighted cells' selectors, then DIFF_STYLE
+    assert runs_tab.DIFF_STYLE.split(";")[0] in style
+    assert {int(i) for i in re.findall(r"_row(\d+)_col0", style)} == {i for i, d in enumerate(differs) if d}
+
+
+def test_compare_runs_overlays_every_runs_curves_and_only_your_runs(ctx):
+    first = write_finished_run(ctx.runs.runs_dir, "s:a")
+    second = write_finished_run(ctx.runs.runs_dir, "s:a", seed=7, metrics=loss_metrics(2.0, steps=2))
+    message, runs, table = runs_tab.compare_runs(ctx, "s:a", [first, second])
+    assert "2 runs; they differ in: seed, train loss, validation loss, steps" in message
+    curves = runs_tab.loss_curves(runs)
+    assert curves[curves["run"] == second[:8]].values.tolist() == [
+        [1, 1.75, second[:8], "train"], [2, 1.5, second[:8], "train"], [2, 1.6, second[:8], "validation"]]
+    lines = {line.get_label(): (line.get_linestyle(), line.get_color(), list(line.get_ydata()))
+             for line in runs_tab.loss_figure(runs).axes[0].get_lines()}
+    assert lines[f"run {second[:8]} train"] == ("-", runs_tab.RUN_COLOURS[1], [1.75, 1.5])
+    assert lines[f"run {second[:8]} validation"] == ("--", runs_tab.RUN_COLOURS[1], [1.6])
+    assert lines[f"run {first[:8]} validation"] == ("--", runs_tab.RUN_COLOURS[0], [2.6, 2.2]) and len(lines) == 4
+    underscored = status_of("finished", loss_metrics(3.0))
+    underscored.run_id = "_starts_with_underscore"  # ids are URL-safe base64: "_" and "-" can come first
+    legend = runs_tab.loss_figure([underscored]).axes[0].get_legend().get_texts()
+    assert [t.get_text() for t in legend] == ["run _starts_ train", "run _starts_ validation"]
+    message, runs, table = runs_tab.compare_runs(ctx, "s:b", [first, second])
+    assert f"no run `{first}` in this session" in message and table is None and runs == []

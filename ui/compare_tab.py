@@ -181,11 +181,12 @@ def test_prompts(ctx: AppContext, owner: str, folder: str | None, limit: int | N
 
 def create_compare_tab(ctx: AppContext) -> dict[str, Any]:
     c: dict[str, Any] = {}
+    # the run list on a row of its own: a run's name (date · model · method · data · state · loss · id) is long
+    c["run"] = gr.Dropdown([], value=None, label="Run", allow_custom_value=True, elem_id="compare-run",
+                           info="Your finished (or stopped) runs.")
     with gr.Row(equal_height=True):
-        c["run"] = gr.Dropdown([], value=None, label="Run", allow_custom_value=True, scale=3, elem_id="compare-run",
-                               info="Your finished (or stopped) runs.")
         c["path"] = gr.Textbox(label="…or an adapter: " + ("local folder or Hub id" if ctx.allow_local_paths
-                                                          else "Hub id"), scale=3, elem_id="compare-path",
+                                                          else "Hub id"), scale=5, elem_id="compare-path",
                                placeholder="user/my-adapter" + (" or /path/to/run" if ctx.allow_local_paths else ""))
         c["load"] = gr.Button("Load", variant="primary", scale=1, elem_id="compare-load")
     c["status"] = gr.Markdown(notice_md("Load a run to chat with its base and fine-tuned models side by side."),

@@ -38,6 +38,7 @@ LABELS = {
     "test_fraction": "Test fraction", "train_on_prompt": "Train on prompt tokens too", "max_rows": "Max rows",
     "skip_invalid": "Skip invalid rows", "data_format": "Format", "column_mapping": "Column mapping",
     "dataset_config": "Subset (config)", "dataset_split": "Split",
+    "report_to": "Report to (experiment tracker)",
 }
 
 # Fields the Model & settings tab shows up front; the rest (minus those owned by the Data tab or the

@@ -188,8 +188,8 @@ def settings_form(c: dict) -> dict[str, Any]:
 def wire_settings_tab(c: dict, data_state: gr.State) -> None:
     form = settings_form(c)
     presets = [c[name] for name in PRESET_FIELDS]
-    for trigger in (c["method"], c["base_model"]):
-        trigger.change(apply_preset, [c["method"], c["base_model"]], presets, show_progress="hidden",
+    for trigger in (c["method"], c["base_model"]):  # `input`: the user's choice, not a restored form
+        trigger.input(apply_preset, [c["method"], c["base_model"]], presets, show_progress="hidden",
                        api_visibility="private")
 
     def on_change(**values):

@@ -96,7 +96,7 @@ def _print_results(r: dict, final_dir: Path) -> None:
         t.add_row(key, fmt(r.get(key)))
     Console(stderr=True).print(t)
     if r.get("is_demo_model"):
-        print("note: trained the random-weight demo model; answers are only meaningful on trained prompts.",
+        print("note: trained the tiny offline demo model; answers are only meaningful on trained prompts.",
               file=sys.stderr)
 
 

@@ -21,7 +21,7 @@ from .speed import LEVERS
 
 # The real default base model for connected users. Named here and nowhere else.
 DEFAULT_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
-# `base_model: demo` means the offline random-weight model built by `finetune.demo`.
+# `base_model: demo` means the tiny offline demo model built by `finetune.demo`.
 DEMO_MODEL_ID = "demo"
 
 Method = Literal["lora", "qlora", "full"]
@@ -32,6 +32,9 @@ DataFormat = Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completio
 TemplateChoice = Literal["auto", "tokenizer", "chatml", "alpaca"]
 Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr"]
 Stage = Literal["sft", "dpo", "kto", "orpo"]
+ReportTo = Literal["none", "tensorboard", "trackio", "wandb"]
+# The packages transformers' reporting callbacks need (any one of a tuple will do).
+REPORTER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "trackio": ("trackio",), "wandb": ("wandb",)}
 
 # Default learning rates by method: adapters tolerate ~10x more than full fine-tuning.
 DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "full": 2e-5}
@@ -53,11 +56,11 @@ def _f(default: Any, help: str, group: str, **kw) -> Any:
 class RunConfig:
     # --- model ---
     base_model: str = _f(DEFAULT_BASE_MODEL, "Hub id (`org/name`) or local folder of the base model; "
-                         "`demo` for the offline random-weight demo model.", "model")
+                         "`demo` for the tiny offline demo model.", "model")
     model_revision: str | None = _f(None, "Hub branch, tag or commit of the base model (default: main).", "model")
     trust_remote_code: bool = _f(False, "Run Python code shipped inside the model repo. Only for repos you trust.",
                                  "model")
-    offline_fallback: bool = _f(True, "If the base model can't be reached, fall back to the random-weight demo "
+    offline_fallback: bool = _f(True, "If the base model can't be reached, fall back to the tiny offline demo "
                                 "model (clearly labelled) instead of failing.", "model")
     chat_template: TemplateChoice = _f("auto", "Prompt format: `auto` uses the tokenizer's chat template if it "
                                        "has one, else `chatml`; `tokenizer` requires it; `chatml` or `alpaca` "
@@ -149,6 +152,10 @@ class RunConfig:
     save_steps: int | None = _f(None, "Save a checkpoint every N steps (default: with each evaluation).",
                                 "training")
     save_total_limit: int = _f(2, "Keep at most this many checkpoints (the best one is always kept).", "training")
+    report_to: ReportTo = _f("none", "Also send the training metrics to an experiment tracker: `tensorboard`, "
+                             "`trackio` or `wandb` (its package must be installed; wandb and trackio read their "
+                             "usual environment variables). The run folder's metrics.jsonl is written either way.",
+                             "training")
     output_dir: str = _f("outputs/run", "Run folder: adapter/ or model/, checkpoints/, the metrics, results and "
                          "resolved config (layout: finetune/run_folder.py).", "training")
     resume_from_checkpoint: str | None = _f(None, "Checkpoint folder to resume from, or `latest` for the newest "
@@ -211,6 +218,7 @@ class RunConfig:
         _check(not (self.attn_implementation in FLASH_ATTENTION and self.precision == "fp32"), "attn_implementation",
                f"`attn_implementation: {self.attn_implementation}` runs in bf16/fp16 only, and `precision` is fp32; "
                "set `precision: auto` (or bf16/fp16), or use `attn_implementation: sdpa`")
+        _check_reporter(self.report_to)
         _check(bool(self.base_model.strip()), "base_model", "is empty; give a Hub id, a local folder or `demo`")
         _check(bool(self.output_dir.strip()), "output_dir", "is empty; give a folder for the run")
 
@@ -284,6 +292,17 @@ def _check_stage(cfg: RunConfig) -> None:
     if cfg.stage == "kto" and (cfg.loss_type or "kto") == "kto":  # KTO estimates its KL term within a batch
         _check(cfg.batch_size >= 2, "batch_size", f"must be at least 2 for `stage: kto` (got {cfg.batch_size}): "
                "KTO estimates its KL term from the other answers in a batch")
+
+
+def _check_reporter(report_to: str) -> None:
+    """Fail before any loading when the chosen tracker's package is missing (transformers would fail only when
+    the trainer is built, after the model has loaded)."""
+    import importlib.util
+
+    packages = REPORTER_PACKAGES.get(report_to, ())
+    if packages and not any(importlib.util.find_spec(p) for p in packages):
+        raise ConfigError(f"`report_to: {report_to}` needs the `{packages[0]}` package, which is not installed "
+                          f"here; install it (`pip install {packages[0]}`) or set `report_to: none`")
 
 
 def _check(ok: bool, name: str, message: str) -> None:

@@ -172,5 +172,22 @@ def fits(estimate: MemoryEstimate, available: int) -> bool:
     return estimate.total <= available
 
 
+def shortfall(estimate: MemoryEstimate, device: str, available: int) -> str | None:
+    """Why the run won't fit, for people: which memory, how much the estimate needs and how much is free.
+
+    None when it fits. This is the only reason to refuse a run before it starts: every method runs on
+    every device here (QLoRA's 4-bit layers included: bitsandbytes has CPU kernels).
+    """
+    if fits(estimate, available):
+        return None
+    return (f"this run needs about {format_size(estimate.total)} and {device} has {format_size(available)} free "
+            f"({format_size(estimate.total - available)} short)")
+
+
+def format_size(n_bytes: float) -> str:
+    """`1.5 GiB` from 1 GiB up, else `548 MiB`."""
+    return f"{n_bytes / GIB:.1f} GiB" if n_bytes >= GIB else f"{n_bytes / 2**20:.0f} MiB"
+
+
 __all__ = ["KNOWN_MODELS", "MemoryEstimate", "ModelShape", "available_memory", "estimate_memory", "fits",
-           "lora_params", "model_shape"]
+           "format_size", "lora_params", "model_shape", "shortfall"]

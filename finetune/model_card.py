@@ -47,7 +47,7 @@ def read_run(run_dir: str | Path) -> tuple[RunConfig, dict[str, Any]]:
 
 
 def is_demo_run(config: RunConfig, results: dict[str, Any]) -> bool:
-    """True when the weights came from the random-weight demo model (asked for by name or by its folder,
+    """True when the weights came from the tiny offline demo model (asked for by name or by its folder,
     or an offline fallback)."""
     from .demo import is_demo_model
 
@@ -186,7 +186,7 @@ def _base_link(config: RunConfig, results: dict) -> str:
     if base:
         return f"[{base}](https://huggingface.co/{base})"
     if is_demo_run(config, results):
-        return "the offline random-weight demo model"
+        return "the tiny offline demo model"
     return f"a local model (`{Path(config.base_model).name}`)"
 
 
@@ -222,8 +222,9 @@ def _summary(config: RunConfig, results: dict, kind: CardKind) -> str:
         lines.append("Training was stopped early by the user; these are the weights at that point.")
     text = "\n".join(lines) + "\n"
     if is_demo_run(config, results):
-        text += ("\n> **Demo model.** The base is a tiny random-weight model built offline for testing; "
-                 "its answers are noise. Don't use this repo for anything but trying the pipeline.\n")
+        text += ("\n> **Demo model.** The base is a tiny model built offline for testing (pre-trained for seconds on a "
+                 "small corpus; it knows no language); its answers are noise. Don't use this repo for anything but "
+                 "trying the pipeline.\n")
     return text
 
 

@@ -35,7 +35,7 @@ TRUST_REMOTE_CODE_WARNING = ("`trust_remote_code` is on: Python files shipped in
 @dataclass
 class BaseModelSource:
     path: str            # what to pass to from_pretrained: a local folder or a Hub id
-    is_demo: bool        # the random-weight offline demo model
+    is_demo: bool        # the tiny offline demo model
     notice: str | None   # shown to the user when we fell back or changed something
 
 

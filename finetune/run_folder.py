@@ -10,6 +10,7 @@
     adapter/        LoRA/QLoRA adapter + tokenizer with its chat template   (model/ for full fine-tuning)
     merged/         the adapter merged into its base (`python -m finetune merge`)
     eval/           answers.jsonl, answers.csv, summary.json: base vs fine-tuned on a held-out split
+    preferences.jsonl  judgements made in the app's Compare tab, one row each (finetune/preference_loop.py)
 
 A run started by the app's run manager (`finetune.runs`) also holds owner.json, launch.json, input/ (the
 dataset file), log.txt and, while a stop is pending, stop_requested.
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import RunConfig
+from .errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,7 @@ STATUS_FILE = "status.json"
 METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
 ANSWERS_FILE = "answers.jsonl"
+PREFERENCES_FILE = "preferences.jsonl"
 
 
 class RunFolder:
@@ -113,6 +116,10 @@ class RunFolder:
     @property
     def eval_summary_file(self) -> Path:
         return self.eval_dir / "summary.json"
+
+    @property
+    def preferences_file(self) -> Path:
+        return self.root / PREFERENCES_FILE
 
     # the run manager's files
     @property
@@ -208,6 +215,30 @@ class RunFolder:
         return [json.loads(line) for line in self.answers_file.read_text(encoding="utf-8").splitlines()
                 if line.strip()]
 
+    # ------------------------------------------------------------------ preferences.jsonl
+    def append_preference(self, row: dict[str, Any]) -> None:
+        """Add one judgement; a single write of one line, so a reader never sees half a row."""
+        with self.preferences_file.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    def read_preferences(self) -> list[dict[str, Any]]:
+        """The judgements so far ([] before the first); a line that is not a JSON object is a DataError naming it."""
+        if not self.preferences_file.is_file():
+            return []
+        rows = []
+        for number, line in enumerate(self.preferences_file.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            if not isinstance(row, dict):
+                raise DataError(f"{self.preferences_file}: line {number} is not a JSON object; fix or delete that "
+                                "line", source=str(self.preferences_file), row=number)
+            rows.append(row)
+        return rows
+
     # ------------------------------------------------------------------ checkpoints/, size
     def latest_complete_checkpoint(self) -> Path | None:
         """The newest `checkpoints/checkpoint-N` that was written completely (the Trainer writes
@@ -249,5 +280,5 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
 
 
-__all__ = ["ANSWERS_FILE", "CONFIG_FILE", "METRICS_FILE", "RESULTS_FILE", "STATUS_FILE", "RunFolder", "folder_bytes",
-           "read_json_object", "write_json_atomic"]
+__all__ = ["ANSWERS_FILE", "CONFIG_FILE", "METRICS_FILE", "PREFERENCES_FILE", "RESULTS_FILE", "STATUS_FILE",
+           "RunFolder", "folder_bytes", "read_json_object", "write_json_atomic"]

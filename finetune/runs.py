@@ -5,7 +5,7 @@ it never imports gradio. A run is a folder `<workspace>/runs/<unguessable id>/` 
 `finetune.run_folder` describes: the config the subprocess trains from (no secrets), its status, everything
 `finetune.train.train` writes, and the manager's own files:
 
-    owner.json     who may see the run (a browser session id or a Hub user) and when it was created
+    owner.json     who started the run (the local user, a browser session id or a Hub user) and when
     launch.json    how many processes train it (a resumed run launches the same way)
     input/         the dataset file, copied in under a sanitised name (uploads, pasted rows, examples)
     log.txt        stdout + stderr of `python -m finetune train <config>`
@@ -243,7 +243,7 @@ class RunManager:
 
     def __init__(self, workspace: str | Path, *, python: str = sys.executable,
                  stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S, poll_interval_s: float = 0.5,
-                 start_worker: bool = True, retention: Retention | None = None):
+                 start_worker: bool = True, retention: Retention | None = None, shared: bool = False):
         self.workspace = Path(workspace).expanduser().resolve()
         self.runs_dir = self.workspace / "runs"
         self.runs_dir.mkdir(parents=True, exist_ok=True)
@@ -258,6 +258,9 @@ class RunManager:
         self._kill_at: float | None = None        # time.time() when a stopping run gets SIGKILL
         self._closed = threading.Event()
         self.retention = retention or Retention()
+        # every caller sees every run (one local user, or a team that shares its runs); else only its own.
+        # The app decides this from the deployment: ui.context.OwnershipPolicy
+        self.shared = shared
         self._recover()
         self.apply_retention()
         self._worker = None
@@ -371,10 +374,11 @@ class RunManager:
             return "stopping"
 
     def list_runs(self, owner: str) -> list[RunSummary]:
-        """The owner's runs, newest first, read from disk (so they survive an app restart)."""
+        """The runs `owner` may see (all of them when shared), newest first, read from disk (so they survive an app
+        restart)."""
         summaries = []
         for run_dir in self.runs_dir.iterdir():
-            if not _RUN_ID.fullmatch(run_dir.name) or self._owner(run_dir) != owner:
+            if not _RUN_ID.fullmatch(run_dir.name) or not self._visible(run_dir, owner):
                 continue
             with self._lock:
                 state, _ = self._state(run_dir.name, run_dir)
@@ -389,11 +393,11 @@ class RunManager:
         return sorted(summaries, key=lambda s: s.created, reverse=True)
 
     def run_dir(self, run_id: str, owner: str) -> Path:
-        """The folder of `owner`'s run `run_id`; RunNotFound for a malformed id or someone else's run."""
+        """The folder of run `run_id`; RunNotFound for a malformed id or a run that `owner` may not see."""
         if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id):
             raise RunNotFound(f"no run `{str(run_id)[:80]}`; pick one of your runs from the list")
         run_dir = self.runs_dir / run_id
-        if not run_dir.is_dir() or not owner or self._owner(run_dir) != owner:
+        if not run_dir.is_dir() or not owner or not self._visible(run_dir, owner):
             raise RunNotFound(f"no run `{run_id}` in this session; pick one of your runs from the list")
         return run_dir
 
@@ -489,6 +493,9 @@ class RunManager:
         info["time"] = time.time()
         run.write_status(info)
         return info
+
+    def _visible(self, run_dir: Path, owner: str) -> bool:
+        return self.shared or self._owner(run_dir) == owner
 
     def _owner(self, run_dir: Path) -> str | None:
         data = read_json_object(RunFolder(run_dir).owner_file)

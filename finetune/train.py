@@ -262,7 +262,7 @@ def _training_args(config: RunConfig, precision: str, total_steps: int, eval_eve
         save_strategy="steps", save_steps=save_every, save_total_limit=config.save_total_limit,
         load_best_model_at_end=early, metric_for_best_model="eval_loss" if early else None,
         greater_is_better=False if early else None,
-        report_to="none", remove_unused_columns=False,
+        report_to=config.report_to, remove_unused_columns=False,
         # DDP: every adapter weight takes part in every forward, so skip the per-step search for unused ones
         ddp_find_unused_parameters=False if config.method != "full" else None,
         disable_tqdm=True,  # TerminalProgress draws one clean bar instead

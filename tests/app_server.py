@@ -23,11 +23,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_app(workspace: Path, log_path: Path):
-    """Yield the app's URL while `python app.py` serves it, offline; stop it afterwards."""
+def running_app(workspace: Path, log_path: Path, **extra_env: str):
+    """Yield the app's URL while `python app.py` serves it, offline (plus `extra_env`); stop it afterwards."""
     port = free_port()
     env = {**os.environ, "FINETUNE_WORKSPACE": str(workspace), "GRADIO_SERVER_PORT": str(port),
-           "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+           "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1", **extra_env}
     env.pop("SPACE_ID", None)
     with serve_app(env, port, log_path) as (url, _):
         yield url

@@ -47,7 +47,8 @@ def data_cache_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_model_dir(tmp_path_factory) -> Path:
-    """The offline demo model (random-weight Llama + BPE tokenizer with ChatML), built once per session."""
+    """The offline demo model (a tiny Llama pre-trained for seconds, a BPE tokenizer with ChatML), built once per
+    session."""
     from finetune.demo import demo_model_path
 
     return demo_model_path(cache_dir=tmp_path_factory.mktemp("demo-cache"))

@@ -17,7 +17,8 @@ TRAIN_TIMEOUT_S = 180
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
     folder = tmp_path_factory.mktemp("client-app")
-    with running_app(folder / "workspace", folder / "app.log") as url:
+    # owners kept apart as in a Space (locally, every run is the one user's): the isolation check below needs it
+    with running_app(folder / "workspace", folder / "app.log", FINETUNE_SHARED_RUNS="0") as url:
         yield url
 
 

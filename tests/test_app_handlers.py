@@ -5,18 +5,22 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
+import gradio as gr
 import pytest
 import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from finetune.config import RunConfig
-from finetune.errors import ConfigError
+from finetune.errors import ConfigError, FinetuneError
 from finetune.runs import RunStatus
-from ui import compare_tab, data_tab, export_tab, settings_tab, train_tab
-from ui.context import create_context, owner_of, session_owner
+from run_folders import loss_metrics, write_finished_run
+from ui import app as app_module
+from ui import compare_tab, data_tab, export_tab, runs_tab, settings_tab, train_tab
+from ui.context import LOCAL_OWNER, OwnershipPolicy, create_context, owner_of, session_owner
 from ui.forms import config_from_values
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +29,8 @@ SETTINGS = {"base_model": "demo", "method": "lora", "max_seq_length": 256}
 
 @pytest.fixture()
 def ctx(tmp_path):
-    context = create_context(tmp_path / "ws", start_worker=False)
+    """The app's context as in a Space: each owner sees only their own runs (the isolation tests need that)."""
+    context = create_context(tmp_path / "ws", start_worker=False, policy=OwnershipPolicy("per_user"))
     yield context
     context.runs.close()
 
@@ -156,7 +161,7 @@ def test_presets_follow_method_and_demo_model():
     full = dict(zip(fields, settings_tab.apply_preset("full", "meta-llama/Llama-3.2-1B-Instruct")))
     assert full["learning_rate"] == 2e-5 and full["gradient_checkpointing"] is True
     demo = dict(zip(fields, settings_tab.apply_preset("lora", "demo")))
-    assert demo["learning_rate"] == 2e-3 and demo["max_seq_length"] == 512
+    assert demo["learning_rate"] == 1e-2 and demo["max_seq_length"] == 512 and demo["num_train_epochs"] == 24
 
 
 def test_model_choices_put_the_demo_first_when_offline():
@@ -169,12 +174,17 @@ def test_memory_report_warns_before_a_run_that_cannot_fit():
     big = RunConfig(base_model="meta-llama/Llama-3.1-8B-Instruct", method="full")
     text, fits = settings_tab.memory_report(big, ("GPU test", 24 * 2**30, True))
     assert not fits and "probably won't fit" in text and "try QLoRA" in text
+    text, short = settings_tab.memory_check(big, ("GPU test", 24 * 2**30, True))
+    assert short == "this run needs about 156.5 GiB and GPU test has 24.0 GiB free (132.5 GiB short)"
+    assert f"This run probably won't fit ({short}): try QLoRA" in text
     qlora = RunConfig(base_model="meta-llama/Llama-3.1-8B-Instruct", method="qlora", batch_size=1,
                       gradient_checkpointing=True, max_seq_length=1024)
     text, fits = settings_tab.memory_report(qlora, ("GPU test", 24 * 2**30, True))
     assert fits and "ft-ok" in text
     text, fits = settings_tab.memory_report(qlora, ("CPU RAM", 64 * 2**30, False))
-    assert not fits and "needs a CUDA GPU" in text
+    assert fits and "ft-ok" in text  # QLoRA runs on a CPU too (bitsandbytes' CPU kernels): only memory can refuse it
+    demo_qlora = RunConfig(base_model="demo", method="qlora", batch_size=4, max_seq_length=512)
+    assert settings_tab.memory_check(demo_qlora, ("CPU RAM", 22 * 2**30, False))[1] is None  # issue 17: was refused
     text, fits = settings_tab.memory_report(RunConfig(base_model="someone/unknown-model"), ("CPU RAM", 2**30, False))
     assert fits and "unknown" in text
 
@@ -205,7 +215,9 @@ def test_start_refuses_a_run_that_cannot_fit_unless_forced(ctx):
     huge = {"base_model": "meta-llama/Llama-3.1-8B-Instruct", "method": "full", "batch_size": 64,
             "max_seq_length": 4096}
     text, run_id = train_tab.start_training(ctx, "s:o", state, {}, huge)
-    assert run_id is None and "Not started: the memory estimate says this run won't fit" in text
+    assert run_id is None
+    assert re.search(r"Not started: by the memory estimate, this run needs about [0-9.]+ GiB and (CPU RAM|GPU .+) has "
+                     r"[0-9.]+ [GM]iB free \([0-9.]+ GiB short\)\. Change the settings, or tick “Start anyway”\.", text)
     assert ctx.runs.list_runs("s:o") == []
 
 
@@ -409,3 +421,251 @@ def test_submit_records_the_process_count_and_launches_with_it(tmp_path):
         f"-m accelerate.commands.launch --multi_gpu --num_processes 2 -m finetune train {run_dir / 'run.yaml'}"
     with pytest.raises(FinetuneError, match=r"the number of processes must be at least 1 \(got 0\)"):
         runs.submit(RunConfig(base_model="demo", dataset="d.jsonl"), "alice", num_processes=0)
+
+
+# ----------------------------------------------------------------------------- Compare: judge, then train (DPO)
+
+def run_in_workspace(ctx, make_adapter_run, owner: str, name: str = "judged") -> Path:
+    """A finished LoRA run of `owner` in the app's runs folder (adapter/, run.yaml), as the Compare list offers."""
+    import time
+
+    from finetune.run_folder import RunFolder, write_json_atomic
+
+    run_dir = make_adapter_run(ctx.runs.runs_dir / (name + "-" + "a" * 16))
+    write_json_atomic(RunFolder(run_dir).owner_file, {"owner": owner, "created": time.time()})
+    RunFolder(run_dir).write_status({"state": "finished", "time": time.time()})
+    return run_dir
+
+
+def exchange(question: str, base: str, tuned: str) -> tuple[list, list]:
+    """The two panes' histories after one question."""
+    user = {"role": "user", "content": question}
+    return [user, {"role": "assistant", "content": base}], [user, {"role": "assistant", "content": tuned}]
+
+
+def test_judgements_become_preference_rows_and_train_a_dpo_stage(ctx, make_adapter_run, lora_run_dir):
+    from finetune.preference_loop import preference_pairs
+    from finetune.run_folder import RunFolder
+
+    run_dir = run_in_workspace(ctx, make_adapter_run, "s:o")
+    folder = str(run_dir)
+    counter, button = compare_tab.counter_view(ctx, "s:o", folder)
+    assert "0 preference pairs in this run's preferences.jsonl." in counter
+    assert (button["value"], button["interactive"]) == ("Train on my 0 preferences", False)
+
+    text, saved = compare_tab.judge(ctx, "s:o", folder, "base", *exchange("Q1?", "B1", "T1"), "", "")
+    assert saved and "Saved as row 1 of preferences.jsonl: the base answer preferred to the fine-tuned answer." in text
+    text, saved = compare_tab.judge(ctx, "s:o", folder, "finetuned", *exchange("Q1?", "B1", "T1"), "", "")
+    assert not saved and "these answers are already judged (row 1 of preferences.jsonl); ask something else" in text
+    text, _ = compare_tab.judge(ctx, "s:o", folder, "finetuned", *exchange("Q2?", "B2", "T2"), "Better.", " Be brief.")
+    assert "row 2 of preferences.jsonl: your answer preferred to the base answer." in text
+    text, _ = compare_tab.judge(ctx, "s:o", folder, "both_bad", *exchange("Q3?", "B3", compare_tab.EMPTY_ANSWER), "",
+                                "")
+    assert "row 3 of preferences.jsonl: both bad: recorded, but not a pair (write a better answer to make one)." in text
+    rows = RunFolder(run_dir).read_preferences()
+    assert [(r["choice"], r["edited"]) for r in rows] == [("base", False), ("finetuned", True), ("both_bad", False)]
+    assert rows[1]["prompt"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q2?"}]
+    assert (rows[1]["chosen"][0]["content"], rows[1]["rejected"][0]["content"]) == ("Better.", "B2")
+    assert rows[2]["answers"] == {"base": "B3", "finetuned": ""}  # the pane's placeholder is no answer
+    counter, button = compare_tab.counter_view(ctx, "s:o", folder)
+    assert "2 preference pairs in this run's preferences.jsonl (+1 both bad with no better answer: kept in the " \
+           "file, not trained on)." in counter
+    assert (button["value"], button["interactive"]) == ("Train on my 2 preferences", True)
+
+    # only the owner's runs in this app keep judgements
+    text, saved = compare_tab.judge(ctx, "s:bob", folder, "base", *exchange("Q4?", "B", "T"), "", "")
+    assert not saved and "in this session" in text
+    text, _ = compare_tab.judge(ctx, "s:o", str(lora_run_dir), "base", *exchange("Q4?", "B", "T"), "", "")
+    assert "the loaded model is not one of your runs here" in text
+    text, _ = compare_tab.judge(ctx, "s:o", folder, "base", [], [], "", "")
+    assert "nothing to judge yet: ask both models something first" in text
+
+    # train: a DPO stage from this run, on its 2 pairs and a mixed-in file's 14, queued like any run
+    mix = ROOT / "examples" / "data" / "dpo_en_demo_slice.json"
+    text, run_id = compare_tab.train_on_preferences(ctx, "s:o", folder, str(mix))
+    assert run_id and f"DPO run `{run_id[:8]}` queued: your 2 pairs + 14 from dpo_en_demo_slice.json, starting " \
+        f"from run `{run_dir.name[:8]}`, 12 steps." in text  # 16 pairs in batches of 4, 3 epochs
+    ctx.runs.stop(run_id, "s:o")
+    new_dir = ctx.runs.run_dir(run_id, "s:o")
+    config = RunConfig.from_yaml(new_dir / "run.yaml")
+    assert (config.stage, config.init_from, config.output_dir) == ("dpo", str(run_dir.resolve()), str(new_dir))
+    assert config.dataset == str(new_dir / "input" / "preferences.jsonl")
+    trained = [json.loads(line) for line in Path(config.dataset).read_text().splitlines()]
+    assert len(trained) == 16 and trained[:2] == preference_pairs(rows)
+    assert f"DPO run `{run_id[:8]}`" in compare_tab.loop_run_view(ctx, "s:o", run_id)[0]
+    text, run_id = compare_tab.train_on_preferences(ctx, "s:o", folder, str(ROOT / "examples/data/python_qa.jsonl"))
+    assert run_id is None and "python_qa.jsonl holds plain examples, not chosen/rejected pairs" in text
+
+
+def test_two_samples_of_the_fine_tuned_model_and_picking_one(ctx, make_adapter_run):
+    from finetune.run_folder import RunFolder
+
+    run_dir = run_in_workspace(ctx, make_adapter_run, "s:o")
+    _, tuned = exchange("What is the capital of France?", "", "Paris?")
+    text, saved = compare_tab.pick_sample(ctx, "s:o", str(run_dir), "sample_1", None, "")
+    assert not saved and "no samples of this run yet: press **Two samples** first" in text
+    settings = {"max_new_tokens": 8, "temperature": 0, "seed": 5, "repetition_penalty": 1.0}
+    updates = list(compare_tab.two_samples(ctx, "s:o", str(run_dir), tuned, settings))
+    first, second, status, samples = updates[-1]
+    model = ctx.chat_models.get(run_dir)
+    expected = [model.generate(tuned[:1], adapter=True, max_new_tokens=8, temperature=0.7, top_p=0.9, top_k=50,
+                               seed=seed) for seed in (5, 6)]
+    assert [first, second] == expected and first != second
+    assert "Temperature 0 gives one answer only, so these are sampled at 0.7." in status
+    assert len(updates) > 3 and updates[1][1] == ""  # streamed: sample 1 grows before sample 2 starts
+    text, saved = compare_tab.pick_sample(ctx, "s:o", str(run_dir), "sample_2", samples, "")
+    assert saved and "sample 2 preferred to sample 1" in text
+    row = RunFolder(run_dir).read_preferences()[-1]
+    assert (row["prompt"], row["chosen"][0]["content"], row["rejected"][0]["content"]) == (tuned[:1], second, first)
+
+
+def test_the_train_tab_plots_rewards_of_preference_runs_only(ctx, make_adapter_run):
+    from finetune.run_folder import RunFolder
+
+    metrics = [{"step": 1, "loss": 0.69, "rewards/margins": 0.0, "rewards/accuracies": 0.0},
+               {"step": 2, "loss": 0.6, "rewards/margins": 0.25, "rewards/accuracies": 0.75}]
+    frame = train_tab.reward_frame(metrics)
+    assert frame.dropna().values.tolist() == [[1, 0.0, "margin"], [2, 0.25, "margin"], [1, 0.0, "accuracy"],
+                                              [2, 0.75, "accuracy"]]
+    assert set(frame["reward"]) == {"margin", "accuracy"} and str(frame["step"].dtype) == "int64"
+    run_dir = run_in_workspace(ctx, make_adapter_run, "s:o")
+    for record in metrics:
+        RunFolder(run_dir).append_metrics(record)
+    *_, view, rewards = train_tab.poll(ctx, "s:o", run_dir.name, {})
+    assert view["n"] == 2 and rewards["visible"] is True and rewards["value"].equals(frame)
+    *_, hidden = train_tab.poll(ctx, "s:o", None, {})
+    assert hidden["visible"] is False
+    assert train_tab.reward_view([{"step": 1, "loss": 2.0}])["visible"] is False
+
+
+# ----------------------------------------------------------------------------- whose runs (issue 17, item 1)
+
+@pytest.mark.parametrize("environ, mode", [
+    ({}, "single_user"),                                                   # python app.py
+    ({"FINETUNE_SHARED_RUNS": "1"}, "single_user"),
+    ({"FINETUNE_SHARED_RUNS": "0"}, "per_user"),                           # a server several people use
+    ({"SPACE_ID": "me/app"}, "per_user"),
+    ({"SPACE_ID": "me/app", "FINETUNE_SHARED_RUNS": "yes"}, "team"),       # a private team Space
+    ({"SPACE_ID": "me/app", "FINETUNE_SHARED_RUNS": "0"}, "per_user"),
+])
+def test_ownership_follows_the_deployment(environ, mode):
+    policy = OwnershipPolicy.from_env(environ)
+    assert policy.mode == mode and policy.shared is (mode != "per_user")
+    session = {"owner": "s:" + "b" * 32}
+    if mode == "single_user":  # one user: every browser, signed in or not, and every API client is that user
+        assert policy.owner(session, "alice") == policy.owner(None, None) == policy.initial_owner == LOCAL_OWNER
+        assert "every run in it is listed here, in any browser" in policy.describe(Path("/ws"), LOCAL_OWNER)
+    else:  # a Hub user in any browser; else the browser's saved session; API clients: their Gradio session
+        assert policy.owner(session, "alice") == policy.owner(None, "alice") == "hf:alice"
+        assert policy.owner(session, None) == "s:" + "b" * 32
+        assert policy.initial_owner == "" and owner_of(policy.initial_owner, "h1") == "api:h1"
+        footer = policy.describe(Path("/ws"), "hf:alice")
+        assert ("Signed in as alice: your runs follow you to any browser" in footer) is (mode == "per_user")
+
+
+def test_a_bad_shared_runs_setting_says_what_it_takes():
+    with pytest.raises(FinetuneError, match=r"\$FINETUNE_SHARED_RUNS must be 1 \(everyone sees every run\) or 0 "
+                                            r"\(each user sees only their own runs\), got 'maybe'"):
+        OwnershipPolicy.from_env({"FINETUNE_SHARED_RUNS": "maybe"})
+
+
+def test_a_local_app_lists_and_opens_every_run_on_disk(tmp_path):
+    """Runs of an earlier app process, started in another browser session, are the local user's too."""
+    ctx = create_context(tmp_path / "ws", start_worker=False, policy=OwnershipPolicy.from_env({}))
+    try:
+        old = write_finished_run(ctx.runs.runs_dir, "s:" + "c" * 32, created=1.0)
+        new = write_finished_run(ctx.runs.runs_dir, LOCAL_OWNER)
+        assert [r for _, r in train_tab.run_choices(ctx, LOCAL_OWNER)] == [new, old]
+        assert ctx.runs.status(old, LOCAL_OWNER).state == "finished"
+        compare_tab.check_owner(ctx, LOCAL_OWNER, ctx.runs.runs_dir / old)  # its folder typed as a path: allowed
+    finally:
+        ctx.runs.close()
+
+
+def test_in_a_space_runs_follow_the_user_or_stay_with_the_browser(tmp_path):
+    per_user = create_context(tmp_path / "ws", start_worker=False, policy=OwnershipPolicy("per_user"))
+    team = create_context(tmp_path / "ws", start_worker=False, policy=OwnershipPolicy("team"))
+    try:
+        alice = write_finished_run(per_user.runs.runs_dir, "hf:alice")
+        visitor = write_finished_run(per_user.runs.runs_dir, "s:" + "v" * 32)
+        in_another_browser = per_user.policy.owner({"owner": "s:" + "w" * 32}, "alice")
+        assert [r for _, r in train_tab.run_choices(per_user, in_another_browser)] == [alice]
+        assert train_tab.run_choices(per_user, "hf:bob") == []
+        with pytest.raises(FinetuneError, match=f"no run `{visitor}` in this session"):
+            per_user.runs.status(visitor, "hf:alice")
+        assert {r for _, r in train_tab.run_choices(team, "hf:bob")} == {alice, visitor}
+    finally:
+        per_user.runs.close()
+        team.runs.close()
+
+
+# ----------------------------------------------------------------------------- the form after a reload (item 2)
+
+def test_the_saved_form_is_restored_and_its_data_loaded_again(ctx):
+    owner = "s:" + "f" * 32
+    ctx.save_form(owner, {"source": "Paste rows"})
+    ctx.save_form(owner, {"paste": '{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": "d"}',
+                          "num_train_epochs": 5, "example": "gone.jsonl", "upload": "/nonexistent/x.jsonl",
+                          "no_such_field": 1})
+    ctx.save_form(owner, loaded=True)
+    page = {"source": "Example dataset", "example": "python_qa.jsonl", "upload": None, "paste": "",
+            "num_train_epochs": 8, "base_model": "demo", "max_seq_length": 256}
+    out = app_module.restore_session(ctx, {"owner": owner}, None, page)
+    assert out[0] == owner
+    assert "Not signed in: your runs belong to this browser" in out[8]
+    restored = dict(zip(page, out[9:]))
+    assert restored["source"]["value"] == "Paste rows" and restored["num_train_epochs"]["value"] == 5
+    assert restored["paste"]["value"].startswith('{"instruction": "a"')
+    # what no longer fits the page keeps the page's value: an example that is gone, an upload whose file is gone
+    assert restored["example"] == restored["upload"] == restored["base_model"] == gr.skip()
+    values = {**page, "source": "Paste rows", "paste": ctx.saved_form(owner)["values"]["paste"],
+              "num_train_epochs": 5, "data_format": "auto", "column_mapping": "", "skip_invalid": False,
+              "max_rows": None, "hub_id": "", "dataset_config": "", "dataset_split": "train"}
+    status, *_, state, _ = app_module.reload_data(ctx, owner, values)
+    assert "format **alpaca**" in status and state["name"] == "pasted_rows.jsonl"
+    ctx.save_form(owner, loaded=False)  # nothing was loaded: nothing is loaded again
+    assert app_module.reload_data(ctx, owner, values) == (gr.skip(),) * len(data_tab.LOAD_OUTPUTS)
+    assert ctx.saved_form("s:" + "g" * 32) == {"values": {}, "loaded": False}  # another owner: a fresh form
+
+
+# ----------------------------------------------------------------------------- compare runs (item 11)
+
+def test_compare_table_puts_runs_side_by_side_and_marks_differences(ctx):
+    first = write_finished_run(ctx.runs.runs_dir, "s:a", learning_rate=1e-3, lora_r=8)
+    second = write_finished_run(ctx.runs.runs_dir, "s:a", learning_rate=2e-3, lora_r=8, warmup_ratio=0.1,
+                                metrics=loss_metrics(2.5))
+    runs = [ctx.runs.status(r, "s:a") for r in (first, second)]
+    headers, rows, differs = runs_tab.compare_table(runs)
+    assert headers == ["", first[:8], second[:8]]
+    table = {row[0]: row[1:] for row in rows}
+    changed = {row[0] for row, d in zip(rows, differs) if d}
+    assert table["learning_rate"] == ["0.001", "0.002"] and table["warmup_ratio"] == ["0.03", "0.1"]
+    assert table["dataset"] == ["python_qa.jsonl"] * 2 and table["lora_r"] == ["8", "8"]  # each run's own copy
+    assert "output_dir" not in table and "lora_dropout" not in table  # own folders; equal non-key settings
+    assert table["state"] == ["finished", "finished"] and table["train loss"] == ["2.375", "1.875"]
+    assert changed == {"learning_rate", "warmup_ratio", "train loss", "validation loss"}
+    html = runs_tab.styled_table(headers, rows, differs).to_html()
+    style = html.split("</style>")[0]  # one rule: the highlighted cells' selectors, then DIFF_STYLE
+    assert runs_tab.DIFF_STYLE.split(";")[0] in style
+    assert {int(i) for i in re.findall(r"_row(\d+)_col0", style)} == {i for i, d in enumerate(differs) if d}
+
+
+def test_compare_runs_overlays_every_runs_curves_and_only_your_runs(ctx):
+    first = write_finished_run(ctx.runs.runs_dir, "s:a")
+    second = write_finished_run(ctx.runs.runs_dir, "s:a", seed=7, metrics=loss_metrics(2.0, steps=2))
+    message, runs, table = runs_tab.compare_runs(ctx, "s:a", [first, second])
+    assert "2 runs; they differ in: seed, train loss, validation loss, steps" in message
+    curves = runs_tab.loss_curves(runs)
+    assert curves[curves["run"] == second[:8]].values.tolist() == [
+        [1, 1.75, second[:8], "train"], [2, 1.5, second[:8], "train"], [2, 1.6, second[:8], "validation"]]
+    lines = {line.get_label(): (line.get_linestyle(), line.get_color(), list(line.get_ydata()))
+             for line in runs_tab.loss_figure(runs).axes[0].get_lines()}
+    assert lines[f"run {second[:8]} train"] == ("-", runs_tab.RUN_COLOURS[1], [1.75, 1.5])
+    assert lines[f"run {second[:8]} validation"] == ("--", runs_tab.RUN_COLOURS[1], [1.6])
+    assert lines[f"run {first[:8]} validation"] == ("--", runs_tab.RUN_COLOURS[0], [2.6, 2.2]) and len(lines) == 4
+    underscored = status_of("finished", loss_metrics(3.0))
+    underscored.run_id = "_starts_with_underscore"  # ids are URL-safe base64: "_" and "-" can come first
+    legend = runs_tab.loss_figure([underscored]).axes[0].get_legend().get_texts()
+    assert [t.get_text() for t in legend] == ["run _starts_ train", "run _starts_ validation"]
+    message, runs, table = runs_tab.compare_runs(ctx, "s:b", [first, second])
+    assert f"no run `{first}` in this session" in message and table is None and runs == []

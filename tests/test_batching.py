@@ -285,7 +285,9 @@ def test_training_learns_the_same_with_and_without_padding_free(demo_model_dir, 
     a = load_file(runs[True].final_dir / "adapter_model.safetensors")
     b = load_file(runs[False].final_dir / "adapter_model.safetensors")
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+        # Adam divides by sqrt(v): summation-order noise in a near-zero gradient moves that weight by up to ~0.1% of
+        # one step (lr 3e-3); a batching bug would move it by whole steps
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
     assert runs[True].results["train_loss"] == pytest.approx(runs[False].results["train_loss"], rel=1e-5)
 
 

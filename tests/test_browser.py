@@ -1,5 +1,8 @@
 """A real browser (Debian's chromium, driven by Playwright) clicks through the whole app on the demo model:
-data preview → live training → side-by-side streamed chat → adapter zip download; and stop → resume.
+data preview → live training → side-by-side streamed chat → adapter zip download; and stop → resume. Then what a
+returning user needs: runs seen from another browser, the form kept over a reload, one page width on every tab,
+and runs compared side by side; and the preference loop: judge answers in Compare → a DPO run on them → judge that
+run.
 
 Screenshots go to tests/artifacts/ (gitignored). Needs `/usr/bin/chromium`:
     apt-get update && apt-get install -y chromium
@@ -7,7 +10,9 @@ Screenshots go to tests/artifacts/ (gitignored). Needs `/usr/bin/chromium`:
 
 from __future__ import annotations
 
+import json
 import re
+import secrets
 import time
 import zipfile
 from pathlib import Path
@@ -15,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from app_server import running_app
+from run_folders import loss_metrics, write_finished_run
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -24,10 +30,16 @@ TRAIN_TIMEOUT_S = 180
 
 
 @pytest.fixture(scope="module")
-def app_url(tmp_path_factory):
+def app(tmp_path_factory):
+    """(url, workspace) of the one app server the tests in this file share (run locally: one user)."""
     folder = tmp_path_factory.mktemp("browser-app")
     with running_app(folder / "workspace", folder / "app.log") as url:
-        yield url
+        yield url, folder / "workspace"
+
+
+@pytest.fixture(scope="module")
+def app_url(app):
+    return app[0]
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +53,17 @@ def browser():
         b = p.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS)
         yield b
         b.close()
+
+
+def open_app(page, url: str) -> None:
+    """Open the app and wait for the page load to finish: it restores the form, and would undo earlier typing."""
+    page.goto(url)
+    wait_until_loaded(page)
+
+
+def wait_until_loaded(page) -> None:
+    page.wait_for_selector("#data-load")
+    page.wait_for_function("() => document.querySelector('#footer').innerText.includes('Workspace')")
 
 
 def shot(page, name: str) -> None:
@@ -60,8 +83,7 @@ def test_whole_flow_in_a_browser(app_url, browser):
     page.on("pageerror", lambda e: errors.append(str(e)))
 
     # 1. open the page
-    page.goto(app_url)
-    page.wait_for_selector("#data-load")
+    open_app(page, app_url)
     shot(page, "01-opened")
 
     # 2. pick the bundled example and see the preview, with the loss-carrying text highlighted
@@ -85,7 +107,7 @@ def test_whole_flow_in_a_browser(app_url, browser):
     shot(page, "03-settings")
 
     open_tab(page, "Train")
-    page.click("#train-start")
+    start_run(page)
     seen_steps: set[int] = set()
     seen_curves: set[str] = set()  # the train loss line's SVG path, as it grows
     train_line = page.locator('#train-loss-plot path[aria-roledescription="line mark"]').first
@@ -114,7 +136,7 @@ def test_whole_flow_in_a_browser(app_url, browser):
 
     # reloading the page reattaches to the session and its last run
     page.reload()
-    page.wait_for_selector("#data-load")
+    wait_until_loaded(page)
     open_tab(page, "Train")
     page.wait_for_selector("#train-status .ft-ok")
     assert f"Run {run_name} finished" in page.inner_text("#train-status")
@@ -155,8 +177,7 @@ def test_stop_then_resume_in_a_browser(app_url, browser):
     step it stopped at (and is stopped again, to keep the test short)."""
     page = browser.new_page(viewport={"width": 1280, "height": 1000})
     page.set_default_timeout(60_000)
-    page.goto(app_url)
-    page.wait_for_selector("#data-load")
+    open_app(page, app_url)
     page.click("#data-load")
     page.wait_for_selector("#data-status .ft-ok")
     open_tab(page, "Model & settings")
@@ -165,7 +186,7 @@ def test_stop_then_resume_in_a_browser(app_url, browser):
     page.fill("#field-max_steps input", "400")
     page.fill("#field-save_steps input", "2")
     open_tab(page, "Train")
-    page.click("#train-start")
+    start_run(page)
     stopped_at = _stop_after(page, lambda step: step >= 4)
     assert stopped_at >= 4
 
@@ -179,6 +200,99 @@ def test_stop_then_resume_in_a_browser(app_url, browser):
     assert stopped_again > stopped_at + 2
     assert f"step {stopped_again}/400" in page.inner_text("#train-progress"), "a stopped run's bar: done / planned"
     shot(page, "08-resumed-and-stopped")
+
+
+def start_run(page) -> str:
+    """Press Start and wait until the live view follows the new run (it showed the newest earlier run before:
+    locally, every run in the workspace is listed); return the run's short name."""
+    page.click("#train-start")
+    page.wait_for_selector("#train-message .ft-ok")
+    name = re.search(r"Run (\S{8}) queued", page.inner_text("#train-message")).group(1)
+    page.wait_for_function(f"() => document.querySelector('#train-status').innerText.includes('Run {name}')")
+    return name
+
+
+def test_judge_answers_then_train_on_them_in_a_browser(app, app_url, browser):
+    """The Compare tab's loop: judge three answers (base better; both bad with a better answer written; one of two
+    fine-tuned samples), see three rows in the run's preferences.jsonl and the counter at 3, train a DPO stage on
+    them, watch it finish and find it selected in the Compare run list, ready to be judged in turn."""
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.set_default_timeout(60_000)
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    open_app(page, app_url)
+    page.click("#data-load")
+    page.wait_for_selector("#data-status .ft-ok")
+    open_tab(page, "Model & settings")
+    page.fill("#field-max_seq_length input", "128")
+    page.click("#settings-advanced .label-wrap")
+    page.fill("#field-max_steps input", "2")
+    open_tab(page, "Train")
+    sft_name = start_run(page)
+    page.wait_for_selector("#train-status .ft-ok, #train-status .ft-error", timeout=TRAIN_TIMEOUT_S * 1000)
+    assert "finished" in page.inner_text("#train-status"), page.inner_text("#train-log")
+
+    open_tab(page, "Compare")
+    page.click("#compare-load")
+    page.wait_for_selector("#compare-status .ft-ok", timeout=90_000)
+    page.wait_for_function("() => document.querySelector('#pref-counter').innerText.includes('0 preference pairs')")
+
+    def ask(question: str) -> None:
+        before = page.locator("#chat-tuned [data-testid='bot']").count()
+        page.fill("#chat-message textarea", question)
+        page.click("#chat-send")
+        page.wait_for_function(f"() => document.querySelectorAll('#chat-tuned [data-testid=\"bot\"]').length > "
+                               f"{before}", timeout=90_000)
+        _wait_until_idle(page)
+
+    def saved(row: int) -> str:
+        page.wait_for_function(f"() => document.querySelector('#pref-status').innerText.includes('row {row} of')")
+        return page.inner_text("#pref-status")
+
+    ask("How do I reverse a list in Python?")
+    page.click("#pref-base")
+    assert "the base answer preferred to the fine-tuned answer" in saved(1)
+    ask("What does len() return?")
+    page.fill("#pref-better textarea", "The number of items in the container.")
+    page.click("#pref-both-bad")
+    assert "your answer preferred to the fine-tuned answer" in saved(2)
+    assert page.input_value("#pref-better textarea") == ""  # a saved judgement clears the box
+    ask("How do I open a file?")
+    page.click("#pref-samples")
+    page.wait_for_function("() => document.querySelector('#pref-status').innerText.includes('pick the better one')",
+                           timeout=90_000)
+    samples = [page.input_value(f"#pref-sample-{i} textarea") for i in (1, 2)]
+    assert all(samples) and samples[0] != samples[1], samples
+    page.click("#pref-pick-2")
+    assert "sample 2 preferred to sample 1" in saved(3)
+    page.wait_for_function("() => document.querySelector('#pref-counter').innerText.includes('3 preference pairs')")
+    assert page.inner_text("#pref-train").strip() == "Train on my 3 preferences"
+    shot(page, "09-compare-judged")
+
+    judged = next(p for p in (app[1] / "runs").glob("*/preferences.jsonl")
+                  if p.parent.name.startswith(sft_name))
+    rows = [json.loads(line) for line in judged.read_text().splitlines()]
+    assert [r["choice"] for r in rows] == ["base", "both_bad", "sample_2"]
+    assert rows[1]["chosen"][0]["content"] == "The number of items in the container."
+    assert [r["chosen"][0]["content"] for r in rows[2:]] == [samples[1]]
+
+    page.click("#pref-train")
+    page.wait_for_selector("#pref-run-status .ft-notice")
+    assert "your 3 pairs, starting from run" in page.inner_text("#pref-run-status")
+    page.wait_for_selector("#pref-run-status .ft-ok, #pref-run-status .ft-error, #pref-run-status .ft-warning",
+                           timeout=TRAIN_TIMEOUT_S * 1000)
+    status = page.inner_text("#pref-run-status")
+    assert "finished" in status, status
+    dpo_id = re.search(r"DPO run (\S{8}) finished", status).group(1)
+    listed = page.input_value("#compare-run input")
+    assert dpo_id[:6] in listed and "preferences.jsonl" in listed and "finished" in listed, listed
+    shot(page, "10-compare-dpo-finished")
+
+    page.click("#compare-load")  # the DPO run: judged like any other, its own (empty) preferences
+    page.wait_for_function("() => document.querySelector('#compare-status').innerText.includes('"
+                           + dpo_id + "')", timeout=90_000)
+    page.wait_for_function("() => document.querySelector('#pref-counter').innerText.includes('0 preference pairs')")
+    assert not errors, f"JavaScript errors on the page: {errors}"
 
 
 def _stop_after(page, condition) -> int:
@@ -213,3 +327,124 @@ def _wait_until_idle(page, timeout_s: float = 90) -> None:
         elif now and time.time() - stable_since > 2:
             return
         page.wait_for_timeout(300)
+
+
+# ----------------------------------------------------------------------------- issue 17: runs, form, width, compare
+
+TABS = ("Data", "Model & settings", "Train", "Compare", "Export", "Runs")
+
+
+def fresh_page(browser, url: str):
+    """A page in a new browser context: nothing shared with other pages but the server (no localStorage)."""
+    page = browser.new_context(viewport={"width": 1280, "height": 1000}).new_page()
+    page.set_default_timeout(60_000)
+    open_app(page, url)
+    return page
+
+
+def dropdown_options(page, elem_id: str) -> list[str]:
+    page.click(f"#{elem_id} input")
+    page.wait_for_selector("ul.option-list li")
+    labels = page.locator("ul.option-list li").evaluate_all("items => items.map(li => li.getAttribute('aria-label'))")
+    page.keyboard.press("Escape")
+    return labels
+
+
+def pick(page, elem_id: str, text: str) -> None:
+    """Choose the option of dropdown `elem_id` whose label contains `text`."""
+    page.click(f"#{elem_id} input")
+    page.locator("ul.option-list li", has_text=text).first.click()
+
+
+def test_a_local_run_is_seen_and_opened_from_any_browser(app, browser, make_adapter_run):
+    """Locally, every run on disk is the one user's: a browser with no stored session lists a run that another
+    browser session started under an earlier app process, shows it, and loads it by its folder's path."""
+    url, workspace = app
+    run_id = secrets.token_urlsafe(18)
+    run_dir = make_adapter_run(workspace / "runs" / run_id)
+    write_finished_run(workspace / "runs", "s:" + "o" * 32, run_id=run_id)
+    for context in ("first", "second"):
+        page = fresh_page(browser, url)
+        open_tab(page, "Train")
+        assert any(run_id[:6] in label for label in dropdown_options(page, "train-run")), context
+        open_tab(page, "Compare")
+        page.fill("#compare-path textarea", str(run_dir))
+        page.click("#compare-load")
+        page.wait_for_selector("#compare-status .ft-ok, #compare-status .ft-error", timeout=90_000)
+        assert f"Loaded run {run_id[:8]}" in page.inner_text("#compare-status"), context
+        page.context.close()
+
+
+def test_a_reload_keeps_the_whole_form(app_url, browser):
+    page = fresh_page(browser, app_url)
+    pick(page, "data-example", "zenx_headlines.json")  # picking an example loads it
+    page.wait_for_function("() => document.querySelector('#data-status').innerText.includes('zenx_headlines.json')")
+    open_tab(page, "Model & settings")
+    page.fill("#field-num_train_epochs input", "5")
+    page.click("#settings-advanced .label-wrap")
+    page.fill("#field-seed input", "7")
+    page.press("#field-seed input", "Tab")
+    page.wait_for_timeout(1000)  # the last change reaches the server
+
+    page.reload()
+    wait_until_loaded(page)
+    page.wait_for_selector("#data-status .ft-ok")
+    assert "zenx_headlines.json" in page.inner_text("#data-status"), "the dataset was not loaded again"
+    assert page.input_value("#data-example input") == "zenx_headlines.json"
+    open_tab(page, "Model & settings")
+    assert page.input_value("#field-num_train_epochs input") == "5"
+    page.click("#settings-advanced .label-wrap")
+    assert page.input_value("#field-seed input") == "7"
+    page.click("#settings-show-yaml")  # the YAML Start would run: the restored dataset and settings
+    page.wait_for_selector("#settings-yaml")
+    yaml_text = page.inner_text("#settings-yaml")
+    assert "dataset: examples/data/zenx_headlines.json" in yaml_text and "num_train_epochs: 5.0" in yaml_text
+    assert "seed: 7" in yaml_text
+    shot(page, "10-form-after-reload")
+    page.context.close()
+
+
+def test_every_tab_has_one_page_width(app, browser, make_adapter_run):
+    url, workspace = app
+    run_id = secrets.token_urlsafe(18)
+    make_adapter_run(workspace / "runs" / run_id)
+    write_finished_run(workspace / "runs", "local", run_id=run_id)
+    page = fresh_page(browser, url)
+    widths = {}
+    for number, name in enumerate(TABS, 1):
+        open_tab(page, name)
+        widths[name] = page.evaluate("() => document.querySelector('#tabs').getBoundingClientRect().width")
+        shot(page, f"tab-{number}-{name.split()[0].lower()}")
+    assert len(set(widths.values())) == 1, widths
+    open_tab(page, "Compare")  # a run's name fits its box
+    pick(page, "compare-run", run_id[:6])
+    assert run_id[:6] in page.input_value("#compare-run input")
+    assert page.evaluate("() => { const e = document.querySelector('#compare-run input'); "
+                         "return e.scrollWidth <= e.clientWidth; }"), page.input_value("#compare-run input")
+    page.context.close()
+
+
+def test_compare_runs_overlays_curves_and_highlights_differences(app, browser):
+    url, workspace = app
+    first = write_finished_run(workspace / "runs", "local", learning_rate=1e-3)
+    second = write_finished_run(workspace / "runs", "local", learning_rate=3e-3, metrics=loss_metrics(2.5))
+    page = fresh_page(browser, url)
+    open_tab(page, "Runs")  # opening the tab lists the runs
+    pick(page, "runs-pick", first[:6])
+    pick(page, "runs-pick", second[:6])
+    page.keyboard.press("Escape")
+    page.wait_for_function("() => document.querySelector('#runs-message').innerText.includes('2 runs')")
+    assert "2 runs; they differ in: learning_rate, train loss, validation loss (highlighted)" in \
+        page.inner_text("#runs-message")
+    page.wait_for_selector("#runs-loss-plot img")  # the figure: both runs' curves (tests/test_app_handlers.py)
+
+    def row(name: str):
+        cells = page.locator("#runs-table [role=row]", has_text=name).first.locator("[role=gridcell]")
+        return cells.all_inner_texts(), cells.first.evaluate("td => getComputedStyle(td).backgroundColor")
+
+    assert row("learning_rate") == (["learning_rate", "0.001", "0.003"], "rgb(254, 243, 199)")  # highlighted
+    values, colour = row("base_model")
+    assert values == ["base_model", "demo", "demo"] and colour != "rgb(254, 243, 199)"
+    assert page.locator("#runs-table [role=columnheader]").all_inner_texts()[1:3] == [first[:8], second[:8]]
+    shot(page, "11-compare-runs")
+    page.context.close()

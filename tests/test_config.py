@@ -136,3 +136,34 @@ def test_every_shipped_config_loads():
         assert first.startswith("# python -m finetune") or first.startswith("# accelerate") or \
             first.startswith("# torchrun"), f"{path.name} must start with the command that runs it"
         RunConfig.from_yaml(path)
+
+
+# ----------------------------------------------------------------------------- report_to (issue 17, item 11)
+
+def test_report_to_is_off_by_default_and_checked_before_anything_loads():
+    assert RunConfig().report_to == "none"
+    with pytest.raises(ConfigError, match=re.escape("`report_to` must be one of none, tensorboard, trackio, wandb "
+                                                    "(got 'mlflow')")):
+        RunConfig(report_to="mlflow")
+    import importlib.util
+
+    if importlib.util.find_spec("wandb"):
+        pytest.skip("wandb is installed here")
+    with pytest.raises(ConfigError, match=re.escape("`report_to: wandb` needs the `wandb` package, which is not "
+                                                    "installed here; install it (`pip install wandb`) or set "
+                                                    "`report_to: none`")):
+        RunConfig(report_to="wandb")
+
+
+def test_report_to_reaches_the_trainer_arguments(tmp_path, monkeypatch):
+    """An importable `trackio` (a stand-in folder: the tracker isn't installed here, and only its presence is
+    checked before training) is accepted, and the trainer is told to report to it."""
+    from finetune.train import _sft_args
+
+    (tmp_path / "trackio").mkdir()
+    (tmp_path / "trackio" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = RunConfig(base_model="demo", report_to="trackio", output_dir=str(tmp_path / "run"))
+    args = _sft_args(config, "fp32", total_steps=4, eval_every=2, save_every=2, has_eval=True)
+    assert args.report_to == ["trackio"]
+    assert _sft_args(config.replace(report_to="none"), "fp32", 4, 2, 2, True).report_to == []

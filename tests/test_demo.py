@@ -1,13 +1,17 @@
-"""The offline demo model: deterministic build, loadable by Auto classes, generates, cached once."""
+"""The offline demo model: deterministic build, loadable by Auto classes, generates, cached once, and the
+quickstart's LoRA run on it reproduces its training answers."""
 
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from finetune import demo
+from finetune.config import RunConfig
+from finetune.data import read_jsonl_examples
 from finetune.demo import (
     DEMO_LABEL,
     DEMO_VERSION,
@@ -15,10 +19,16 @@ from finetune.demo import (
     IM_START,
     PAD_TOKEN,
     build_demo_model,
+    corpus_windows,
     default_cache_dir,
     demo_model_path,
     is_demo_model,
 )
+from finetune.evaluate import exact_match, prompt_and_reference
+from finetune.inference import ChatModel
+from finetune.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def file_hashes(folder):
@@ -30,15 +40,62 @@ def demo_dir(tmp_path_factory):
     return demo_model_path(tmp_path_factory.mktemp("cache"))
 
 
-def test_build_is_byte_identical_across_folders(tmp_path):
-    first = file_hashes(build_demo_model(tmp_path / "a"))
+@pytest.fixture()
+def quick_build(monkeypatch):
+    """Two pre-training steps instead of the full build: for tests of the cache folders, not of the weights."""
+    monkeypatch.setattr(demo, "PRETRAIN_STEPS", 2)
+
+
+@pytest.fixture()
+def one_thread():
+    """Train and generate on one thread: a model this small gains nothing from two, and on a busy CPU the second
+    thread's waiting multiplies the CPU time."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_build_is_byte_identical_across_folders(demo_dir, tmp_path):
+    first = file_hashes(demo_dir)  # built by demo_model_path in another folder
     second = file_hashes(build_demo_model(tmp_path / "nested" / "b"))
     assert first == second
     assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
             "tokenizer_config.json", "chat_template.jinja", "DEMO_MODEL.md"} <= set(first)
 
 
-def test_seed_changes_weights_not_tokenizer(tmp_path):
+def test_pretraining_learns_the_corpus(demo_dir):
+    tokenizer = AutoTokenizer.from_pretrained(demo_dir)
+    windows = corpus_windows(tokenizer, demo.PRETRAIN_WINDOW)  # (N, window)
+    pretrained = AutoModelForCausalLM.from_pretrained(demo_dir)
+    torch.manual_seed(0)
+    untrained = type(pretrained)(pretrained.config)
+    with torch.no_grad():
+        pretrained_loss = pretrained(input_ids=windows, labels=windows).loss.item()
+        untrained_loss = untrained(input_ids=windows, labels=windows).loss.item()
+    assert untrained_loss > 7.0  # about ln(1536) = 7.3: random weights know nothing
+    assert pretrained_loss < 2.5
+
+
+def test_quickstart_lora_learns_its_training_answers_and_the_base_does_not(demo_dir, tmp_path, one_thread):
+    """Issue 17: after the offline quickstart, greedy answers to the training prompts are the trained answers."""
+    config = RunConfig.from_yaml(ROOT / "examples" / "quickstart.yaml").replace(
+        base_model=str(demo_dir), dataset=str(ROOT / "examples" / "data" / "python_qa.jsonl"),
+        output_dir=str(tmp_path / "run"))
+    train(config)
+    chat = ChatModel.from_run(tmp_path / "run")
+    pairs = [prompt_and_reference(ex) for ex in read_jsonl_examples(tmp_path / "run" / "data" / "train.jsonl")]
+    assert len(pairs) == 32
+
+    def exact_match_rate(adapter: bool) -> float:
+        answers = [chat.generate(turns, adapter=adapter, temperature=0.0, max_new_tokens=128) for turns, _ in pairs]
+        return sum(exact_match(answer, reference) for answer, (_, reference) in zip(answers, pairs)) / len(pairs)
+
+    assert exact_match_rate(adapter=True) >= 0.8
+    assert exact_match_rate(adapter=False) <= 0.1
+
+
+def test_seed_changes_weights_not_tokenizer(tmp_path, quick_build):
     base = file_hashes(build_demo_model(tmp_path / "s0", seed=0))
     other = file_hashes(build_demo_model(tmp_path / "s1", seed=1))
     assert base["model.safetensors"] != other["model.safetensors"]
@@ -93,7 +150,7 @@ def test_chat_template_marks_replies_with_their_im_end(demo_dir):
         "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
 
 
-def test_demo_model_path_builds_once(tmp_path):
+def test_demo_model_path_builds_once(tmp_path, quick_build):
     path = demo_model_path(tmp_path)
     assert path == tmp_path / f"demo-v{DEMO_VERSION}"
     weights_mtime = (path / "model.safetensors").stat().st_mtime_ns
@@ -102,7 +159,7 @@ def test_demo_model_path_builds_once(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary build folders left
 
 
-def test_demo_model_path_rebuilds_a_damaged_cache(tmp_path):
+def test_demo_model_path_rebuilds_a_damaged_cache(tmp_path, quick_build):
     path = demo_model_path(tmp_path)
     expected = file_hashes(path)
     (path / "model.safetensors").unlink()
@@ -111,7 +168,7 @@ def test_demo_model_path_rebuilds_a_damaged_cache(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
-def test_demo_model_path_keeps_the_folder_of_a_process_that_won_the_race(tmp_path, monkeypatch):
+def test_demo_model_path_keeps_the_folder_of_a_process_that_won_the_race(tmp_path, monkeypatch, quick_build):
     target = tmp_path / f"demo-v{DEMO_VERSION}"
     real_build = demo.build_demo_model
 

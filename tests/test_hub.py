@@ -202,7 +202,7 @@ def test_pushed_card_config_and_results_describe_the_run_without_local_paths(hub
     meta = front_matter(card)
     assert meta == {"library_name": "peft", "pipeline_tag": "text-generation",
                     "tags": ["lora", "sft", "trl", "demo-model"]}  # demo base, local data: no base_model/datasets
-    assert "random-weight model" in card and "`python -m finetune demo` prints its folder" in card
+    assert "a tiny model built offline for testing" in card and "`python -m finetune demo` prints its folder" in card
     assert 'PeftModel.from_pretrained(base, "alice/card-check")' in card
     assert 'AutoTokenizer.from_pretrained("alice/card-check")' in card
     assert "![Training and validation loss](loss_curve.png)" in card
@@ -278,7 +278,7 @@ def test_push_full_run_sends_its_model_folder_as_the_merged_kind(hub, full_run_d
     card = files["README.md"].decode()
     assert front_matter(card) == {"library_name": "transformers", "pipeline_tag": "text-generation",
                                   "tags": ["full", "sft", "trl", "demo-model"]}
-    assert "A fully fine-tuned version of the offline random-weight demo model" in card
+    assert "A fully fine-tuned version of the tiny offline demo model" in card
     assert "No metrics were recorded" in card and "loss_curve.png" not in card
     assert result.urls == {"merged": f"{hub.url}/alice/full-ft"}
 

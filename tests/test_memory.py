@@ -5,7 +5,16 @@ from __future__ import annotations
 import json
 
 from finetune.config import RunConfig
-from finetune.memory import GIB, KNOWN_MODELS, estimate_memory, fits, lora_params, model_shape
+from finetune.memory import (
+    GIB,
+    KNOWN_MODELS,
+    MemoryEstimate,
+    estimate_memory,
+    fits,
+    lora_params,
+    model_shape,
+    shortfall,
+)
 
 LLAMA_8B = KNOWN_MODELS["meta-llama/Llama-3.1-8B-Instruct"]
 
@@ -63,3 +72,24 @@ def test_lora_on_a_bf16_cpu_counts_frozen_linear_weights_in_bf16():
     assert bf16.weights == embeddings * 4 + (shape.n_params - embeddings) * 2
     full = estimate_memory(RunConfig(precision="bf16", method="full"), shape, on_gpu=False)
     assert full.weights == shape.n_params * 4, "full fine-tuning trains every weight: fp32 masters"
+
+
+def test_shortfall_names_the_memory_what_is_needed_and_what_is_free():
+    gpu_run = MemoryEstimate(weights=20 * GIB, training=8 * GIB, activations=2 * GIB, overhead=GIB, trainable_params=1)
+    assert shortfall(gpu_run, "GPU NVIDIA A10G", 24 * GIB) == (
+        "this run needs about 31.0 GiB and GPU NVIDIA A10G has 24.0 GiB free (7.0 GiB short)")
+    small_run = MemoryEstimate(weights=88 * 2**20, training=0, activations=0, overhead=GIB // 2, trainable_params=1)
+    assert shortfall(small_run, "CPU RAM", 512 * 2**20) == (
+        "this run needs about 600 MiB and CPU RAM has 512 MiB free (88 MiB short)")
+    assert shortfall(small_run, "CPU RAM", 600 * 2**20) is None  # exactly enough fits
+
+
+def test_qlora_on_a_cpu_with_room_is_not_refused():
+    # The case: QLoRA on a CPU, a few hundred MiB estimated, 22 GiB free. bitsandbytes runs 4-bit on CPU.
+    qlora = RunConfig(method="qlora", batch_size=4, max_seq_length=512)
+    estimate = estimate_memory(qlora, KNOWN_MODELS["HuggingFaceTB/SmolLM2-135M-Instruct"], on_gpu=False)
+    assert estimate.total < 3 * GIB
+    assert shortfall(estimate, "CPU RAM", 22 * GIB) is None
+    assert shortfall(estimate, "CPU RAM", GIB) == (
+        f"this run needs about {estimate.total / GIB:.1f} GiB and CPU RAM has 1.0 GiB free "
+        f"({(estimate.total - GIB) / GIB:.1f} GiB short)")

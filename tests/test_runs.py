@@ -129,6 +129,27 @@ def test_submit_creates_an_unguessable_self_contained_run_folder(tmp_path):
         manager.close()
 
 
+def test_a_shared_manager_shows_every_run_to_everyone(tmp_path):
+    """`shared` (a local app's one user, a team Space): every caller lists and opens every run; else only the
+    owner does. A caller still needs an owner."""
+    from run_folders import write_finished_run
+
+    private = RunManager(tmp_path / "ws", start_worker=False)
+    shared = RunManager(tmp_path / "ws", start_worker=False, shared=True)
+    try:
+        run_id = write_finished_run(private.runs_dir, "alice")
+        assert private.list_runs("bob") == []
+        with pytest.raises(RunNotFound, match=f"no run `{run_id}` in this session"):
+            private.run_dir(run_id, "bob")
+        assert [s.run_id for s in shared.list_runs("bob")] == [run_id]
+        assert shared.status(run_id, "bob").state == "finished"
+        with pytest.raises(RunNotFound):
+            shared.run_dir(run_id, "")
+    finally:
+        private.close()
+        shared.close()
+
+
 # ----------------------------------------------------------------------------- real trainings
 
 def test_queue_runs_one_at_a_time_and_survives_an_app_restart(tmp_path):

@@ -27,7 +27,7 @@ from finetune.models import TRUST_REMOTE_CODE_WARNING
 from finetune.runs import RunManager, RunNotFound
 from hub_server import HubStandIn, Token
 from ui import compare_tab, export_tab, train_tab
-from ui.context import create_context
+from ui.context import OwnershipPolicy, create_context
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASET = ROOT / "examples" / "data" / "python_qa.jsonl"
@@ -216,7 +216,7 @@ def test_saved_configs_have_no_token_field():
 # ----------------------------------------------------------------------------- sessions and names
 
 def test_sessions_cannot_reach_each_others_runs_uploads_or_outputs(tmp_path, make_adapter_run):
-    ctx = create_context(tmp_path / "ws", start_worker=False)
+    ctx = create_context(tmp_path / "ws", start_worker=False, policy=OwnershipPolicy("per_user"))  # as in a Space
     try:
         run_id = _finished_run(ctx, "s:alice", make_adapter_run)
         assert [s.run_id for s in ctx.runs.list_runs("s:alice")] == [run_id]

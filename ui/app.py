@@ -1,4 +1,4 @@
-"""The whole app: five tabs on one page, a session that survives reloads, and launch settings."""
+"""The whole app: six tabs on one page, runs and a form that survive reloads, and launch settings."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ from typing import Any, Optional
 import gradio as gr
 
 from .compare_tab import create_compare_tab, wire_compare_tab
-from .context import AppContext, create_context, session_owner
-from .data_tab import create_data_tab, wire_data_tab
+from .context import AppContext, create_context, owner_of
+from .data_tab import FORM_FIELDS as DATA_TAB_FIELDS
+from .data_tab import LOAD_OUTPUTS, create_data_tab, data_form, example_datasets, load_data, load_outputs, wire_data_tab
 from .export_tab import create_export_tab, wire_export_tab
 from .forms import DATA_FIELDS
+from .runs_tab import create_runs_tab, wire_runs_tab
 from .settings_tab import create_settings_tab, settings_form, update_memory, wire_settings_tab
 from .train_tab import create_train_tab, run_choices, wire_train_tab
 
@@ -28,7 +30,7 @@ def build_app(ctx: AppContext | None = None, *, hub_ok: bool | None = None) -> g
 
         hub_ok = hub_reachable(timeout_s=2.0)
     with gr.Blocks(title=TITLE, fill_width=False) as demo:
-        owner = gr.State("")
+        owner = gr.State(ctx.policy.initial_owner)
         saved = gr.BrowserState({"owner": "", "last_run": ""}, storage_key=SESSION_KEY, secret=ctx.secret)
         with gr.Row(elem_classes="ft-header"):
             gr.Markdown(f"# {TITLE}\nData → settings → live training → side-by-side chat → export. "
@@ -44,43 +46,101 @@ def build_app(ctx: AppContext | None = None, *, hub_ok: bool | None = None) -> g
                 compare = create_compare_tab(ctx)
             with gr.Tab("5 · Export & share", id="export", elem_id="tab-export"):
                 export = create_export_tab(ctx)
-        gr.Markdown(f"Workspace: `{ctx.workspace}` · runs are kept on disk and listed again after a restart.",
-                    elem_classes="ft-footer")
+            with gr.Tab("6 · Runs", id="runs", elem_id="tab-runs") as runs_tab:
+                runs = create_runs_tab()
+        footer = gr.Markdown(elem_classes="ft-footer", elem_id="footer")  # filled on page load: whose runs
 
         form = settings_form(settings)
-        data_form = {k: data[k] for k in DATA_FIELDS if k in data}
+        run_data_form = {k: data[k] for k in DATA_FIELDS if k in data}  # the data fields of a RunConfig
         wire_data_tab(ctx, data, form, owner)
         wire_settings_tab(settings, data["data_state"])
-        wire_train_tab(ctx, train, owner=owner, saved=saved, data_state=data["data_state"], data_form=data_form,
+        wire_train_tab(ctx, train, owner=owner, saved=saved, data_state=data["data_state"], data_form=run_data_form,
                        settings_form=form, run_lists=[compare["run"], export["run"]])
         wire_compare_tab(ctx, compare, owner=owner)
         wire_export_tab(ctx, export, owner=owner)
+        wire_runs_tab(ctx, runs, owner=owner, tab=runs_tab)
+
+        # The whole form (data source, dataset, every setting) is saved per owner as it changes, and restored
+        # with the owner's runs when a page loads; a dataset that was loaded is loaded again.
+        whole_form = {**data_form(data), **form}
+        wire_form_saving(ctx, whole_form, owner, data["data_state"])
 
         def on_page_load(stored: dict, profile: Optional[gr.OAuthProfile], **values):
             return restore_session(ctx, stored, getattr(profile, "username", None) if profile else None, values)
 
+        def on_reload_data(who: str, request: gr.Request, **values):
+            return reload_data(ctx, owner_of(who, request.session_hash), values)
+
         demo.load(on_page_load, saved,
-                  [owner, saved, train["run"], compare["run"], export["run"], train["timer"], settings["memory"]],
-                  inputs_kwargs=form, api_visibility="private")
+                  [owner, saved, train["run"], compare["run"], export["run"], runs["runs"], train["timer"],
+                   settings["memory"], footer, *whole_form.values()],
+                  inputs_kwargs=whole_form, api_visibility="private") \
+            .then(on_reload_data, owner, load_outputs(data), inputs_kwargs=whole_form, api_visibility="private")
     demo.queue(default_concurrency_limit=4, max_size=256)
     demo.ctx = ctx  # for tests and app.py
     _ = tabs
     return demo
 
 
-def restore_session(ctx: AppContext, stored: dict | None, username: str | None, settings: dict[str, Any]) -> tuple:
-    """Page load: who this browser is, its runs, and the last run reattached to the live view."""
-    owner = session_owner(stored, username)
+def restore_session(ctx: AppContext, stored: dict | None, username: str | None, values: dict[str, Any]) -> tuple:
+    """Page load: who this browser is (`ctx.policy`), its runs, the last run reattached to the live view, the footer
+    saying whose runs these are, and its saved form (`values`: the form as the page starts, in the order of the
+    widgets it updates)."""
+    owner = ctx.policy.owner(stored, username)
     runs = run_choices(ctx, owner)
     ids = {run_id for _, run_id in runs}
     last = (stored or {}).get("last_run") if isinstance(stored, dict) else None
     last = last if last in ids else (runs[0][1] if runs else None)
     with_weights = run_choices(ctx, owner, with_weights=True)
     weights_value = last if last in {r for _, r in with_weights} else None
+    restored = restorable_values(ctx.saved_form(owner)["values"], values)
     return (owner, {"owner": owner if owner.startswith("s:") else "", "last_run": last or ""},
             gr.update(choices=runs, value=last), gr.update(choices=with_weights, value=weights_value),
-            gr.update(choices=with_weights, value=weights_value), gr.Timer(active=bool(last)),
-            update_memory(settings))
+            gr.update(choices=with_weights, value=weights_value), gr.update(choices=runs),
+            gr.Timer(active=bool(last)), update_memory({**values, **restored}),
+            ctx.policy.describe(ctx.workspace, owner),
+            *[gr.update(value=restored[name]) if name in restored else gr.skip() for name in values])
+
+
+def restorable_values(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+    """The saved form values that still fit the page: fields it still has, an example that still ships, an upload
+    whose file is still there."""
+    out = {name: value for name, value in saved.items() if name in current}
+    if "example" in out and out["example"] not in example_datasets():
+        del out["example"]
+    if out.get("upload") and not Path(out["upload"]).is_file():
+        del out["upload"]
+    return out
+
+
+def reload_data(ctx: AppContext, owner: str, values: dict[str, Any]) -> tuple:
+    """After a reload: load the dataset again if one was loaded (the Data tab's outputs), else change nothing.
+    `values`: the restored form."""
+    if not ctx.saved_form(owner)["loaded"]:
+        return tuple(gr.skip() for _ in LOAD_OUTPUTS)
+    data_values = {name: values.get(name) for name in DATA_TAB_FIELDS}
+    settings = {name: value for name, value in values.items() if name not in data_values}
+    return load_data(ctx, owner, data_values, settings)
+
+
+def wire_form_saving(ctx: AppContext, widgets: dict[str, Any], owner: gr.State, data_state: gr.State) -> None:
+    """Save each form widget's value as it changes, and whether a dataset is loaded, for the page's owner."""
+    def saver(name: str):
+        def save(who: str, value: Any):
+            if who:  # "" only before the page has loaded (or for API clients in a Space): nobody's form yet
+                ctx.save_form(who, {name: value})
+        return save
+
+    for name, widget in widgets.items():
+        widget.change(saver(name), [owner, widget], None, queue=False, show_progress="hidden",
+                      api_visibility="private")
+
+    def save_loaded(who: str, state: dict):
+        if who:
+            ctx.save_form(who, loaded=bool(state))
+
+    data_state.change(save_loaded, [owner, data_state], None, queue=False, show_progress="hidden",
+                      api_visibility="private")
 
 
 def launch_kwargs(ctx: AppContext) -> dict[str, Any]:

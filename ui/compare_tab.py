@@ -1,21 +1,34 @@
 """Compare tab: Base and Fine-tuned side by side. One message box sends to both and both stream together; the
 answers come from one loaded copy of the base weights with the adapter switched off and on. "Run test prompts"
 fills a table from the run's held-out test split. An adapter from an earlier run, a local folder or the
-Hub can be loaded without training."""
+Hub can be loaded without training. Under the chat, the user judges the answers (or two samples of the
+fine-tuned model); the judgements become the run's preferences.jsonl, and a DPO stage from the run trains on them."""
 
 from __future__ import annotations
 
+import json
 import logging
+import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import gradio as gr
 
-from finetune.errors import FinetuneError, ModelError
-from finetune.run_folder import RunFolder
+from finetune.errors import DataError, FinetuneError, ModelError
+from finetune.preference_loop import (
+    ANSWER_NAMES,
+    CHOICES,
+    already_judged,
+    count_judgements,
+    judgement_row,
+    loop_config,
+    preference_pairs,
+    read_preference_pairs,
+)
+from finetune.run_folder import PREFERENCES_FILE, RunFolder
 
 from .context import AppContext, owner_of
-from .messages import error_md, notice_md, ok_md
+from .messages import error_md, notice_md, ok_md, warning_md
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +73,7 @@ def check_owner(ctx: AppContext, owner: str, folder: str | Path) -> None:
 def describe(model, folder: Path) -> str:
     kind = "adapter switched off / on (one copy of the base weights)" if model.has_adapter else \
         "base model and full fine-tune (two copies)"
-    demo = " The base is the random-weight demo model: its own answers are noise." if _is_demo(model) else ""
+    demo = " The base is the tiny offline demo model: its own answers are noise." if _is_demo(model) else ""
     name = f"run `{folder.name[:8]}`" if RunFolder(folder).has_config else f"`{folder.name}`"
     return ok_md(f"Loaded {name} on base `{Path(model.base_path).name}`: {kind}.{demo}")
 
@@ -168,11 +181,12 @@ def test_prompts(ctx: AppContext, owner: str, folder: str | None, limit: int | N
 
 def create_compare_tab(ctx: AppContext) -> dict[str, Any]:
     c: dict[str, Any] = {}
+    # the run list on a row of its own: a run's name (date · model · method · data · state · loss · id) is long
+    c["run"] = gr.Dropdown([], value=None, label="Run", allow_custom_value=True, elem_id="compare-run",
+                           info="Your finished (or stopped) runs.")
     with gr.Row(equal_height=True):
-        c["run"] = gr.Dropdown([], value=None, label="Run", allow_custom_value=True, scale=3, elem_id="compare-run",
-                               info="Your finished (or stopped) runs.")
         c["path"] = gr.Textbox(label="…or an adapter: " + ("local folder or Hub id" if ctx.allow_local_paths
-                                                          else "Hub id"), scale=3, elem_id="compare-path",
+                                                          else "Hub id"), scale=5, elem_id="compare-path",
                                placeholder="user/my-adapter" + (" or /path/to/run" if ctx.allow_local_paths else ""))
         c["load"] = gr.Button("Load", variant="primary", scale=1, elem_id="compare-load")
     c["status"] = gr.Markdown(notice_md("Load a run to chat with its base and fine-tuned models side by side."),
@@ -187,6 +201,7 @@ def create_compare_tab(ctx: AppContext) -> dict[str, Any]:
                                   submit_btn=False)
         c["send"] = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
         c["clear"] = gr.Button("Clear", scale=1, elem_id="chat-clear")
+    c.update(create_preference_loop())
     with gr.Accordion("Generation settings", open=False):
         with gr.Row():
             c["max_new_tokens"] = gr.Slider(1, 1024, value=GEN_DEFAULTS["max_new_tokens"], step=1,
@@ -256,4 +271,297 @@ def wire_compare_tab(ctx: AppContext, c: dict, *, owner: gr.State) -> None:
     c["run_tests"].click(on_tests, [owner, c["folder"], c["limit"], c["eval_tokens"]],
                          [c["test_summary"], c["table"]], concurrency_limit=CHAT_CONCURRENCY,
                          concurrency_id="model", api_name="test_prompts")
+    wire_preference_loop(ctx, c, owner=owner)
 
+
+
+# ============================================================================ judge and train (preference loop)
+# After both answers stream, the user says which is better (or asks the fine-tuned model for two samples and
+# picks one); each judgement becomes a row of the run's preferences.jsonl (finetune/preference_loop.py), and
+# "Train on my N preferences" queues a DPO stage from this run's weights, which joins the Run list when done.
+
+EMPTY_ANSWER = "(empty answer: the model ended its turn at once)"  # what chat_both shows for an empty answer
+LOOP_POLL_S = 2.0
+
+
+def judged_run(ctx: AppContext, owner: str, folder: str | None) -> RunFolder:
+    """The loaded run, where judgements are saved: one of the caller's runs in this app (a Hub adapter or a folder
+    elsewhere has no run folder of ours to keep them in, nor a run the DPO stage could start from in this list)."""
+    if not folder:
+        raise ModelError("Load a run first (pick one above and press **Load**).")
+    resolved = Path(folder).resolve()
+    if resolved.parent != ctx.runs.runs_dir.resolve():
+        raise ModelError("judgements are saved in the run they judge, and the loaded model is not one of your runs "
+                         "here; pick one from the Run list and press **Load**")
+    ctx.runs.run_dir(resolved.name, owner)  # RunNotFound for another session's run
+    return RunFolder(resolved)
+
+
+def _conversation(history: list) -> list[dict]:
+    return [{"role": m["role"], "content": m["content"]} for m in history]
+
+
+def _prompt_of(tuned_history: list, system_prompt: str | None) -> list[dict]:
+    """The conversation the fine-tuned pane's last answer replies to (the context the next stage trains in), with
+    the generation settings' system prompt when one was set."""
+    if not tuned_history or tuned_history[-1].get("role") != "assistant":
+        raise DataError("nothing to judge yet: ask both models something first")
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return system + _conversation(tuned_history[:-1])
+
+
+def _answer(history: list) -> str:
+    text = history[-1]["content"] if history and history[-1].get("role") == "assistant" else ""
+    return "" if text == EMPTY_ANSWER else text
+
+
+def counter_view(ctx: AppContext, owner: str, folder: str | None) -> tuple[str, dict]:
+    """(the counter markdown, the train button's update) for the loaded run."""
+    try:
+        run = judged_run(ctx, owner, folder)
+        count = count_judgements(run.read_preferences())
+    except FinetuneError:
+        return notice_md("Load one of your runs to judge its answers."), gr.update(value="Train on my preferences",
+                                                                                  interactive=False)
+    unpaired = (f" (+{count.unpaired} both bad with no better answer: kept in the file, not trained on)"
+                if count.unpaired else "")
+    text = f"{count.pairs} preference pair{'s' if count.pairs != 1 else ''} in this run's preferences.jsonl{unpaired}."
+    return notice_md(text), gr.update(value=f"Train on my {count.pairs} preferences", interactive=count.pairs > 0)
+
+
+def save_judgement(run: RunFolder, prompt: list[dict], answers: dict[str, str], choice: str, better: str) -> str:
+    """Append the judgement to preferences.jsonl; the status markdown. The same answers are judged once."""
+    rows = run.read_preferences()
+    earlier = already_judged(rows, prompt, answers)
+    if earlier:
+        raise DataError(f"these answers are already judged (row {earlier} of preferences.jsonl); ask something else")
+    row = judgement_row(prompt, answers, choice, better)
+    run.append_preference(row)
+    if row["chosen"] is None:
+        what = "both bad: recorded, but not a pair (write a better answer to make one)"
+    else:
+        good, bad = CHOICES[choice]
+        chosen = "your answer" if row["edited"] else ANSWER_NAMES[good]
+        what = f"{chosen} preferred to {ANSWER_NAMES[bad]}"
+    return ok_md(f"Saved as row {len(rows) + 1} of preferences.jsonl: {what}.")
+
+
+def judge(ctx: AppContext, owner: str, folder: str | None, choice: str, base_history: list, tuned_history: list,
+          better: str, system_prompt: str | None) -> tuple[str, bool]:
+    """Judge the last answers of both panes (base, finetuned or both_bad); (status markdown, saved?)."""
+    try:
+        run = judged_run(ctx, owner, folder)
+        prompt = _prompt_of(tuned_history, (system_prompt or "").strip() or None)
+        if not base_history or base_history[-1].get("role") != "assistant":
+            raise DataError("nothing to judge yet: ask both models something first")
+        answers = {"base": _answer(base_history), "finetuned": _answer(tuned_history)}
+        return save_judgement(run, prompt, answers, choice, better), True
+    except FinetuneError as e:
+        return error_md(str(e)), False
+
+
+def two_samples(ctx: AppContext, owner: str, folder: str | None, tuned_history: list, settings: dict
+                ) -> Iterator[tuple[str, str, str, dict | None]]:
+    """Two sampled answers of the fine-tuned model to the last message (seeds `seed` and `seed` + 1; temperature 0
+    would make them equal, so it becomes the default); yields (sample 1, sample 2, status, samples state)."""
+    try:
+        run = judged_run(ctx, owner, folder)
+        gen = generation_settings(settings)
+        prompt = _prompt_of(tuned_history, gen["system_prompt"])
+        model = ctx.chat_models.get(run.root)
+    except FinetuneError as e:
+        yield "", "", error_md(str(e)), None
+        return
+    note = ""
+    if not gen["temperature"]:
+        gen["temperature"] = GEN_DEFAULTS["temperature"]
+        note = f" Temperature 0 gives one answer only, so these are sampled at {gen['temperature']}."
+    seed = gen.pop("seed")
+    texts = ["", ""]
+    try:
+        for i in range(2):
+            for chunk in model.stream(_conversation(tuned_history[:-1]), adapter=True, seed=seed + i, **gen):
+                texts[i] += chunk
+                yield texts[0], texts[1], gr.skip(), None
+    except (FinetuneError, ValueError) as e:
+        yield texts[0], texts[1], error_md(str(e)), None
+        return
+    state = {"folder": str(run.root), "prompt": prompt, "answers": {"sample_1": texts[0], "sample_2": texts[1]}}
+    yield texts[0], texts[1], notice_md("Two samples of the fine-tuned model: pick the better one." + note), state
+
+
+def pick_sample(ctx: AppContext, owner: str, folder: str | None, choice: str, samples: dict | None,
+                better: str) -> tuple[str, bool]:
+    """Save `choice` (sample_1 or sample_2) over the other sample; (status markdown, saved?)."""
+    try:
+        run = judged_run(ctx, owner, folder)
+        if not samples or samples.get("folder") != str(run.root):
+            raise DataError("no samples of this run yet: press **Two samples** first")
+        return save_judgement(run, samples["prompt"], samples["answers"], choice, better), True
+    except FinetuneError as e:
+        return error_md(str(e)), False
+
+
+def train_on_preferences(ctx: AppContext, owner: str, folder: str | None, mix_file: str | None,
+                         hub_token: str | None = None) -> tuple[str, str | None]:
+    """Queue a DPO stage from the loaded run on its preference pairs (and a mixed-in preference file's); it trains
+    through the run manager like any run. (status markdown, run id or None)."""
+    from finetune.runs import estimate_total_steps
+
+    try:
+        run = judged_run(ctx, owner, folder)
+        if run.final_dir is None:
+            raise ModelError("this run has no adapter or model yet; judge a finished run")
+        pairs = preference_pairs(run.read_preferences())
+        if not pairs:
+            raise DataError("no preference pairs yet: mark which answer is better (or write a better one) first")
+        mixed = read_preference_pairs(mix_file, max_bytes=ctx.max_upload_bytes) if mix_file else []
+        config = loop_config(run.read_config(), run.root, PREFERENCES_FILE, len(pairs) + len(mixed))
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = Path(tmp) / PREFERENCES_FILE
+            rows.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pairs + mixed),
+                            encoding="utf-8")
+            run_id = ctx.runs.submit(config, owner, dataset_file=rows, dataset_name=PREFERENCES_FILE,
+                                     hub_token=hub_token)
+    except FinetuneError as e:
+        return error_md(str(e)), None
+    extra = f" + {len(mixed)} from {Path(mix_file).name}" if mixed else ""
+    steps = estimate_total_steps(config, len(pairs) + len(mixed))
+    return notice_md(f"DPO run `{run_id[:8]}` queued: your {len(pairs)} pairs{extra}, starting from run "
+                     f"`{run.root.name[:8]}`, {steps} steps. Its loss and rewards are plotted live in the **Train** "
+                     "tab (↻ Refresh list there)."), run_id
+
+
+def loop_run_view(ctx: AppContext, owner: str, run_id: str | None) -> tuple[str, bool]:
+    """(status markdown of the DPO run the loop started, whether it has ended)."""
+    if not run_id:
+        return "", True
+    try:
+        status = ctx.runs.status(run_id, owner)
+    except FinetuneError as e:
+        return error_md(str(e)), True
+    name = f"DPO run `{run_id[:8]}`"
+    if status.state == "queued":
+        return notice_md(f"{name} is waiting in the queue (position {status.queue_position})."), False
+    if status.state in ("running", "stopping"):
+        rewards = [m for m in status.metrics if m.get("rewards/margins") is not None]
+        last = (f"; reward margin {rewards[-1]['rewards/margins']:.3g}, accuracy "
+                f"{rewards[-1].get('rewards/accuracies') or 0:.2f}") if rewards else ""
+        return notice_md(f"{name} is training: step {status.step}/{status.total_steps or '?'}{last}."), False
+    if status.state == "finished":
+        return ok_md(f"{name} finished. It is selected in the Run list above: press **Load** to judge its "
+                     "answers."), True
+    if status.state == "stopped":
+        return warning_md(f"{name} was stopped."), True
+    return error_md(f"{name} failed: {status.error or 'see its log in the Train tab'}"), True
+
+
+def create_preference_loop() -> dict[str, Any]:
+    """The judge-and-train block, under the chat."""
+    c: dict[str, Any] = {}
+    with gr.Accordion("Judge the answers, then train on your preferences (DPO)", open=True, elem_id="pref-loop"):
+        with gr.Row(equal_height=True):
+            c["pref_base"] = gr.Button("Base better", elem_id="pref-base")
+            c["pref_tuned"] = gr.Button("Fine-tuned better", elem_id="pref-tuned")
+            c["pref_both_bad"] = gr.Button("Both bad", elem_id="pref-both-bad")
+            c["pref_samples"] = gr.Button("Two samples", elem_id="pref-samples")
+        c["pref_better"] = gr.Textbox(label="A better answer (optional)", lines=2, elem_id="pref-better",
+                                      info="Written here, it is the chosen answer of the judgement you press next.")
+        with gr.Row(visible=False) as c["pref_samples_row"]:
+            with gr.Column():
+                c["pref_sample_1"] = gr.Textbox(label="Fine-tuned sample 1", lines=3, interactive=False,
+                                                elem_id="pref-sample-1")
+                c["pref_pick_1"] = gr.Button("Pick sample 1", elem_id="pref-pick-1")
+            with gr.Column():
+                c["pref_sample_2"] = gr.Textbox(label="Fine-tuned sample 2", lines=3, interactive=False,
+                                                elem_id="pref-sample-2")
+                c["pref_pick_2"] = gr.Button("Pick sample 2", elem_id="pref-pick-2")
+        c["pref_status"] = gr.Markdown(elem_id="pref-status")
+        with gr.Row():
+            with gr.Column(scale=3):
+                c["pref_counter"] = gr.Markdown(notice_md("Load one of your runs to judge its answers."),
+                                                elem_id="pref-counter")
+                c["pref_train"] = gr.Button("Train on my preferences", variant="primary", interactive=False,
+                                            elem_id="pref-train")
+            c["pref_mix"] = gr.File(label="Mix in a preference file (optional): its chosen/rejected pairs train too",
+                                    type="filepath", file_types=[".json", ".jsonl", ".csv", ".parquet"], scale=2,
+                                    elem_id="pref-mix")
+        c["pref_run_status"] = gr.Markdown(elem_id="pref-run-status")
+    c["pref_samples_state"] = gr.State(None)
+    c["pref_run"] = gr.State(None)
+    c["pref_timer"] = gr.Timer(LOOP_POLL_S, active=False)
+    return c
+
+
+def wire_preference_loop(ctx: AppContext, c: dict, *, owner: gr.State) -> None:
+    counter = [c["pref_counter"], c["pref_train"]]
+
+    def on_folder(who: str, folder: str | None, request: gr.Request):
+        return counter_view(ctx, owner_of(who, request.session_hash), folder)
+
+    c["folder"].change(on_folder, [owner, c["folder"]], counter, show_progress="hidden", api_visibility="private")
+
+    def judging(choice: str):
+        def on_judge(who: str, folder: str | None, base: list, tuned: list, better: str, system_prompt: str,
+                     request: gr.Request):
+            me = owner_of(who, request.session_hash)
+            status, saved = judge(ctx, me, folder, choice, base, tuned, better, system_prompt)
+            return status, "" if saved else gr.skip(), *counter_view(ctx, me, folder)
+
+        return on_judge
+
+    judge_inputs = [owner, c["folder"], c["base_history"], c["tuned_history"], c["pref_better"], c["system_prompt"]]
+    judge_outputs = [c["pref_status"], c["pref_better"], *counter]
+    for button, choice in ((c["pref_base"], "base"), (c["pref_tuned"], "finetuned"),
+                           (c["pref_both_bad"], "both_bad")):
+        button.click(judging(choice), judge_inputs, judge_outputs, api_name=f"judge_{choice}")
+
+    def on_samples(who: str, folder: str | None, tuned: list, request: gr.Request, **settings):
+        me = owner_of(who, request.session_hash)
+        for first, second, status, state in two_samples(ctx, me, folder, tuned, settings):
+            yield gr.update(visible=True), first, second, status, state
+
+    c["pref_samples"].click(on_samples, [owner, c["folder"], c["tuned_history"]],
+                            [c["pref_samples_row"], c["pref_sample_1"], c["pref_sample_2"], c["pref_status"],
+                             c["pref_samples_state"]], inputs_kwargs={k: c[k] for k in GEN_KEYS},
+                            concurrency_limit=CHAT_CONCURRENCY, concurrency_id="model", show_progress="minimal",
+                            api_name="two_samples")
+
+    def picking(choice: str):
+        def on_pick(who: str, folder: str | None, samples: dict | None, better: str, request: gr.Request):
+            me = owner_of(who, request.session_hash)
+            status, saved = pick_sample(ctx, me, folder, choice, samples, better)
+            return status, "" if saved else gr.skip(), *counter_view(ctx, me, folder)
+
+        return on_pick
+
+    for button, choice in ((c["pref_pick_1"], "sample_1"), (c["pref_pick_2"], "sample_2")):
+        button.click(picking(choice), [owner, c["folder"], c["pref_samples_state"], c["pref_better"]],
+                     judge_outputs, api_name=f"pick_{choice}")
+
+    def on_train(who: str, folder: str | None, mix: str | None, request: gr.Request,
+                 oauth_token: Optional[gr.OAuthToken] = None):
+        from finetune.hub import resolve_token
+
+        hub_token = resolve_token(oauth_token, None, machine_tokens=False) if ctx.on_space else None
+        status, run_id = train_on_preferences(ctx, owner_of(who, request.session_hash), folder, mix, hub_token)
+        return status, run_id or gr.skip(), gr.Timer(active=bool(run_id))
+
+    c["pref_train"].click(on_train, [owner, c["folder"], c["pref_mix"]],
+                          [c["pref_run_status"], c["pref_run"], c["pref_timer"]], concurrency_limit=2,
+                          api_name="train_on_preferences")
+
+    def on_loop_poll(who: str, run_id: str | None, request: gr.Request):
+        from .train_tab import run_choices
+
+        me = owner_of(who, request.session_hash)
+        status, ended = loop_run_view(ctx, me, run_id)
+        runs = gr.skip()
+        if ended and run_id:
+            with_weights = run_choices(ctx, me, with_weights=True)
+            pick = {"value": run_id} if run_id in {r for _, r in with_weights} else {}
+            runs = gr.update(choices=with_weights, **pick)
+        return status, gr.Timer(active=not ended), runs
+
+    c["pref_timer"].tick(on_loop_poll, [owner, c["pref_run"]], [c["pref_run_status"], c["pref_timer"], c["run"]],
+                         show_progress="hidden", api_visibility="private")

@@ -251,8 +251,7 @@ def wire_data_tab(ctx: AppContext, c: dict, settings_form: dict, owner: gr.State
                        api_visibility="private")
 
     form = data_form(c)
-    outputs = [c["status"], c["preview"], c["preview_index"], c["stats"], c["histogram"], c["data_state"],
-               c["format_accordion"]]
+    outputs = load_outputs(c)
 
     def on_load(who: str, request: gr.Request, **values):
         data_values = {k: values.pop(k) for k in form}
@@ -260,8 +259,8 @@ def wire_data_tab(ctx: AppContext, c: dict, settings_form: dict, owner: gr.State
 
     kwargs = {**form, **settings_form}
     c["load"].click(on_load, owner, outputs, inputs_kwargs=kwargs, concurrency_limit=4, api_name="load_data")
-    c["example"].change(on_load, owner, outputs, inputs_kwargs=kwargs, concurrency_limit=4,
-                        api_visibility="private")
+    c["example"].input(on_load, owner, outputs, inputs_kwargs=kwargs, concurrency_limit=4,
+                       api_visibility="private")  # picked by the user (a restored form reloads its data itself)
     c["upload"].upload(on_load, owner, outputs, inputs_kwargs=kwargs, concurrency_limit=4,
                        api_visibility="private")
 
@@ -272,10 +271,21 @@ def wire_data_tab(ctx: AppContext, c: dict, settings_form: dict, owner: gr.State
                                inputs_kwargs=settings_form, show_progress="hidden", api_visibility="private")
 
 
+FORM_FIELDS = ("source", "example", "upload", "paste", "hub_id", "dataset_config", "dataset_split", "data_format",
+               "column_mapping", "skip_invalid", "max_rows")
+
+
 def data_form(c: dict) -> dict[str, Any]:
     """The Data tab's inputs by name (the handler's keyword arguments and the API's parameter names)."""
-    return {k: c[k] for k in ("source", "example", "upload", "paste", "hub_id", "dataset_config", "dataset_split",
-                              "data_format", "column_mapping", "skip_invalid", "max_rows")}
+    return {k: c[k] for k in FORM_FIELDS}
+
+
+LOAD_OUTPUTS = ("status", "preview", "preview_index", "stats", "histogram", "data_state", "format_accordion")
+
+
+def load_outputs(c: dict) -> list:
+    """The widgets `load_data` fills, in its order."""
+    return [c[k] for k in LOAD_OUTPUTS]
 
 
 def load_data(ctx: AppContext, owner: str, values: dict[str, Any], settings: dict[str, Any]) -> tuple:

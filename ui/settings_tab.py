@@ -11,7 +11,7 @@ import gradio as gr
 
 from finetune.config import DEFAULT_BASE_MODEL, DEMO_MODEL_ID, RunConfig
 from finetune.errors import FinetuneError
-from finetune.memory import available_memory, estimate_memory, model_shape
+from finetune.memory import available_memory, estimate_memory, format_size, model_shape, shortfall
 from finetune.run_folder import CONFIG_FILE
 from finetune.runs import train_command
 
@@ -33,7 +33,7 @@ MODEL_CHOICES = [
     "meta-llama/Llama-3.2-1B-Instruct", "meta-llama/Llama-3.2-3B-Instruct", "meta-llama/Llama-3.1-8B-Instruct",
     "mistralai/Mistral-7B-Instruct-v0.3",
 ]
-DEMO_CHOICE = ("demo: offline random-weight model (for trying the app)", DEMO_MODEL_ID)
+DEMO_CHOICE = ("demo: tiny offline demo model (for trying the app)", DEMO_MODEL_ID)
 GIB = 2**30
 _PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,26 +70,30 @@ PRESET_FIELDS = ("learning_rate", "lora_r", "lora_alpha", "lora_dropout", "batch
 
 def memory_report(config: RunConfig, available: tuple[str, int, bool] | None = None) -> tuple[str, bool]:
     """(markdown, fits) for the memory estimate of `config` on this machine (or on `available`)."""
+    text, short = memory_check(config, available)
+    return text, short is None
+
+
+def memory_check(config: RunConfig, available: tuple[str, int, bool] | None = None) -> tuple[str, str | None]:
+    """(markdown, why it won't fit or None) for the memory estimate of `config` on this machine (or on `available`)."""
     shape = model_shape(config.base_model)
     device, free, on_gpu = available or available_memory()
     if shape is None:
         return notice_md(f"Memory estimate: unknown for `{config.base_model}` (its config.json isn't cached here). "
-                         f"{device}: {free / GIB:.1f} GiB free."), True
+                         f"{device}: {free / GIB:.1f} GiB free."), None
     est = estimate_memory(config, shape, on_gpu=on_gpu)
     parts = (f"weights {_size(est.weights)} + gradients & optimizer {_size(est.training)} + "
              f"activations {_size(est.activations)} + overhead {_size(est.overhead)}")
     trainable = f"{_count(est.trainable_params)} trainable parameters of {_count(shape.n_params)}"
     text = f"Estimated memory: **{_size(est.total)}** ({parts}); {device}: {_size(free)} free. {trainable}."
-    if config.method == "qlora" and not on_gpu:
-        return warning_md(text + " QLoRA's 4-bit base needs a CUDA GPU; on this CPU choose LoRA."), False
-    if est.total > free:
+    short = shortfall(est, device, free)
+    if short is not None:
         tips = "try QLoRA, a smaller batch, a shorter max sequence length or gradient checkpointing"
-        return warning_md(text + f" This run probably won't fit: {tips}."), False
-    return ok_md(text), True
+        return warning_md(text + f" This run probably won't fit ({short}): {tips}."), short
+    return ok_md(text), None
 
 
-def _size(n_bytes: float) -> str:
-    return f"{n_bytes / GIB:.1f} GiB" if n_bytes >= GIB else f"{n_bytes / 2**20:.0f} MiB"
+_size = format_size
 
 
 def _count(n: int) -> str:
@@ -135,7 +139,7 @@ def create_settings_tab(hub_ok: bool) -> dict[str, Any]:
             c["base_model"] = gr.Dropdown(model_choices(hub_ok), value=default_model(hub_ok), allow_custom_value=True,
                                           label="Base model", elem_id="field-base_model", filterable=True,
                                           info="Pick one, or type any Hub id (`org/name`) or a local folder. "
-                                               "`demo` is the offline random-weight model.")
+                                               "`demo` is the tiny offline demo model.")
             c["method"] = gr.Radio(METHOD_LABELS, value="lora", label="Method", elem_id="field-method",
                                    info=RunConfig.field_help()["method"])
             with gr.Row():
@@ -184,8 +188,8 @@ def settings_form(c: dict) -> dict[str, Any]:
 def wire_settings_tab(c: dict, data_state: gr.State) -> None:
     form = settings_form(c)
     presets = [c[name] for name in PRESET_FIELDS]
-    for trigger in (c["method"], c["base_model"]):
-        trigger.change(apply_preset, [c["method"], c["base_model"]], presets, show_progress="hidden",
+    for trigger in (c["method"], c["base_model"]):  # `input`: the user's choice, not a restored form
+        trigger.input(apply_preset, [c["method"], c["base_model"]], presets, show_progress="hidden",
                        api_visibility="private")
 
     def on_change(**values):
@@ -231,6 +235,7 @@ def show_yaml(values: dict[str, Any], dataset: str | None = None) -> tuple:
     return gr.update(visible=False), gr.update(value=text, visible=True), gr.update(value=command, visible=True)
 
 
-__all__ = ["MODEL_CHOICES", "create_settings_tab", "default_model", "gpu_count", "memory_report", "model_choices",
-           "processes_widget", "settings_form", "show_yaml", "trust_remote_code_warning", "update_memory",
+__all__ = ["MODEL_CHOICES", "create_settings_tab", "default_model", "gpu_count", "memory_check", "memory_report",
+           "model_choices", "processes_widget", "settings_form", "show_yaml", "trust_remote_code_warning",
+           "update_memory",
            "wire_settings_tab", "yaml_and_command"]

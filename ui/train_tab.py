@@ -1,5 +1,6 @@
 """Train tab: Start (queued, one training at a time), Stop, and a live view polled from the run folder: progress
-with step, epoch and ETA, train/validation loss, learning rate, the log tail, and the final metrics table."""
+with step, epoch and ETA, train/validation loss, learning rate (and, for preference stages, the reward margin and
+accuracy), the log tail, and the final metrics table."""
 
 from __future__ import annotations
 
@@ -17,13 +18,16 @@ from finetune.runs import RunStatus
 from .context import AppContext, owner_of
 from .data_tab import DataSource, data_config
 from .messages import error_md, notice_md, ok_md, warning_md
-from .settings_tab import memory_report
+from .settings_tab import memory_check
 
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL_S = 1.0
 LOSS_COLUMNS = {"step": "int64", "loss": "float64", "split": "str"}  # column → dtype
 LR_COLUMNS = {"step": "int64", "learning_rate": "float64"}
+REWARD_COLUMNS = {"step": "int64", "value": "float64", "reward": "str"}
+# The preference stages' per-step rewards the reward plot shows (metrics field → series name).
+REWARD_SERIES = {"rewards/margins": "margin", "rewards/accuracies": "accuracy"}
 METRICS_HEADERS = ["metric", "value"]
 
 
@@ -92,6 +96,20 @@ def lr_frame(metrics: list[dict]) -> pd.DataFrame:
     return _typed_frame(rows, LR_COLUMNS)
 
 
+def has_rewards(metrics: list[dict]) -> bool:
+    """True for a preference stage's metrics (SFT logs no rewards)."""
+    return any(m.get(field) is not None for m in metrics for field in REWARD_SERIES)
+
+
+def reward_frame(metrics: list[dict]) -> pd.DataFrame:
+    """A preference stage's reward margin (chosen minus rejected reward) and accuracy (share of pairs whose chosen
+    reward is higher) per logged step. Both series are seeded with a point without a value, as in `loss_frame`."""
+    rows = [[0, float("nan"), name] for name in REWARD_SERIES.values()]
+    rows += [[m["step"], m[field], name] for field, name in REWARD_SERIES.items() for m in metrics
+             if m.get(field) is not None]
+    return _typed_frame(rows, REWARD_COLUMNS)
+
+
 def _fmt(value: Any, spec: str = ".4g") -> str:
     if value is None:
         return "-"
@@ -121,7 +139,7 @@ def metrics_table(results: dict) -> list[list[str]]:
         ["steps", _fmt(r.get("global_step"), "d")],
     ]
     if r.get("is_demo_model"):
-        rows.append(["base model", "random-weight demo model (answers are only meaningful on trained prompts)"])
+        rows.append(["base model", "tiny offline demo model (answers are only meaningful on trained prompts)"])
     return rows
 
 
@@ -165,10 +183,10 @@ def start_training(ctx: AppContext, owner: str, data_state: dict, data_values: d
                         data_state.get("name") or "dataset")
     try:
         config = data_config(data_values, settings, source)
-        report, fits = memory_report(config)
-        if not fits and not force:
-            return report + "\n\n" + error_md("Not started: the memory estimate says this run won't fit. Change the "
-                                              "settings, or tick “Start anyway”."), None
+        report, short = memory_check(config)
+        if short is not None and not force:
+            return report + "\n\n" + error_md(f"Not started: by the memory estimate, {short}. Change the settings, "
+                                              "or tick “Start anyway”."), None
         hub_token = resolve_token(oauth_token, None, machine_tokens=False) if ctx.on_space else None
         run_id = ctx.runs.submit(config, owner, dataset_file=source.file, dataset_name=source.name,
                                  num_processes=int(settings.get("num_processes") or 1), hub_token=hub_token)
@@ -180,24 +198,32 @@ def start_training(ctx: AppContext, owner: str, data_state: dict, data_values: d
 
 
 def poll(ctx: AppContext, owner: str, run_id: str | None, view: dict) -> tuple:
-    """The live view of `run_id`: (status, progress, loss plot, lr plot, log, metrics table, timer, view state).
+    """The live view of `run_id`: (status, progress, loss plot, lr plot, log, metrics table, timer, view state,
+    reward plot: shown for preference stages only).
 
     Plots are re-sent only when new metrics arrived (`view` remembers how many were shown)."""
     if not run_id:
         return (notice_md("No run selected. Start one with **Start training**."), "", gr.skip(), gr.skip(), "",
-                gr.update(visible=False), gr.Timer(active=False), {})
+                gr.update(visible=False), gr.Timer(active=False), {}, gr.update(visible=False))
     try:
         status = ctx.runs.status(run_id, owner)
     except FinetuneError as e:
-        return (error_md(str(e)), "", None, None, "", gr.update(visible=False), gr.Timer(active=False), {})
+        return (error_md(str(e)), "", None, None, "", gr.update(visible=False), gr.Timer(active=False), {},
+                gr.update(visible=False))
     n = len(status.metrics)
     fresh = view.get("run_id") != run_id or view.get("n") != n or view.get("state") != status.state
     loss = loss_frame(status.metrics) if fresh else gr.skip()
     lr = lr_frame(status.metrics) if fresh else gr.skip()
+    rewards = reward_view(status.metrics) if fresh else gr.skip()
     table = gr.update(value=metrics_table(status.results), visible=True) if status.results and status.done \
         else gr.update(visible=False)
     return (status_markdown(status), progress_html(status), loss, lr, status.log_tail, table,
-            gr.Timer(active=not status.done), {"run_id": run_id, "n": n, "state": status.state})
+            gr.Timer(active=not status.done), {"run_id": run_id, "n": n, "state": status.state}, rewards)
+
+
+def reward_view(metrics: list[dict]) -> dict:
+    """The reward plot's update: the rewards so far, or hidden for a run without them."""
+    return gr.update(value=reward_frame(metrics), visible=True) if has_rewards(metrics) else gr.update(visible=False)
 
 
 def stop_run(ctx: AppContext, owner: str, run_id: str | None) -> str:
@@ -251,6 +277,10 @@ def create_train_tab() -> dict[str, Any]:
                                      height=280, elem_id="train-loss-plot", x_title="step", y_title="loss")
         c["lr_plot"] = gr.LinePlot(lr_frame([]), x="step", y="learning_rate",
                                    title="Learning rate", height=280, elem_id="train-lr-plot", y_axis_format=".1e")
+        c["reward_plot"] = gr.LinePlot(reward_frame([]), x="step", y="value", color="reward",
+                                       title="Preference rewards", height=280, visible=False,
+                                       color_map={"margin": "#059669", "accuracy": "#d97706"},
+                                       elem_id="train-reward-plot", x_title="step", y_title="")
     c["metrics"] = gr.Dataframe(headers=METRICS_HEADERS, label="Results", interactive=False, visible=False,
                                 elem_id="train-metrics")
     c["log"] = gr.Textbox(label="Log (last lines)", lines=10, max_lines=10, autoscroll=True, interactive=False,
@@ -263,7 +293,7 @@ def create_train_tab() -> dict[str, Any]:
 def wire_train_tab(ctx: AppContext, c: dict, *, owner: gr.State, saved: gr.BrowserState, data_state: gr.State,
                    data_form: dict, settings_form: dict, run_lists: list) -> None:
     view_outputs = [c["status"], c["progress"], c["loss_plot"], c["lr_plot"], c["log"], c["metrics"], c["timer"],
-                    c["view"]]
+                    c["view"], c["reward_plot"]]
 
     def on_start(who: str, stored: dict, state: dict, force: bool, request: gr.Request,
                  oauth_token: Optional[gr.OAuthToken] = None, **values):

@@ -154,7 +154,7 @@ class RunConfig:
     save_total_limit: int = _f(2, "Keep at most this many checkpoints (the best one is always kept).", "training")
     report_to: ReportTo = _f("none", "Also send the training metrics to an experiment tracker: `tensorboard`, "
                              "`trackio` or `wandb` (its package must be installed; wandb and trackio read their "
-                             "usual environment variables). The run folder's metrics.jsonl is written either way.",
+                             "usual environment variables). The run folder's own metrics are written either way.",
                              "training")
     output_dir: str = _f("outputs/run", "Run folder: adapter/ or model/, checkpoints/, the metrics, results and "
                          "resolved config (layout: finetune/run_folder.py).", "training")

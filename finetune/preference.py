@@ -4,7 +4,7 @@
     prepare_preference_data       split the preference rows, unpair them for KTO, encode them with our template
     preference_trainer            TRL's DPOTrainer, KTOTrainer or (trl.experimental) ORPOTrainer on those rows
     preference_scores             preference accuracy and mean margin of a model on encoded rows
-    stage_results                 what results.json says about the stage (scores before → after, the stages)
+    stage_results                 what the run's results say about the stage (scores before → after, the stages)
 
 The reference model of DPO and KTO is never a second copy of the weights: with LoRA/QLoRA it is the same model
 with the adapter switched off (TRL does this when `ref_model` is None), or, with `init_from`, with a frozen copy of
@@ -370,7 +370,7 @@ def held_out_rows(data: PreferenceData) -> tuple[str, list[dict]]:
 # ----------------------------------------------------------------------------- results
 def stage_results(config: RunConfig, data: PreferenceData, before: dict, after: dict, split: str,
                   dataset_source: str) -> dict[str, Any]:
-    """results.json's preference entries. Losses of a preference stage are not per-token cross-entropies, so the
+    """The results' preference entries. Losses of a preference stage are not per-token cross-entropies, so the
     perplexities train.py derives from them are left out (null)."""
     return {
         "stage": config.stage, "stages": stages(config, dataset_source),

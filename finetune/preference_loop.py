@@ -6,7 +6,7 @@ stage that starts from that run.
     count_judgements      pairs (what DPO learns from) and unpaired rows (both bad, no better answer written)
     preference_pairs      the {prompt, chosen, rejected} rows of the judgements that are pairs
     read_preference_pairs a preference file's pairs (any shape `finetune.data` detects as pairs), to mix in
-    loop_config           the DPO RunConfig: the judged run's run.yaml, `stage: dpo`, `init_from` that run
+    loop_config           the DPO RunConfig: the judged run's config, `stage: dpo`, `init_from` that run
 
 A row of preferences.jsonl:
 
@@ -117,7 +117,7 @@ def read_preference_pairs(path: str | Path, *, max_bytes: int | None = None) -> 
 
 def loop_config(judged: RunConfig, judged_dir: str | Path, dataset: str, pairs: int) -> RunConfig:
     """The DPO stage that learns `pairs` preference pairs (in `dataset`) starting from the judged run's weights:
-    its run.yaml with `stage: dpo`, `init_from` that run, the stage's default learning rate and beta, and a short
+    its config with `stage: dpo`, `init_from` that run, the stage's default learning rate and beta, and a short
     schedule (LOOP_EPOCHS over the pairs, a step per batch, every step logged for the live reward plots). Its
     `output_dir` is a folder next to the judged run's (the run manager puts it in a run folder of its own)."""
     if pairs < 1:

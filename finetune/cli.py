@@ -272,7 +272,7 @@ def cmd_push(args) -> int:
         else:
             merged_dir = Path(merge_adapter(args.run_dir, str(run.merged_dir), quantize=args.quantize).out_dir)
     result = push_run(args.run_dir, args.repo, what=args.what, token=token, private=not args.public,
-                      commit_message=args.message, merged_dir=merged_dir)
+                      commit_message=args.message, merged_dir=merged_dir, include_gguf=args.gguf)
     print(result)
     return 0
 
@@ -393,6 +393,8 @@ def build_parser(prog: str = "finetune") -> argparse.ArgumentParser:
     ps.add_argument("--message", default=None, help="commit message")
     ps.add_argument("--quantize", default=None, choices=["4bit", "8bit"],
                     help="push the merged model in bitsandbytes 4-bit (NF4) or 8-bit form")
+    ps.add_argument("--gguf", action="store_true", help="also push the run's GGUF export and its Modelfile (from "
+                                                       "`finetune export`) into the model repo")
     ps.set_defaults(func=cmd_push)
 
     d = sub.add_parser("demo", parents=[flags], help="build (once) and print the folder of the offline demo model")

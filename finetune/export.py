@@ -31,7 +31,6 @@ from .run_folder import RunFolder
 QUANTS = {"f16": 1, "q8_0": 7, "q4_k_m": 15}
 REPORT_FILE = "export_report.json"
 MODELFILE = "Modelfile"
-DEFAULT_FOLDER = "gguf"            # inside the run folder, unless --out says otherwise
 DEFAULT_PROMPTS = 8                # held-out prompts the parity check runs
 DEFAULT_COMPARE_TOKENS = 32        # K: greedy tokens compared per prompt
 # The demo model's tokenizer splits text with GPT-2's byte-level regex; the converter only knows
@@ -72,7 +71,7 @@ def export_gguf(run_dir: str | Path, out_dir: str | Path | None = None, *, quant
         raise ConfigError(f"`quant` must be one of {', '.join(QUANTS)} (got {quant!r})")
     require_export_extra()
     run = locate_run(run_dir)
-    out = Path(out_dir).expanduser() if out_dir else Path(run_dir).expanduser() / DEFAULT_FOLDER
+    out = Path(out_dir).expanduser() if out_dir else RunFolder(Path(run_dir).expanduser()).gguf_dir
     out.mkdir(parents=True, exist_ok=True)
     system_prompt = run.config.system_prompt if run.config else None
     conversations = parity_conversations(run, prompts, limit)
@@ -525,7 +524,7 @@ def print_export(result: ExportResult) -> None:
 
 def card_section(run_dir: str | Path) -> str:
     """The model card's "GGUF" section from `<run>/gguf/export_report.json`; "" when the run wasn't exported."""
-    path = Path(run_dir) / DEFAULT_FOLDER / REPORT_FILE
+    path = RunFolder(run_dir).gguf_dir / REPORT_FILE
     if not path.is_file():
         return ""
     report = json.loads(path.read_text(encoding="utf-8"))

@@ -411,11 +411,13 @@ class _Part:
     repo_id: str
     folder: Path
     nbytes: int = 0
+    gguf: dict[str, Path] = field(default_factory=dict)  # repo path → file: the GGUF export pushed with this part
 
 
 def push_run(run_dir: str | Path, repo_name: str, *, what: PushWhat = "adapter", token: str | None = None,
              private: bool = True, commit_message: str | None = None, merged_dir: str | Path | None = None,
-             license: str | None = None, progress: Progress | None = None) -> PushResult:
+             license: str | None = None, include_gguf: bool = False,
+             progress: Progress | None = None) -> PushResult:
     """Push a run's adapter, merged model, or both, each with a model card, and return the repo URLs.
 
     `repo_name` is `name` (under the token's user) or `org/name`. With `what="both"` the adapter goes
@@ -423,12 +425,15 @@ def push_run(run_dir: str | Path, repo_name: str, *, what: PushWhat = "adapter",
     (from `finetune.merge.merge_adapter`); a full fine-tuning run pushes its `model/` as the merged
     kind. A repo is created when missing (`private` applies then; an existing repo keeps its
     visibility). `token` defaults to `resolve_token()`; it must have write access.
+    `include_gguf` adds the run's GGUF export (the .gguf and its Modelfile, from `finetune.export`) to the
+    merged model's repo when one is pushed, else to the adapter's: it is a standalone model.
     """
     from .model_card import read_run
 
     run_dir = Path(run_dir)
     config, _ = read_run(run_dir)
     folders = _folders_to_push(run_dir, config.method, what, merged_dir)
+    gguf = _gguf_files(run_dir) if include_gguf else {}
     token = token or resolve_token()
     report = _Reporter(progress)
     try:
@@ -438,6 +443,8 @@ def push_run(run_dir: str | Path, repo_name: str, *, what: PushWhat = "adapter",
         namespace = namespace or user
         parts = [_Part(kind, f"{namespace}/{name}{MERGED_SUFFIX if kind == 'merged' and what == 'both' else ''}",
                        folder, folder_bytes(folder)) for kind, folder in folders]
+        parts[-1].gguf = gguf  # the merged part when there is one (folders list the adapter first)
+        parts[-1].nbytes += sum(f.stat().st_size for f in gguf.values())
         total = sum(p.nbytes for p in parts) or 1
         done, pushed = 0, []
         for part in parts:
@@ -492,6 +499,26 @@ def _folders_to_push(run_dir: Path, method: str, what: PushWhat,
     return out
 
 
+def _gguf_files(run_dir: Path) -> dict[str, Path]:
+    """Repo path → file for the run's last GGUF export: the .gguf its export_report.json names, and the Modelfile."""
+    from .export import REPORT_FILE
+
+    folder = RunFolder(run_dir).gguf_dir
+    report_file = folder / REPORT_FILE
+    if not report_file.is_file():
+        raise ModelError(f"{run_dir} has no GGUF export ({report_file} is missing); export it first with "
+                         f"`python -m finetune export {run_dir}` (or the app's Export tab), then push again")
+    report = json.loads(report_file.read_text(encoding="utf-8"))
+    if report.get("failed"):
+        raise ModelError(f"the last GGUF export of {run_dir} failed its check ({report['failed']['message']}); "
+                         "a GGUF that prompts or stops differently from the run is not pushed: fix it and export again")
+    files = {name: folder / name for name in (report["gguf"], report["modelfile"])}
+    missing = [str(f) for f in files.values() if not f.is_file()]
+    if missing:
+        raise ModelError(f"{', '.join(missing)} is missing from the GGUF export; export the run again")
+    return files
+
+
 def _push_part(run_dir: Path, part: _Part, *, token: str, private: bool, commit_message: str | None,
                license: str | None, progress: Callable[[float, str], None]) -> PushedRepo:
     from huggingface_hub import CommitOperationAdd
@@ -500,7 +527,7 @@ def _push_part(run_dir: Path, part: _Part, *, token: str, private: bool, commit_
     with tempfile.TemporaryDirectory(prefix="finetune-push-") as staging:
         progress(0.0, f"Writing the model card for {part.repo_id}")
         extras = _stage_extras(run_dir, part, Path(staging), license)
-        files = _folder_files(part.folder)
+        files = {**_folder_files(part.folder), **part.gguf}
         for rel in extras:  # our card, config and results win over same-named files in the folder
             files.pop(rel, None)
         ops = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(p)) for rel, p in sorted(files.items())]
@@ -510,7 +537,8 @@ def _push_part(run_dir: Path, part: _Part, *, token: str, private: bool, commit_
             repo_url = api.create_repo(part.repo_id, private=private, exist_ok=True, repo_type="model")
         mb = sum(Path(op.path_or_fileobj).stat().st_size for op in ops) / 1e6
         progress(0.05, f"Uploading {len(ops)} files ({mb:.1f} MB) to {part.repo_id}")
-        message = commit_message or ("Upload LoRA adapter" if part.kind == "adapter" else "Upload merged model")
+        default = "Upload LoRA adapter" if part.kind == "adapter" else "Upload merged model"
+        message = commit_message or (f"{default} and GGUF" if part.gguf else default)
         with hub_errors("repo", part.repo_id, token=token):
             commit = api.create_commit(part.repo_id, ops, commit_message=message, repo_type="model")
             is_private = bool(api.model_info(part.repo_id).private)  # an existing repo keeps its visibility

@@ -10,6 +10,7 @@
     adapter/        LoRA/QLoRA adapter + tokenizer with its chat template   (model/ for full fine-tuning)
     merged/         the adapter merged into its base (`python -m finetune merge`)
     eval/           answers.jsonl, answers.csv, summary.json: base vs fine-tuned on a held-out split
+    gguf/           the GGUF export: <name>-<quant>.gguf, Modelfile, export_report.json (`python -m finetune export`)
     preferences.jsonl  judgements made in the app's Compare tab, one row each (finetune/preference_loop.py)
 
 A run started by the app's run manager (`finetune.runs`) also holds owner.json, launch.json, input/ (the
@@ -100,6 +101,11 @@ class RunFolder:
     @property
     def merged_dir(self) -> Path:
         return self.root / "merged"
+
+    @property
+    def gguf_dir(self) -> Path:
+        """gguf/: where `finetune.export.export_gguf` writes the GGUF, its Modelfile and export_report.json."""
+        return self.root / "gguf"
 
     @property
     def eval_dir(self) -> Path:

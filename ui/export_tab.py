@@ -4,9 +4,14 @@ download or push that, and push to the Hugging Face Hub (token: Sign in with HF 
 from __future__ import annotations
 
 import logging
+import os
+import queue
 import secrets
+import shutil
 import tempfile
+import threading
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
@@ -16,7 +21,7 @@ from finetune.errors import FinetuneError
 from finetune.run_folder import RunFolder
 
 from .context import AppContext, owner_of
-from .messages import error_md, ok_md
+from .messages import error_md, notice_md, ok_md
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +80,7 @@ def merge_run(ctx: AppContext, owner: str, run_id: str | None, dtype: str, progr
 
 
 def push(ctx: AppContext, owner: str, run_id: str | None, repo: str, what: str, private: bool,
-         oauth_token: Any, typed_token: str | None, progress=None) -> str:
+         oauth_token: Any, typed_token: str | None, progress=None, *, include_gguf: bool = False) -> str:
     """Push to the Hub; every error is scrubbed of the token before it is shown."""
     from finetune.hub import push_run, resolve_token, scrub
 
@@ -97,7 +102,7 @@ def push(ctx: AppContext, owner: str, run_id: str | None, repo: str, what: str, 
             merged = run.merged_dir
         report = (lambda f, msg: progress(f, desc=msg)) if progress else None
         result = push_run(run.root, repo.strip(), what=what, token=token, private=private, merged_dir=merged,
-                          progress=report)
+                          include_gguf=include_gguf, progress=report)
     except FinetuneError as e:
         return error_md(scrub(str(e), token))
     except Exception as e:  # unexpected: still never echo the token
@@ -117,6 +122,130 @@ def login_available(ctx: AppContext) -> bool:
     except ImportError:
         return False
     return True
+
+
+# ============================================================================ GGUF for llama.cpp / Ollama
+
+GGUF_QUANTS = [("f16: exact, largest", "f16"), ("q8_0: 8-bit, about half the size", "q8_0"),
+               ("q4_k_m: 4-bit, about a quarter", "q4_k_m")]
+PARITY_HEADERS = ["Prompt", "Identical first K tokens", "Same stop", "Max |Δ logit| (prompt)"]
+
+
+def stream_gguf_export(ctx: AppContext, owner: str, run_id: str | None, quant: str) -> Iterator[tuple[list, Any]]:
+    """`export_gguf` on a worker thread: yields (progress messages so far, None) as each arrives, then
+    (messages, ExportResult). Its error is raised here, in the caller's thread."""
+    from finetune.export import export_gguf
+
+    if not run_id:
+        raise FinetuneError("pick a run first")
+    run = RunFolder(ctx.runs.run_dir(run_id, owner))  # someone else's run is not found
+    messages: queue.Queue = queue.Queue()
+    outcome: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            outcome["result"] = export_gguf(run.root, run.gguf_dir, quant=quant, progress=messages.put)
+        except BaseException as e:  # handed to the caller below
+            outcome["error"] = e
+        finally:
+            messages.put(None)
+
+    threading.Thread(target=work, name=f"gguf-export-{run_id[:8]}", daemon=True).start()
+    lines: list[str] = []
+    while (message := messages.get()) is not None:
+        lines.append(message)
+        yield lines, None
+    if "error" in outcome:
+        raise outcome["error"]
+    yield lines, outcome["result"]
+
+
+def parity_rows(report: dict) -> list[list]:
+    """export_report.json's parity rows as the table shows them: the whole prompt, yes/no, and the logit gap."""
+    k = report["parity"]["compare_tokens"]
+    return [[row["prompt"],
+             "yes" if row["identical"] else f"no: the first {row['common_prefix_tokens']} of {k} agree",
+             "yes" if row["same_stop"] else "no",
+             f"{row['max_abs_logit_diff']:.3g}"] for row in report["parity"]["rows"]]
+
+
+def gguf_summary(result) -> str:
+    parity = result.report["parity"]
+    size_mb = result.report["gguf_bytes"] / 1e6
+    return (f"Exported `{result.gguf_path.name}` ({size_mb:.1f} MB) with an Ollama Modelfile, in {result.out_dir}. "
+            f"Parity with the transformers model on {parity['prompts']} prompts (greedy, first "
+            f"{parity['compare_tokens']} tokens): identical {parity['identical_first_k_rate']:.0%}, same stop "
+            f"{parity['same_stop_rate']:.0%}, max |Δ logit| {parity['max_abs_logit_diff']:.3g}. Chat template, "
+            "BOS and stop tokens are the run's.")
+
+
+def commands_md(result) -> str:
+    from finetune.export import run_commands
+
+    lines = [f"# {label}\n{command}" for label, command in run_commands(result.out_dir, result.report).items()]
+    return "**Run it** (paths on the machine running this app):\n\n```bash\n" + "\n\n".join(lines) + "\n```"
+
+
+def download_copies(paths: list[Path]) -> list[str]:
+    """`paths` hard-linked (else copied) into a fresh folder in the temp dir, which Gradio serves files from."""
+    folder = EXPORT_ROOT / secrets.token_urlsafe(12)
+    folder.mkdir(parents=True)
+    copies = []
+    for path in paths:
+        try:
+            os.link(path, folder / path.name)
+        except OSError:  # another file system
+            shutil.copy2(path, folder / path.name)
+        copies.append(str(folder / path.name))
+    return copies
+
+
+def export_gguf_updates(ctx: AppContext, owner: str, run_id: str | None, quant: str) -> Iterator[tuple]:
+    """The GGUF section's widgets while exporting: (status, parity table, run commands, download files)."""
+    hidden = gr.update(visible=False)
+    try:
+        for lines, result in stream_gguf_export(ctx, owner, run_id, quant):
+            if result is None:
+                yield notice_md("Exporting to GGUF…\n" + "\n".join(f"- {m}" for m in lines)), hidden, hidden, hidden
+    except FinetuneError as e:  # the export extra missing, a run without weights, a failed parity check
+        yield error_md(str(e)), hidden, hidden, hidden
+        return
+    except Exception as e:
+        log.exception("GGUF export failed")
+        yield error_md(f"GGUF export failed ({type(e).__name__}: {e})"), hidden, hidden, hidden
+        return
+    files = download_copies([result.gguf_path, result.modelfile_path, result.report_path])
+    yield (ok_md(gguf_summary(result)), gr.update(value=parity_rows(result.report), visible=True),
+           gr.update(value=commands_md(result), visible=True), gr.update(value=files, visible=True))
+
+
+def create_gguf_section(ctx: AppContext) -> dict[str, Any]:
+    c: dict[str, Any] = {}
+    gr.Markdown("### GGUF for llama.cpp / Ollama", elem_classes="ft-subhead")
+    gr.Markdown("A standalone GGUF file with an Ollama Modelfile, then a check that it answers the run's held-out "
+                "prompts as the fine-tuned model does.", elem_classes="ft-help")
+    with gr.Row():
+        c["gguf_quant"] = gr.Radio(GGUF_QUANTS, value="f16", label="Quantisation", elem_id="export-gguf-quant")
+        c["gguf_export"] = gr.Button("Export GGUF", elem_id="export-gguf")
+    c["gguf_status"] = gr.Markdown(elem_id="export-gguf-status")
+    c["gguf_table"] = gr.Dataframe(headers=PARITY_HEADERS, label="Parity: GGUF in llama.cpp vs the run in transformers",
+                                   interactive=False, wrap=True, visible=False, elem_id="export-gguf-parity")
+    c["gguf_commands"] = gr.Markdown(visible=False, elem_id="export-gguf-commands")
+    c["gguf_files"] = gr.File(label="GGUF, Modelfile and export report", file_count="multiple", interactive=False,
+                              visible=False, elem_id="export-gguf-files")
+    return c
+
+
+def wire_gguf_section(ctx: AppContext, c: dict, *, owner: gr.State) -> None:
+    outputs = [c["gguf_status"], c["gguf_table"], c["gguf_commands"], c["gguf_files"]]
+
+    def on_gguf(who: str, run_id: str | None, quant: str, request: gr.Request):
+        yield from export_gguf_updates(ctx, owner_of(who, request.session_hash), run_id, quant)
+
+    c["gguf_export"].click(on_gguf, [owner, c["run"], c["gguf_quant"]], outputs, concurrency_limit=1,
+                           concurrency_id="model", api_name="export_gguf")
+    c["run"].change(lambda: ("", *[gr.update(visible=False)] * 3), None, outputs, queue=False,
+                    api_visibility="private")
 
 
 # ============================================================================ layout and wiring
@@ -151,8 +280,12 @@ def create_export_tab(ctx: AppContext) -> dict[str, Any]:
                 c["what"] = gr.Radio([("Adapter", "adapter"), ("Merged model", "merged"), ("Both", "both")],
                                      value="adapter", label="What")
                 c["private"] = gr.Checkbox(value=True, label="Private repo", info="Applies when the repo is created.")
+            c["push_gguf"] = gr.Checkbox(value=False, label="Include GGUF files", elem_id="export-push-gguf",
+                                         info="The last GGUF export (.gguf and Modelfile) goes into the merged "
+                                              "model's repo, else the adapter's.")
             c["push"] = gr.Button("Push", variant="primary", elem_id="export-push")
             c["push_status"] = gr.Markdown(elem_id="export-push-status")
+    c.update(create_gguf_section(ctx))
     return c
 
 
@@ -186,13 +319,14 @@ def wire_export_tab(ctx: AppContext, c: dict, *, owner: gr.State) -> None:
     c["merge_zip"].click(on_merged_zip, [owner, c["run"]], [c["message"], c["merged_download"]],
                          concurrency_limit=2, api_name="export_merged_zip")
 
-    def on_push(who: str, run_id: str | None, repo: str, what: str, private: bool, typed: str,
+    def on_push(who: str, run_id: str | None, repo: str, what: str, private: bool, typed: str, include_gguf: bool,
                 request: gr.Request, oauth_token: Optional[gr.OAuthToken], progress=gr.Progress()):
         return push(ctx, owner_of(who, request.session_hash), run_id, repo, what, private, oauth_token, typed,
-                    progress)
+                    progress, include_gguf=include_gguf)
 
-    c["push"].click(on_push, [owner, c["run"], c["repo"], c["what"], c["private"], c["token"]], c["push_status"],
-                    concurrency_limit=1, api_name="push")
+    c["push"].click(on_push, [owner, c["run"], c["repo"], c["what"], c["private"], c["token"], c["push_gguf"]],
+                    c["push_status"], concurrency_limit=1, api_name="push")
     c["run"].change(lambda: (gr.update(visible=False), gr.update(visible=False), ""), None,
                     [c["download"], c["merged_download"], c["message"]], queue=False, api_visibility="private")
+    wire_gguf_section(ctx, c, owner=owner)
 

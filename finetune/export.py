@@ -95,7 +95,7 @@ def export_gguf(run_dir: str | Path, out_dir: str | Path | None = None, *, quant
                   "stop_tokens": fmt.stop, "tools": tool_versions()}
         try:
             report["parity"] = check_parity(hf_dir, gguf_path, conversations, system_prompt=system_prompt,
-                                            compare_tokens=compare_tokens)
+                                            compare_tokens=compare_tokens, quant=quant)
         except ExportMismatch as e:
             report["failed"] = {"what": e.what, "message": str(e)}
             write_report(out, report)
@@ -328,11 +328,13 @@ def parity_conversations(run, prompts: list[str] | None, limit: int) -> list[lis
 
 
 def check_parity(hf_dir: Path, gguf_path: Path, conversations: list[list[dict]], *, system_prompt: str | None = None,
-                 compare_tokens: int = DEFAULT_COMPARE_TOKENS) -> dict:
+                 compare_tokens: int = DEFAULT_COMPARE_TOKENS, quant: str | None = None) -> dict:
     """Greedy answers of the GGUF (llama.cpp) and the transformers checkpoint to the same conversations.
 
     Fails with `ExportMismatch` when the GGUF's chat template, BOS handling or stop tokens differ from
-    the checkpoint's; otherwise returns the agreement figures and one row per prompt.
+    the checkpoint's; otherwise returns the agreement figures and one row per prompt. For an f16 export the
+    checkpoint's weights are rounded to f16 first (what the GGUF holds), so the comparison tests the conversion
+    itself: an fp32 reference would also count greedy near-ties that the intended rounding flips.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -342,6 +344,8 @@ def check_parity(hf_dir: Path, gguf_path: Path, conversations: list[list[dict]],
 
     tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    if quant == "f16":
+        model = model.to(torch.float16).to(torch.float32)  # the exported weights, computed in fp32 as llama.cpp does
     stop_ids = _trained_stop_ids(hf_dir, tokenizer)
     conversations = [with_system_prompt(turns, system_prompt) for turns in conversations]
     trained_ids = [prompt_ids(conversation, tokenizer) for conversation in conversations]
@@ -357,7 +361,9 @@ def check_parity(hf_dir: Path, gguf_path: Path, conversations: list[list[dict]],
             rows.append(_compare(conversation, hf_answer, gguf_answer, hf_logits, gguf_logits, stop_ids, tokenizer))
     finally:
         gguf.close()
-    return _summarise(rows, compare_tokens)
+    summary = _summarise(rows, compare_tokens)
+    summary["reference"] = "checkpoint, weights rounded to f16" if quant == "f16" else "checkpoint (fp32)"
+    return summary
 
 
 class GgufRunner:

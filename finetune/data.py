@@ -48,8 +48,8 @@ separates its text; `NormalizedData.text_split` and a notice say which.
 from __future__ import annotations
 
 import contextlib
-
 import csv
+import functools
 import itertools
 import json
 import math
@@ -146,21 +146,24 @@ class PreparedData:
 # ============================================================================ sources: files, Hub ids, pasted text
 
 def read_rows(source: str | Path, *, dataset_config: str | None = None, split: str = "train",
-              max_rows: int | None = None, max_bytes: int | None = None) -> list[dict]:
+              max_rows: int | None = None, max_bytes: int | None = None, skip_invalid: bool = False) -> list[dict]:
     """Rows from a local file (by extension) or, for a string that is no file but looks like `org/name`, the Hub.
 
-    `max_rows` stops reading early; `max_bytes` rejects larger local files before reading them.
+    `max_rows` stops reading early; `max_bytes` rejects larger local files before reading them. With
+    `skip_invalid`, a JSON line that is not one JSON object is left out instead of stopping the read: the rows
+    returned then carry it in `.skipped` (see `_JsonLineRows`).
     """
     if max_rows is not None and max_rows < 1:
         raise DataError(f"`max_rows` must be at least 1, or unset (got {max_rows})")
     path = _local_path(source)
     if path is None:
         return _read_hub_rows(str(source).strip(), dataset_config, split, max_rows)
-    return _read_local_rows(path, max_rows=max_rows, max_bytes=max_bytes)
+    return _read_local_rows(path, max_rows=max_rows, max_bytes=max_bytes, skip_invalid=skip_invalid)
 
 
-def rows_from_text(text: str, *, source: str = "pasted rows") -> list[dict]:
-    """Rows from the UI's paste box: a JSON array (or `{"data": [...]}`), a single object, or JSON lines."""
+def rows_from_text(text: str, *, source: str = "pasted rows", skip_invalid: bool = False) -> list[dict]:
+    """Rows from the UI's paste box: a JSON array (or `{"data": [...]}`), a single object, or JSON lines
+    (`skip_invalid`: as in `read_rows`)."""
     body = text.strip().lstrip("\ufeff").strip()
     if not body:
         raise DataError(f"{source}: nothing to read; paste a JSON array of rows or one JSON object per line",
@@ -174,7 +177,8 @@ def rows_from_text(text: str, *, source: str = "pasted rows") -> list[dict]:
         raise DataError(f"{source}: the JSON {e}", source=source) from None
     except json.JSONDecodeError as e:
         if body[0] == "{":  # several objects: JSON lines
-            return _rows_from_json_lines(enumerate(body.splitlines(), 1), source, max_rows=None)
+            return _rows_from_json_lines(enumerate(body.splitlines(), 1), source, max_rows=None,
+                                         skip_invalid=skip_invalid)
         raise _json_document_error(e, source) from None
     rows = _rows_from_document(doc, source)
     if not rows:
@@ -210,12 +214,14 @@ def _looks_like_path(text: str) -> bool:
             or re.match(r"[A-Za-z]:", text) is not None or Path(text).suffix.lower() in SUPPORTED_EXTENSIONS)
 
 
-def _read_local_rows(path: Path, *, max_rows: int | None, max_bytes: int | None) -> list[dict]:
+def _read_local_rows(path: Path, *, max_rows: int | None, max_bytes: int | None,
+                     skip_invalid: bool = False) -> list[dict]:
     name = path.name
     if path.is_dir():
         raise DataError(f"{path} is a folder; give one file ({_extensions_text()})", source=name)
     ext = path.suffix.lower()
-    readers = {".json": _read_json_file, ".jsonl": _read_jsonl_file, ".csv": _read_csv_file,
+    readers = {".json": functools.partial(_read_json_file, skip_invalid=skip_invalid),
+               ".jsonl": functools.partial(_read_jsonl_file, skip_invalid=skip_invalid), ".csv": _read_csv_file,
                ".parquet": _read_parquet_file, ".txt": _read_text_file}
     if ext not in readers:
         kind = f"`{ext}`" if ext else "with no extension"
@@ -287,7 +293,7 @@ def _decoded_lines(path: Path, name: str) -> Iterator[tuple[int, str]]:
 
 # ---------------------------------------------------------------------------- one reader per file type
 
-def _read_json_file(path: Path, name: str, max_rows: int | None) -> list[dict]:
+def _read_json_file(path: Path, name: str, max_rows: int | None, *, skip_invalid: bool = False) -> list[dict]:
     text = _decode(path.read_bytes(), name)
     if not text.strip():
         return []
@@ -297,40 +303,80 @@ def _read_json_file(path: Path, name: str, max_rows: int | None) -> list[dict]:
         raise DataError(f"{name}: the JSON {e}", source=name) from None
     except json.JSONDecodeError as e:
         if e.msg == "Extra data" and text.lstrip().startswith("{"):  # JSON lines saved as .json: read it anyway
-            return _rows_from_json_lines(enumerate(text.splitlines(), 1), name, max_rows)
+            return _rows_from_json_lines(enumerate(text.splitlines(), 1), name, max_rows, skip_invalid=skip_invalid)
         raise _json_document_error(e, name) from None
     return _rows_from_document(doc, name)
 
 
-def _read_jsonl_file(path: Path, name: str, max_rows: int | None) -> list[dict]:
+def _read_jsonl_file(path: Path, name: str, max_rows: int | None, *, skip_invalid: bool = False) -> list[dict]:
     lines = _decoded_lines(path, name)
     first = next(((n, line) for n, line in lines if line.strip()), None)
     if first is None:
         return []
     if first[1].lstrip().startswith("["):  # a JSON array saved as .jsonl: read it as one document
         return _read_json_file(path, name, max_rows)
-    return _rows_from_json_lines(itertools.chain([first], lines), name, max_rows)
+    return _rows_from_json_lines(itertools.chain([first], lines), name, max_rows, skip_invalid=skip_invalid)
 
 
-def _rows_from_json_lines(lines: Iterable[tuple[int, str]], name: str, max_rows: int | None) -> list[dict]:
-    rows: list[dict] = []
+class _JsonLineRows(list):
+    """Rows read from JSON lines, with the lines left out under `skip_invalid` (`skipped`, by row number) and each
+    kept row's own number (`row_numbers`: the n-th non-blank line), so later row errors still name the right row."""
+
+    def __init__(self):
+        super().__init__()
+        self.skipped: list[SkippedRow] = []
+        self.row_numbers: list[int] = []
+
+
+class _BadLine(Exception):
+    """A JSON line that is not one JSON object: the message for people, and the reason alone (for a skipped row)."""
+
+    def __init__(self, message: str, reason: str, row: int | None = None):
+        super().__init__(message)
+        self.message, self.reason, self.row = message, reason, row
+
+
+def _rows_from_json_lines(lines: Iterable[tuple[int, str]], name: str, max_rows: int | None, *,
+                          skip_invalid: bool = False) -> list[dict]:
+    rows = _JsonLineRows()
+    row_number = 0
     for number, line in lines:
         if not line.strip():
             continue
+        row_number += 1
         try:
-            row = _loads(line)
-        except _JsonLimit as e:
-            raise DataError(f"{name}: the JSON on line {number} {e}", source=name, row=number) from None
-        except json.JSONDecodeError as e:
-            raise DataError(f"{name}: invalid JSON on line {number}: {e.msg} (column {e.colno}); each line must "
-                            "hold one complete JSON object", source=name) from None
-        if not isinstance(row, dict):
-            raise DataError(f"{name}, line {number}: expected a JSON object with named fields such as "
-                            f'{{"instruction": ..., "output": ...}}, got {_kind(row)}', source=name)
+            row = _json_line_row(line, number, name)
+        except _BadLine as bad:
+            if not skip_invalid:
+                raise DataError(bad.message, source=name, row=bad.row) from None
+            rows.skipped.append(SkippedRow(row_number, bad.reason))
+            continue
         rows.append(row)
+        rows.row_numbers.append(row_number)
         if max_rows and len(rows) >= max_rows:
             break
+    if not rows and rows.skipped:
+        first = rows.skipped[0]
+        raise DataError(f"{name}: all {len(rows.skipped)} lines are invalid, nothing is left to train on; the first "
+                        f"problem: row {first.row}: {first.reason}", source=name)
     return rows
+
+
+def _json_line_row(line: str, number: int, name: str) -> dict:
+    """The row on JSON line `number`; `_BadLine` when the line is not one complete JSON object."""
+    try:
+        row = _loads(line)
+    except _JsonLimit as e:
+        reason = f"the JSON on line {number} {e}"
+        raise _BadLine(f"{name}: {reason}", reason, row=number) from None
+    except json.JSONDecodeError as e:
+        reason = f"invalid JSON on line {number}: {e.msg} (column {e.colno})"
+        raise _BadLine(f"{name}: {reason}; each line must hold one complete JSON object", reason) from None
+    if not isinstance(row, dict):
+        reason = (f"line {number}: expected a JSON object with named fields such as "
+                  f'{{"instruction": ..., "output": ...}}, got {_kind(row)}')
+        raise _BadLine(f"{name}, {reason}", reason)
+    return row
 
 
 class _JsonLimit(ValueError):
@@ -476,8 +522,8 @@ def _read_hub_rows(dataset_id: str, dataset_config: str | None, split: str, max_
 def _offline_unless_reachable():
     """When one quick connect shows the Hub is unreachable, load in offline mode: the local cache answers at
     once, or the offline message comes at once, instead of after ~25 s of the clients' retries."""
-    from huggingface_hub import constants as hub_constants
     from datasets import config as datasets_config
+    from huggingface_hub import constants as hub_constants
 
     from .models import hub_reachable
 
@@ -756,7 +802,8 @@ def normalize_rows(rows: list[dict], *, fmt: str = "auto", column_mapping: dict[
     skipped: list[SkippedRow] = []
     preference_rows: list[dict] = []
     first_problem = ""
-    for number, row in enumerate(rows, 1):
+    numbers = getattr(rows, "row_numbers", None) or range(1, len(rows) + 1)  # JSON lines may have skipped some
+    for number, row in zip(numbers, rows):
         try:
             example = _normalize_row(row, fmt, columns, system_prompt)
             record = _preference_row(row, example, columns, preference) if preference else None
@@ -1203,7 +1250,7 @@ def load_examples(config: RunConfig, rows: list[dict] | None = None, *,
             raise DataError("`dataset` is not set; give a file path, a Hub dataset id, or rows", field="dataset")
         source = display_name(config.dataset)
         rows = read_rows(config.dataset, dataset_config=config.dataset_config, split=config.dataset_split,
-                         max_rows=config.max_rows)
+                         max_rows=config.max_rows, skip_invalid=config.skip_invalid)
     else:
         source = "rows"
         rows = rows[:config.max_rows] if config.max_rows else rows
@@ -1212,8 +1259,10 @@ def load_examples(config: RunConfig, rows: list[dict] | None = None, *,
                                 check_example=check_example)
     splits = split_examples(normalized.examples, eval_fraction=config.eval_fraction,
                             test_fraction=config.test_fraction, seed=config.seed)
-    return PreparedData(splits=splits, format=normalized.format, skipped=normalized.skipped, source=source,
-                        rows_read=len(rows), notices=normalized.notices)
+    unreadable = getattr(rows, "skipped", [])  # JSON lines left out under skip_invalid: skipped rows like any other
+    skipped = sorted(unreadable + normalized.skipped, key=lambda s: s.row)
+    return PreparedData(splits=splits, format=normalized.format, skipped=skipped, source=source,
+                        rows_read=len(rows) + len(unreadable), notices=normalized.notices)
 
 
 def write_split_files(splits: Splits, folder: str | Path) -> dict[str, Path]:

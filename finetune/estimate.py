@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -253,8 +254,9 @@ def measure_in_child(config: RunConfig, *, cache_dir: str | Path | None = None, 
                                 "smaller batch or max_seq_length measures sooner") from None
     answer = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not answer:
-        last = [line for line in done.stderr.strip().splitlines() if line.strip()][-1:] or ["no output"]
-        raise FinetuneError(f"measuring the speed failed: {last[0]}")
+        said = [line for line in done.stderr.splitlines() if line.startswith("error: ")]  # main's last words
+        last = said or [line for line in done.stderr.strip().splitlines() if line.strip()][-1:] or ["no output"]
+        raise FinetuneError(f"measuring the speed failed: {last[-1]}")
     tokens_per_s = float(json.loads(answer[-1])["tokens_per_s"])
     save_throughput(config, tokens_per_s, cache_dir=cache_dir)
     return tokens_per_s
@@ -269,6 +271,11 @@ def main(argv: list[str]) -> int:
         tokens_per_s = measure_throughput(RunConfig.from_yaml(argv[0]))
     except FinetuneError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # what training itself would hit with these settings: the traceback, then one line
+        traceback.print_exc()
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"error: training with these settings failed ({type(e).__name__}: {first})", file=sys.stderr)
         return 1
     print(json.dumps({"tokens_per_s": tokens_per_s}))
     return 0

@@ -50,7 +50,7 @@ def build_app(ctx: AppContext | None = None, *, hub_ok: bool | None = None) -> g
         form = settings_form(settings)
         data_form = {k: data[k] for k in DATA_FIELDS if k in data}
         wire_data_tab(ctx, data, form, owner)
-        wire_settings_tab(settings, data["data_state"])
+        wire_settings_tab(ctx, settings, data["data_state"])
         wire_train_tab(ctx, train, owner=owner, saved=saved, data_state=data["data_state"], data_form=data_form,
                        settings_form=form, run_lists=[compare["run"], export["run"]])
         wire_compare_tab(ctx, compare, owner=owner)

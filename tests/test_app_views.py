@@ -68,7 +68,7 @@ def test_histogram_axis_fits_short_data_and_shows_the_cutoff_only_when_reached()
     short = data_tab.length_histogram({"train": [20, 40, 60], "validation": [], "test": [30]}, 512)
     assert short.axes[0].get_xlim()[1] == pytest.approx(66.0)  # 60 x 1.1, not 512
     assert not [line for line in short.axes[0].get_lines()]     # no cutoff line squashed at the far right
-    assert "max_seq_length = 512 →" in [t.get_text() for t in short.axes[0].texts]
+    assert short.axes[0].get_title(loc="right") == "max_seq_length = 512 →"
     long = data_tab.length_histogram({"train": [100, 700]}, 512)
     assert long.axes[0].get_xlim()[1] == pytest.approx(735.0)
     assert any(line.get_xdata()[0] == 512 for line in long.axes[0].get_lines())
@@ -156,7 +156,9 @@ def test_answers_table_is_four_wrapped_columns_with_scores_beside():
     assert html.count("<th ") == 4 and html.count("<tr>") == 3
     assert [h.split(">")[1].split("<")[0] for h in html.split("<th ")[1:]] == \
         ["prompt", "reference", "base answer", "fine-tuned answer"]
-    assert "What is &lt;b&gt;2+2&lt;/b&gt;?" in html and "<em>(empty)</em>" in html
+    assert '<div class="ft-cell">What is &lt;b&gt;2+2&lt;/b&gt;?</div>' in html and "<em>(empty)</em>" in html
+    blank_lines = compare_tab.answers_html([["p", "r", "a\n\n \n\n\nb", "c", 0, 0, 0, 0]])
+    assert '<div class="ft-cell">a\n\nb</div>' in blank_lines
     assert '<span class="ft-better">token F1 1.000</span>' in html          # the better score stands out
     assert "token F1 0.000 · ROUGE-L 0.100" in html and "ROUGE-L -" in html
     assert "table-layout: fixed" in compare_tab.ANSWERS_CSS and "overflow-wrap: anywhere" in compare_tab.ANSWERS_CSS

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import logging
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -30,6 +31,7 @@ ANSWERS_CSS = """
 .ft-answers th, .ft-answers td { border: 1px solid var(--border-color-primary); padding: 6px 8px;
   vertical-align: top; text-align: left; white-space: pre-wrap; overflow-wrap: anywhere; }
 .ft-answers th { background: var(--background-fill-secondary); }
+.ft-answers .ft-cell { max-height: 16em; overflow-y: auto; }
 .ft-answers .ft-scores { display: block; margin-top: 6px; font-size: 0.78rem; color: var(--body-text-color-subdued);
   white-space: normal; }
 .ft-answers .ft-better { font-weight: 600; color: #047857; }
@@ -194,8 +196,9 @@ def answers_html(rows: list[list] | None) -> str:
 
 
 def _text(value) -> str:
-    text = "" if value is None else str(value).strip()
-    return html.escape(text) if text else "<em>(empty)</em>"
+    """A cell's text: escaped, runs of blank lines kept to one, long texts scrolling inside their cell."""
+    text = re.sub(r"\n\s*\n(\s*\n)+", "\n\n", "" if value is None else str(value).strip())
+    return f'<div class="ft-cell">{html.escape(text)}</div>' if text else "<em>(empty)</em>"
 
 
 def _number(value) -> float | None:

@@ -205,9 +205,8 @@ def length_histogram(lengths: dict[str, list[int]], max_seq_length: int):
         ax.axvline(max_seq_length, color="#dc2626", linestyle="--", linewidth=1.5)
         ax.text(max_seq_length, ax.get_ylim()[1] * 0.92, f" max_seq_length = {max_seq_length}", color="#dc2626",
                 fontsize=8, ha="right" if max_seq_length > right * 0.6 else "left")
-    else:  # every example fits: the cutoff is off to the right, named rather than squashing the bars
-        ax.text(0.99, 0.92, f"max_seq_length = {max_seq_length} →", transform=ax.transAxes, color="#dc2626",
-                fontsize=8, ha="right")
+    else:  # every example fits: the cutoff is off to the right, named above the bars rather than squashing them
+        ax.set_title(f"max_seq_length = {max_seq_length} →", loc="right", color="#dc2626", fontsize=8)
     ax.set_xlabel("tokens per example")
     ax.set_ylabel("examples")
     ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))

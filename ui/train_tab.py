@@ -216,7 +216,7 @@ def start_training(ctx: AppContext, owner: str, data_state: dict, data_values: d
              "tokens_per_s": estimate.tokens_per_s, "train_tokens": estimate.train_tokens})
         expected = f" Expected duration: about {duration_text(estimate.total_s)}."
     position = ctx.runs.queue_position(run_id)
-    where = f" It is number {position} in the queue." if position else ""
+    where = f" It is number {position} in the queue." if position else " It started at once."
     return ok_md(f"Run `{run_id[:8]}` queued.{where}{expected}"), run_id
 
 

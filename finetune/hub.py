@@ -253,6 +253,9 @@ def hub_error_message(exc: BaseException, what: str, repo_id: str | None, *, rev
         return f"`{repo_id}` is not a valid Hugging Face Hub id: {scrub(str(exc), token)}"
     if any(_is_offline_error(e) for e in _chain(exc)) or (isinstance(exc, LocalEntryNotFoundError)
                                                           and http is None and hub_offline()):
+        if what not in _LOADS:  # a token check or a push: no cache or demo model can stand in
+            return (f"the Hugging Face Hub can't be reached: offline mode is on (HF_HUB_OFFLINE), so "
+                    f"{_checked(what, name)} can't be checked; unset HF_HUB_OFFLINE and connect, then try again")
         return (f"offline mode is on (HF_HUB_OFFLINE) and {name} is not in the local cache; unset HF_HUB_OFFLINE "
                 "to download it, point to a local folder, or use `base_model: demo` for the offline demo model")
     if status == 403:
@@ -265,6 +268,9 @@ def hub_error_message(exc: BaseException, what: str, repo_id: str | None, *, rev
                 "(https://status.huggingface.co)")
     if any(_is_connection_error(e) for e in _chain(exc)) or (isinstance(exc, LocalEntryNotFoundError)
                                                              and http is None):
+        if what not in _LOADS:
+            return (f"can't reach the Hugging Face Hub ({hub_endpoint()}), so {_checked(what, name)} can't be "
+                    "checked; check your connection or proxy, then try again")
         return (f"can't reach the Hugging Face Hub ({hub_endpoint()}) for {name}, and it is not in the local cache; "
                 "check your connection or proxy, set HF_HUB_OFFLINE=1 to use only cached files, or use "
                 "`base_model: demo` for the offline demo model")
@@ -273,6 +279,14 @@ def hub_error_message(exc: BaseException, what: str, repo_id: str | None, *, rev
         return f"the Hub rejected the model card metadata for {name}: {detail}"
     detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"Hugging Face Hub request for {name} failed ({type(exc).__name__}: {scrub(detail, token)})"
+
+
+# What a failed download may be of: only these have a local cache (or the demo model) to fall back on.
+_LOADS = ("model", "tokenizer", "dataset")
+
+
+def _checked(what: str, name: str) -> str:
+    return "your token" if what == "token" else name
 
 
 def hub_error(exc: BaseException, what: str, repo_id: str | None, *, revision: str | None = None,

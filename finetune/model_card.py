@@ -292,7 +292,7 @@ def _results_section(results: dict, loss_curve: str | None) -> str:
         rows.append(f"| Trainable parameters | {results['trainable_params']:,}"
                     + (f" ({pct:.3g}%)" if pct is not None else "") + " |")
     if results.get("peak_memory_mb"):
-        rows.append(f"| Peak accelerator memory | {results['peak_memory_mb']:,.0f} MB |")
+        rows.append(f"| Peak memory | {results['peak_memory_mb']:,.0f} MB |")
     out = ["## Results\n"]
     if rows:
         out.append("| Metric | Value |\n|---|---|\n" + "\n".join(rows) + "\n")

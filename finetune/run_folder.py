@@ -4,6 +4,7 @@
     status.json     queued | running | stopping | finished | stopped | failed (+ pid, time, error, total_steps)
     metrics.jsonl   one record per log/eval step (`train.METRIC_FIELDS`), appended while training
     results.json    final losses and perplexities, runtime, parameters, memory, data stats, library versions
+    estimate.json   the duration estimated before the run (`finetune.estimate`); results.json sets it beside the actual
     data/           train.jsonl, validation.jsonl, test.jsonl: the split actually used (a preference stage: the
                     good answers, and its preference rows in preference_train.jsonl, ...)
     checkpoints/    checkpoint-N folders (`resume_from_checkpoint`)
@@ -40,6 +41,7 @@ METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
 ANSWERS_FILE = "answers.jsonl"
 PREFERENCES_FILE = "preferences.jsonl"
+ESTIMATE_FILE = "estimate.json"
 
 
 class RunFolder:
@@ -73,6 +75,10 @@ class RunFolder:
     @property
     def results_file(self) -> Path:
         return self.root / RESULTS_FILE
+
+    @property
+    def estimate_file(self) -> Path:
+        return self.root / ESTIMATE_FILE
 
     @property
     def data_dir(self) -> Path:
@@ -212,6 +218,14 @@ class RunFolder:
 
     def write_results(self, results: dict[str, Any]) -> None:
         write_json_atomic(self.results_file, results, indent=2)
+
+    # ------------------------------------------------------------------ estimate.json
+    def read_estimate(self) -> dict[str, Any] | None:
+        """The estimate written before the run ({"duration_s": ..., ...}); None when there is none."""
+        return read_json_object(self.estimate_file)
+
+    def write_estimate(self, estimate: dict[str, Any]) -> None:
+        write_json_atomic(self.estimate_file, estimate, indent=2)
 
     # ------------------------------------------------------------------ eval/
     def read_answers(self) -> list[dict[str, Any]]:

@@ -367,6 +367,7 @@ def _train(config: RunConfig, observer: TrainObserver, out: Path, rows: list[dic
         shards = trainer.data_collator = ShardRecorder(trainer.data_collator, train_ids)
 
     # --- train: test loss before, the loop (SIGTERM = graceful stop), test loss after
+    t_loop = time.time()  # what `finetune.estimate` estimates: evaluations and training, not loading
     test_before = trainer.evaluate(test_ds, metric_key_prefix="test")["test_loss"] if test_ds is not None else None
     if pref:  # preference accuracy and margin on the held-out rows, before → after
         held_out_split, held_out = preference.held_out_rows(pref)
@@ -399,6 +400,7 @@ def _train(config: RunConfig, observer: TrainObserver, out: Path, rows: list[dic
             (final / leftover).unlink(missing_ok=True)
     eval_loss = trainer.evaluate(eval_ds)["eval_loss"] if eval_ds is not None else None
     test_after = trainer.evaluate(test_ds, metric_key_prefix="test")["test_loss"] if test_ds is not None else None
+    actual_duration = time.time() - t_loop
     trainable, total_params = _param_counts(trainer.model)
     m = train_out.metrics
     results = {
@@ -416,6 +418,7 @@ def _train(config: RunConfig, observer: TrainObserver, out: Path, rows: list[dic
         "trainable_params": trainable, "total_params": total_params,
         "trainable_percent": 100.0 * trainable / total_params if total_params else 0.0,
         "peak_memory_mb": peak_memory_mb(), "wall_seconds": time.time() - t_start,
+        "estimated_duration_s": (run.read_estimate() or {}).get("duration_s"), "actual_duration_s": actual_duration,
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "data": {"format": data.format, "source": str(data.source), "dataset_source": _dataset_source(config, rows),
                  "rows": {k: len(getattr(data.splits, k)) for k in ("train", "validation", "test")},

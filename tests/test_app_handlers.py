@@ -51,6 +51,8 @@ def message(markdown) -> str:
 
 def test_example_dataset_shows_format_splits_preview_and_histogram(ctx):
     status, preview, index, stats, histogram, state, _ = load(ctx)
+    assert preview["visible"] is stats["visible"] is histogram["visible"] is True
+    preview, stats, histogram = preview["value"], stats["value"], histogram["value"]
     assert "ft-ok" in status and "python_qa.jsonl" in status and "format **messages**" in status
     assert "40 rows read → 32 train / 4 validation / 4 test" in status
     labels = {label for _, label in preview}
@@ -95,7 +97,9 @@ def test_pasted_rows_are_detected_and_saved_for_the_run(ctx):
 def test_bad_data_gives_a_readable_inline_message(ctx, values, expected):
     status, preview, index, stats, histogram, state, accordion = load(ctx, **values)
     assert "ft-error" in status and expected in status
-    assert "Traceback" not in status and preview is None and state == {}
+    assert "Traceback" not in status and state == {}
+    for box in (preview, index, stats, histogram):  # no empty boxes left under the error
+        assert box["visible"] is False
 
 
 def test_undetectable_columns_open_the_column_mapping(ctx):

@@ -158,6 +158,27 @@ def test_whole_flow_in_a_browser(app_url, browser):
     assert base_answer != tuned_answer
     shot(page, "06-compare")
 
+    # the test prompts: prompt, reference and both answers readable side by side, inside the page
+    page.get_by_text("Test prompts: base vs fine-tuned").click()
+    page.click("#compare-run-tests")
+    page.wait_for_selector("#compare-answers-table", timeout=120_000)
+    table = page.locator("#compare-answers-table")
+    table.scroll_into_view_if_needed()
+    headers = table.locator("th")
+    assert [headers.nth(i).inner_text().strip() for i in range(headers.count())] == \
+        ["prompt", "reference", "base answer", "fine-tuned answer"]
+    viewport = page.viewport_size["width"]
+    for i in range(4):
+        box = headers.nth(i).bounding_box()
+        assert box["x"] >= 0 and box["x"] + box["width"] <= viewport and box["width"] > 150, (i, box, viewport)
+    first_row = table.locator("tbody tr").first.locator("td")
+    for i in (2, 3):  # both answers, each with its scores under it, on screen
+        cell = first_row.nth(i)
+        assert cell.is_visible() and "token F1" in cell.inner_text(), cell.inner_text()
+        box = cell.bounding_box()
+        assert box["x"] + box["width"] <= viewport
+    shot(page, "06b-compare-test-prompts")
+
     # 5. export: download the adapter zip
     open_tab(page, "Export")
     page.click("#export-zip")
@@ -293,6 +314,104 @@ def test_judge_answers_then_train_on_them_in_a_browser(app, app_url, browser):
                            + dpo_id + "')", timeout=90_000)
     page.wait_for_function("() => document.querySelector('#pref-counter').innerText.includes('0 preference pairs')")
     assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def test_data_and_settings_views_stay_current_in_a_browser(app_url, browser):
+    """The Example slider follows typing; another source drops the old preview; a JSON error leaves no empty boxes
+    and keeps the column mapping shut; the YAML follows every change."""
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.set_default_timeout(60_000)
+    open_app(page, app_url)
+    page.click("#data-load")
+    page.wait_for_selector("#data-status .ft-ok")
+    first = page.inner_text("#data-preview")
+    number = page.locator("#data-preview-index input[type=number]")
+    number.fill("3")
+    number.press("Enter")
+    page.wait_for_function("(first) => document.querySelector('#data-preview').innerText !== first", arg=first)
+
+    page.get_by_text("Paste rows", exact=True).click()
+    page.wait_for_selector("#data-preview", state="hidden")
+    assert "Paste rows, then press Load and preview." in page.inner_text("#data-status")
+    assert not page.locator("#data-stats").is_visible() and not page.locator("#data-histogram").is_visible()
+    good = [f'{{"instruction": "Say {w}", "output": "{w.title()}"}}' for w in
+            ("hi", "bye", "yes", "no", "maybe", "never", "always", "soon", "later", "now")]
+    page.fill("#data-paste textarea", "\n".join([good[0], '{"instruction": "x", "output": }', *good[1:]]))
+    page.click("#data-load")
+    page.wait_for_selector("#data-status .ft-error")
+    assert "invalid JSON on line 2: Expecting value (column 32)" in page.inner_text("#data-status")
+    assert not page.locator("#data-preview").is_visible() and not page.locator("#data-stats").is_visible()
+    assert not page.locator("#field-column_mapping").is_visible()  # "(column 32)" is no dataset column
+    shot(page, "09-data-json-error")
+
+    open_tab(page, "Model & settings")
+    page.click("#settings-show-yaml")
+    page.wait_for_selector("#settings-yaml")
+    assert "method: lora" in page.inner_text("#settings-yaml")
+    page.get_by_text("Full: update every weight").click()
+    page.wait_for_function("() => document.querySelector('#settings-yaml').innerText.includes('method: full')")
+    assert page.input_value("#field-learning_rate input") == "0.001"
+    page.wait_for_function("() => document.querySelector('#settings-yaml').innerText.includes('learning_rate: 0.001')")
+    page.fill("#field-num_train_epochs input", "5")
+    page.wait_for_function("() => document.querySelector('#settings-yaml').innerText.includes('num_train_epochs: 5.0')")
+    assert "pasted_rows.jsonl" in page.inner_text("#settings-yaml")
+    assert "Estimate time" in page.inner_text("#settings-time") or "Expected duration" in page.inner_text(
+        "#settings-time")
+    shot(page, "11-settings-follow-changes")
+
+
+def test_statuses_stay_current_and_the_log_follows_its_tail(app_url, browser):
+    """While training the run list says running and the log box shows its last lines; once stopped, no "Stopping…"
+    is left; after a resume the list says running, and once finished no "…it is running" is left."""
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.set_default_timeout(60_000)
+    open_app(page, app_url)
+    page.click("#data-load")
+    page.wait_for_selector("#data-status .ft-ok")
+    open_tab(page, "Model & settings")
+    page.fill("#field-max_seq_length input", "128")
+    page.click("#settings-advanced .label-wrap")
+    page.fill("#field-max_steps input", "24")
+    page.fill("#field-save_steps input", "2")
+    page.fill("#field-logging_steps input", "1")
+    open_tab(page, "Train")
+    start_run(page)
+    page.wait_for_function("() => document.querySelector('#train-run input').value.includes('· running')")
+    # enough log lines to overflow the box: it shows the newest ones
+    page.wait_for_function("() => { const t = document.querySelector('#train-log textarea');"
+                           " return t && t.scrollHeight > t.clientHeight + 40; }", timeout=TRAIN_TIMEOUT_S * 1000)
+    page.wait_for_timeout(1500)
+    assert _log_at_bottom(page), _log_scroll(page)
+    shot(page, "12-log-follows-its-tail")
+
+    stopped_at = _stop_after(page, lambda step: step >= 4)
+    page.wait_for_function("() => !document.querySelector('#train-message').innerText.includes('Stopping')")
+    page.wait_for_function("() => document.querySelector('#train-run input').value.includes('· stopped')")
+    shot(page, "13-stopped-status-current")
+
+    page.click("#train-resume")
+    page.wait_for_selector("#train-message .ft-ok")
+    assert "it is running" in page.inner_text("#train-message") or "queued" in page.inner_text("#train-message")
+    page.wait_for_function("() => /· (running|queued)/.test(document.querySelector('#train-run input').value)")
+    page.wait_for_selector("#train-status .ft-ok", timeout=TRAIN_TIMEOUT_S * 1000)
+    assert "finished" in page.inner_text("#train-status")
+    page.wait_for_function("() => !document.querySelector('#train-message').innerText.includes('is running')")
+    page.wait_for_function("() => document.querySelector('#train-run input').value.includes('· finished')")
+    assert re.search(r"finished, last loss \d+\.\d{3}", page.input_value("#train-run input"))
+    assert "step 24/24" in page.inner_text("#train-progress") and stopped_at < 24
+    page.wait_for_timeout(1000)
+    assert _log_at_bottom(page), _log_scroll(page)
+    shot(page, "14-finished-status-current")
+
+
+def _log_scroll(page) -> dict:
+    return page.evaluate("() => { const t = document.querySelector('#train-log textarea');"
+                         " return {top: t.scrollTop, height: t.clientHeight, total: t.scrollHeight}; }")
+
+
+def _log_at_bottom(page) -> bool:
+    s = _log_scroll(page)
+    return s["total"] > s["height"] and s["top"] + s["height"] >= s["total"] - 4
 
 
 def _stop_after(page, condition) -> int:

@@ -53,7 +53,7 @@ def build_app(ctx: AppContext | None = None, *, hub_ok: bool | None = None) -> g
         form = settings_form(settings)
         run_data_form = {k: data[k] for k in DATA_FIELDS if k in data}  # the data fields of a RunConfig
         wire_data_tab(ctx, data, form, owner)
-        wire_settings_tab(settings, data["data_state"])
+        wire_settings_tab(ctx, settings, data["data_state"])
         wire_train_tab(ctx, train, owner=owner, saved=saved, data_state=data["data_state"], data_form=run_data_form,
                        settings_form=form, run_lists=[compare["run"], export["run"]])
         wire_compare_tab(ctx, compare, owner=owner)

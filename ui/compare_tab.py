@@ -6,8 +6,10 @@ fine-tuned model); the judgements become the run's preferences.jsonl, and a DPO 
 
 from __future__ import annotations
 
+import html
 import json
 import logging
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -35,6 +37,19 @@ log = logging.getLogger(__name__)
 CHAT_CONCURRENCY = 1  # one generation at a time per process: both panes share one model copy
 TABLE_HEADERS = ["prompt", "reference", "base answer", "fine-tuned answer", "base F1", "fine-tuned F1",
                  "base ROUGE-L", "fine-tuned ROUGE-L"]
+# The answers as people read them: one row per prompt, the four texts side by side in fixed shares of the width,
+# wrapped (never a table wider than its box), each answer with its scores under it.
+ANSWERS_CSS = """
+.ft-answers { width: 100%; table-layout: fixed; border-collapse: collapse; font-size: 0.88rem; }
+.ft-answers th, .ft-answers td { border: 1px solid var(--border-color-primary); padding: 6px 8px;
+  vertical-align: top; text-align: left; white-space: pre-wrap; overflow-wrap: anywhere; }
+.ft-answers th { background: var(--background-fill-secondary); }
+.ft-answers .ft-cell { max-height: 16em; overflow-y: auto; }
+.ft-answers .ft-scores { display: block; margin-top: 6px; font-size: 0.78rem; color: var(--body-text-color-subdued);
+  white-space: normal; }
+.ft-answers .ft-better { font-weight: 600; color: #047857; }
+"""
+ANSWER_COLUMNS = (("prompt", "20%"), ("reference", "20%"), ("base answer", "30%"), ("fine-tuned answer", "30%"))
 GEN_DEFAULTS = {"max_new_tokens": 128, "temperature": 0.7, "top_p": 0.9, "top_k": 50, "repetition_penalty": 1.1,
                 "seed": 0, "system_prompt": ""}
 
@@ -177,6 +192,47 @@ def test_prompts(ctx: AppContext, owner: str, folder: str | None, limit: int | N
     return ok_md(text), rows
 
 
+def answers_html(rows: list[list] | None) -> str:
+    """The test-prompt table (TABLE_HEADERS rows) as readable HTML: prompt, reference, base and fine-tuned answers
+    side by side, wrapped, with each answer's token F1 and ROUGE-L under it (the better one in bold)."""
+    if not rows:
+        return ""
+    head = "".join(f'<th style="width:{width}">{name}</th>' for name, width in ANSWER_COLUMNS)
+    body = []
+    for prompt, reference, base, tuned, base_f1, tuned_f1, base_rouge, tuned_rouge in rows:
+        base_scores = _scores(base_f1, base_rouge, tuned_f1, tuned_rouge)
+        tuned_scores = _scores(tuned_f1, tuned_rouge, base_f1, base_rouge)
+        body.append(f"<tr><td>{_text(prompt)}</td><td>{_text(reference)}</td>"
+                    f"<td>{_text(base)}{base_scores}</td><td>{_text(tuned)}{tuned_scores}</td></tr>")
+    return (f'<table class="ft-answers" id="compare-answers-table"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table>')
+
+
+def _text(value) -> str:
+    """A cell's text: escaped, runs of blank lines kept to one, long texts scrolling inside their cell."""
+    text = re.sub(r"\n\s*\n(\s*\n)+", "\n\n", "" if value is None else str(value).strip())
+    return f'<div class="ft-cell">{html.escape(text)}</div>' if text else "<em>(empty)</em>"
+
+
+def _number(value) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if number != number else number  # NaN: no score
+
+
+def _scores(f1, rouge, other_f1, other_rouge) -> str:
+    def one(name, value, other):
+        value, other = _number(value), _number(other)
+        if value is None:
+            return f"{name} -"
+        better = other is not None and value > other
+        return f'<span class="ft-better">{name} {value:.3f}</span>' if better else f"{name} {value:.3f}"
+
+    return f'<span class="ft-scores">{one("token F1", f1, other_f1)} · {one("ROUGE-L", rouge, other_rouge)}</span>'
+
+
 # ============================================================================ layout and wiring
 
 def create_compare_tab(ctx: AppContext) -> dict[str, Any]:
@@ -225,7 +281,9 @@ def create_compare_tab(ctx: AppContext) -> dict[str, Any]:
             c["eval_tokens"] = gr.Number(value=64, precision=0, label="Max new tokens per answer", minimum=1, scale=1)
             c["run_tests"] = gr.Button("Run test prompts", scale=2, elem_id="compare-run-tests")
         c["test_summary"] = gr.Markdown()
-        c["table"] = gr.Dataframe(headers=TABLE_HEADERS, interactive=False, wrap=True, elem_id="compare-table")
+        # the API returns the table's data (this hidden Dataframe); the page shows it as wrapped HTML
+        c["table"] = gr.Dataframe(headers=TABLE_HEADERS, interactive=False, visible=False, elem_id="compare-table")
+        c["answers"] = gr.HTML(css_template=ANSWERS_CSS, elem_id="compare-answers", js_on_load=None)
     c["folder"] = gr.State(None)
     c["base_history"] = gr.State([])
     c["tuned_history"] = gr.State([])
@@ -270,8 +328,17 @@ def wire_compare_tab(ctx: AppContext, c: dict, *, owner: gr.State) -> None:
 
     c["run_tests"].click(on_tests, [owner, c["folder"], c["limit"], c["eval_tokens"]],
                          [c["test_summary"], c["table"]], concurrency_limit=CHAT_CONCURRENCY,
-                         concurrency_id="model", api_name="test_prompts")
+                         concurrency_id="model", api_name="test_prompts") \
+        .then(lambda table: answers_html(_table_rows(table)), c["table"], c["answers"], show_progress="hidden",
+              api_visibility="private")
     wire_preference_loop(ctx, c, owner=owner)
+
+
+def _table_rows(table) -> list[list]:
+    """The Dataframe's rows as lists (Gradio hands the handler a pandas DataFrame, or None when empty)."""
+    if table is None or getattr(table, "empty", False):
+        return []
+    return table.values.tolist() if hasattr(table, "values") else list(table)
 
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import gradio as gr
 
-from finetune.data import FORMATS, SUPPORTED_EXTENSIONS, read_rows, rows_from_text
+from finetune.data import CANONICAL_FIELDS, FORMATS, SUPPORTED_EXTENSIONS, read_rows, rows_from_text
 from finetune.errors import DataError, FinetuneError
 from finetune.runs import safe_filename
 
@@ -64,13 +64,19 @@ def resolve_source(ctx: AppContext, owner: str, values: dict[str, Any]) -> DataS
                             "line (`python -m finetune train`)", source=path.name)
         return DataSource(str(path), path, safe_filename(path.name))
     if source == "Paste rows":
-        rows = rows_from_text(values.get("paste") or "")
+        text = values.get("paste") or ""
+        rows = rows_from_text(text)
         folder = ctx.uploads_dir(owner) / secrets.token_hex(6)  # one folder per paste: errors name the file
         folder.mkdir()
         path = folder / "pasted_rows.jsonl"
-        # ASCII escapes: a lone surrogate (`\ud800`) in pasted JSON can't be written as UTF-8; normalisation
-        # then reports its row and field instead of the write failing
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        if getattr(rows, "skipped", None):
+            # JSON lines with malformed ones, skipped: kept as pasted, so that reading the file skips (and
+            # reports) the same lines by the same numbers
+            path.write_text(text, encoding="utf-8", errors="backslashreplace")
+        else:
+            # ASCII escapes: a lone surrogate (`\ud800`) in pasted JSON can't be written as UTF-8; normalisation
+            # then reports its row and field instead of the write failing
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
         return DataSource(str(path), path, "pasted_rows.jsonl")
     if source == "Hub dataset id":
         hub_id = (values.get("hub_id") or "").strip()
@@ -124,7 +130,8 @@ def analyse(ctx: AppContext, owner: str, values: dict[str, Any], settings: dict[
     source = resolve_source(ctx, owner, values)
     config = data_config(values, settings, source)
     if source.file is not None:
-        read_rows(source.file, max_rows=1, max_bytes=ctx.max_upload_bytes)  # size and type check first
+        read_rows(source.file, max_rows=1, max_bytes=ctx.max_upload_bytes,  # size and type check first
+                  skip_invalid=config.skip_invalid)
     encoded = prepare_data(config, tokenizer_for=lambda c: load_tokenizer_for(ctx, c), limit=STATS_SAMPLE)
     prepared, model = encoded.examples, encoded.model
     notice = model.source.notice if not config.base_model == "demo" else None
@@ -164,6 +171,22 @@ def stats_table(stats: dict[str, dict]) -> list[list]:
 STATS_HEADERS = ["split", "rows", "min tokens", "median", "p95", "max", "over max length"]
 
 
+def histogram_range(data: list[list[int]], max_seq_length: int) -> float:
+    """The x axis's right end: just past the longest example, and past the cutoff only when an example reaches it
+    (a 512-token axis would squash 60-token data into its first bars)."""
+    longest = max((max(v) for v in data if v), default=0)
+    if longest >= max_seq_length:
+        return longest * 1.05
+    return max(longest * 1.1, 1.0)
+
+
+def opens_column_mapping(error: FinetuneError) -> bool:
+    """Whether the error is about which columns hold what (then the Format and columns section opens)."""
+    if not isinstance(error, DataError):
+        return False
+    return error.field in ("column_mapping", "data_format") or (error.field in CANONICAL_FIELDS and error.row is None)
+
+
 def length_histogram(lengths: dict[str, list[int]], max_seq_length: int):
     """Token lengths per split, stacked, with the max_seq_length cutoff drawn as a dashed line."""
     import matplotlib
@@ -174,12 +197,16 @@ def length_histogram(lengths: dict[str, list[int]], max_seq_length: int):
     fig, ax = plt.subplots(figsize=(7, 2.8), dpi=100)
     data = [v for v in lengths.values() if v]
     labels = [k for k, v in lengths.items() if v]
-    top = max([max(v) for v in data] + [max_seq_length])
-    ax.hist(data, bins=30, range=(0, top * 1.05), stacked=True, label=labels,
+    right = histogram_range(data, max_seq_length)
+    ax.hist(data, bins=30, range=(0, right), stacked=True, label=labels,
             color=["#6366f1", "#f59e0b", "#10b981"][: len(data)])
-    ax.axvline(max_seq_length, color="#dc2626", linestyle="--", linewidth=1.5)
-    ax.text(max_seq_length, ax.get_ylim()[1] * 0.92, f" max_seq_length = {max_seq_length}", color="#dc2626",
-            fontsize=8, ha="right" if max_seq_length > top * 0.6 else "left")
+    ax.set_xlim(0, right)
+    if max_seq_length <= right:
+        ax.axvline(max_seq_length, color="#dc2626", linestyle="--", linewidth=1.5)
+        ax.text(max_seq_length, ax.get_ylim()[1] * 0.92, f" max_seq_length = {max_seq_length}", color="#dc2626",
+                fontsize=8, ha="right" if max_seq_length > right * 0.6 else "left")
+    else:  # every example fits: the cutoff is off to the right, named above the bars rather than squashing them
+        ax.set_title(f"max_seq_length = {max_seq_length} →", loc="right", color="#dc2626", fontsize=8)
     ax.set_xlabel("tokens per example")
     ax.set_ylabel("examples")
     ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
@@ -233,22 +260,16 @@ def create_data_tab(ctx: AppContext) -> dict[str, Any]:
             c["preview"] = gr.HighlightedText(label="As the model sees it (highlighted: the tokens it learns to "
                                                     "write)", color_map={LOSS_LABEL: "green"}, show_legend=True,
                                               combine_adjacent=True, elem_id="data-preview",
-                                              show_inline_category=False)
+                                              show_inline_category=False, visible=False)
             c["stats"] = gr.Dataframe(headers=STATS_HEADERS, label="Rows and token lengths per split",
-                                      interactive=False, elem_id="data-stats")
-            c["histogram"] = gr.Plot(label="Token lengths", elem_id="data-histogram")
+                                      interactive=False, elem_id="data-stats", visible=False)
+            c["histogram"] = gr.Plot(label="Token lengths", elem_id="data-histogram", visible=False)
     c["data_state"] = gr.State({})
     return c
 
 
 def wire_data_tab(ctx: AppContext, c: dict, settings_form: dict, owner: gr.State) -> None:
     groups = [c["example_group"], c["upload_group"], c["paste_group"], c["hub_group"]]
-
-    def show_source(source: str):
-        return [gr.update(visible=source == name) for name in SOURCES]
-
-    c["source"].change(show_source, c["source"], groups, queue=False, show_progress="hidden",
-                       api_visibility="private")
 
     form = data_form(c)
     outputs = load_outputs(c)
@@ -257,7 +278,16 @@ def wire_data_tab(ctx: AppContext, c: dict, settings_form: dict, owner: gr.State
         data_values = {k: values.pop(k) for k in form}
         return load_data(ctx, owner_of(who, request.session_hash), data_values, values)
 
+    def on_source(who: str, request: gr.Request, **values):
+        """Another source: its inputs, and no preview of the previous one (an example loads at once)."""
+        shown = [gr.update(visible=values["source"] == name) for name in SOURCES]
+        if values["source"] == "Example dataset":
+            return *shown, *on_load(who, request, **values)
+        return *shown, *cleared_preview(values["source"])
+
     kwargs = {**form, **settings_form}
+    c["source"].change(on_source, owner, [*groups, *outputs], inputs_kwargs=kwargs, show_progress="hidden",
+                       concurrency_limit=4, api_visibility="private")
     c["load"].click(on_load, owner, outputs, inputs_kwargs=kwargs, concurrency_limit=4, api_name="load_data")
     c["example"].input(on_load, owner, outputs, inputs_kwargs=kwargs, concurrency_limit=4,
                        api_visibility="private")  # picked by the user (a restored form reloads its data itself)
@@ -267,8 +297,10 @@ def wire_data_tab(ctx: AppContext, c: dict, settings_form: dict, owner: gr.State
     def on_index(index: float, state: dict, **settings):
         return show_example(ctx, state, int(index), settings)
 
-    c["preview_index"].release(on_index, [c["preview_index"], c["data_state"]], c["preview"],
-                               inputs_kwargs=settings_form, show_progress="hidden", api_visibility="private")
+    # .input: dragging, and typing a number in the slider's box (which .release misses)
+    c["preview_index"].input(on_index, [c["preview_index"], c["data_state"]], c["preview"],
+                             inputs_kwargs=settings_form, show_progress="hidden", trigger_mode="always_last",
+                             api_visibility="private")
 
 
 FORM_FIELDS = ("source", "example", "upload", "paste", "hub_id", "dataset_config", "dataset_split", "data_format",
@@ -293,20 +325,35 @@ def load_data(ctx: AppContext, owner: str, values: dict[str, Any], settings: dic
     try:
         result = analyse(ctx, owner, values, settings)
     except FinetuneError as e:
-        return (error_md(str(e)), None, gr.update(visible=False), None, None, {},
-                gr.update(open=isinstance(e, DataError) and "column" in str(e).lower()))
+        return (error_md(str(e)), *_hidden_preview(), gr.update(open=opens_column_mapping(e)))
     except Exception as e:  # a bug: say so inline, keep the traceback in the server log
         log.exception("loading data failed")
-        return (error_md(f"Unexpected error while loading the data ({type(e).__name__}: {e})."), None,
-                gr.update(visible=False), None, None, {}, gr.update())
+        return (error_md(f"Unexpected error while loading the data ({type(e).__name__}: {e})."), *_hidden_preview(),
+                gr.update())
     source, config = result["source"], result["config"]
     state = {"dataset": source.dataset, "file": str(source.file) if source.file else None, "name": source.name,
              "format": result["prepared"].format, "preview": result["preview"],
-             "rows": {k: len(v) for k, v in result["prepared"].splits.as_dict().items()}}
+             "rows": {k: len(v) for k, v in result["prepared"].splits.as_dict().items()},
+             "train_lengths": result["lengths"]["train"], "tokenizer_model": config.base_model}  # for the duration
     n = len(result["preview"])
-    return (summary_markdown(result), result["segments"],
-            gr.update(visible=n > 1, maximum=max(n, 2), value=1), stats_table(result["stats"]),
-            length_histogram(result["lengths"], config.max_seq_length), state, gr.update())
+    return (summary_markdown(result), gr.update(value=result["segments"], visible=True),
+            gr.update(visible=n > 1, maximum=max(n, 2), value=1),
+            gr.update(value=stats_table(result["stats"]), visible=True),
+            gr.update(value=length_histogram(result["lengths"], config.max_seq_length), visible=True), state,
+            gr.update())
+
+
+def _hidden_preview() -> tuple:
+    """(preview, slider, stats, histogram, data state) with nothing loaded: hidden, not empty boxes."""
+    return (gr.update(value=None, visible=False), gr.update(visible=False), gr.update(value=None, visible=False),
+            gr.update(value=None, visible=False), {})
+
+
+def cleared_preview(source: str) -> tuple:
+    """What the tab shows after switching to `source` before its data is loaded (the load button's outputs)."""
+    what = {"Upload a file": "Drop a file on the upload box", "Paste rows": "Paste rows",
+            "Hub dataset id": "Type a Hub dataset id"}.get(source, "Pick a dataset")
+    return notice_md(f"{what}, then press **Load and preview**."), *_hidden_preview(), gr.update()
 
 
 def show_example(ctx: AppContext, state: dict, index: int, settings: dict[str, Any]):

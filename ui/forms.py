@@ -8,6 +8,7 @@ turns such a dict into a validated RunConfig.
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from typing import Any, Literal
 
@@ -30,16 +31,17 @@ LABELS = {
     "lr_scheduler_type": "LR schedule", "warmup_ratio": "Warmup ratio", "weight_decay": "Weight decay",
     "max_grad_norm": "Max grad norm", "seed": "Seed", "gradient_checkpointing": "Gradient checkpointing",
     "precision": "Precision", "early_stopping_patience": "Early stopping patience",
-    "logging_steps": "Log every N steps",
-    "eval_steps": "Evaluate every N steps", "save_steps": "Save every N steps",
+    "logging_steps": "Log every N steps", "eval_steps": "Evaluate every N steps", "save_steps": "Save every N steps",
     "save_total_limit": "Checkpoints to keep", "model_revision": "Model revision",
     "trust_remote_code": "Trust remote code", "offline_fallback": "Fall back to the demo model when offline",
     "chat_template": "Chat template", "system_prompt": "System prompt", "eval_fraction": "Validation fraction",
     "test_fraction": "Test fraction", "train_on_prompt": "Train on prompt tokens too", "max_rows": "Max rows",
     "skip_invalid": "Skip invalid rows", "data_format": "Format", "column_mapping": "Column mapping",
-    "dataset_config": "Subset (config)", "dataset_split": "Split",
+    "dataset_config": "Subset (config)", "dataset_split": "Split", "padding_free": "Padding-free batches",
+    "speed": "Speed layer", "speed_levers_off": "Speed levers switched off",
     "report_to": "Report to (experiment tracker)",
 }
+UNSET = "unset"  # placeholder of an optional number box left empty
 
 # Fields the Model & settings tab shows up front; the rest (minus those owned by the Data tab or the
 # run manager) go in its Advanced accordion.
@@ -66,6 +68,9 @@ def field_widget(name: str, value: Any = dataclasses.MISSING, **kw) -> gr.compon
         return gr.Dropdown(choices=list(typing.get_args(base if base is not None else tp)), value=value, **common)
     if base is bool:
         return gr.Checkbox(value=value, **common)
+    if base is int and type(None) in options_of(tp):
+        # a Number box shows an empty value as "0"; a text box can stay empty, which means unset
+        return gr.Textbox(value="" if value is None else str(value), placeholder=UNSET, max_lines=1, **common)
     if base is int:
         return gr.Number(value=value, precision=0, **common)
     if base is float:
@@ -75,6 +80,10 @@ def field_widget(name: str, value: Any = dataclasses.MISSING, **kw) -> gr.compon
     if isinstance(value, dict):
         value = ", ".join(f"{k}: {v}" for k, v in value.items())
     return gr.Textbox(value="" if value is None else str(value), **common)
+
+
+def options_of(tp: Any) -> tuple:
+    return typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
 
 
 def config_from_values(values: dict[str, Any], **overrides: Any) -> RunConfig:
@@ -111,10 +120,12 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
     "full": {"learning_rate": 2e-5, "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "batch_size": 2,
              "gradient_accumulation_steps": 8, "gradient_checkpointing": True, "num_train_epochs": 2},
 }
-# The demo model is random: it only learns something visible in seconds at a high rate and short length.
-# examples/quickstart.yaml's settings: what it takes for LoRA to learn the demo answers word for word
-DEMO_PRESET = {"learning_rate": 1e-2, "lora_r": 32, "lora_alpha": 64, "lora_dropout": 0.0, "num_train_epochs": 24,
-               "batch_size": 8, "gradient_accumulation_steps": 1, "max_seq_length": 512, "logging_steps": 4}
+# The demo model learns its answers word for word in seconds at these settings (examples/quickstart.yaml). Its
+# rates keep the methods' ratio: QLoRA trains the same adapters as LoRA (same rate), full fine-tuning every weight
+# (a tenth of it).
+DEMO_PRESET = {"lora_r": 32, "lora_alpha": 64, "lora_dropout": 0.0, "num_train_epochs": 24, "batch_size": 8,
+               "gradient_accumulation_steps": 1, "max_seq_length": 512, "logging_steps": 4}
+DEMO_LEARNING_RATE = {"lora": 1e-2, "qlora": 1e-2, "full": 1e-3}
 METHOD_LABELS = [("LoRA: adapters on a full-precision base", "lora"),
                  ("QLoRA: adapters on a 4-bit base (least memory)", "qlora"),
                  ("Full: update every weight (most memory)", "full")]

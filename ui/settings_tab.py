@@ -1,6 +1,6 @@
 """Model & settings tab: base model, method with presets, basic settings, an Advanced accordion of every other
-field (each with its help text as tooltip), a memory estimate against this machine, and the exact YAML and
-CLI command the Train button will run."""
+field (each with its help text as tooltip), a memory estimate against this machine, the expected duration (and cost
+on a Space), and the exact YAML and CLI command the Train button will run. All of them follow every change."""
 
 from __future__ import annotations
 
@@ -11,12 +11,24 @@ import gradio as gr
 
 from finetune.config import DEFAULT_BASE_MODEL, DEMO_MODEL_ID, RunConfig
 from finetune.errors import FinetuneError
+from finetune.estimate import (
+    SPACE_PRICES_URL,
+    DurationEstimate,
+    cached_throughput,
+    duration_text,
+    estimate_duration,
+    mean_tokens,
+    measure_in_child,
+    space_cost,
+)
 from finetune.memory import available_memory, estimate_memory, format_size, model_shape, shortfall
 from finetune.run_folder import CONFIG_FILE
 from finetune.runs import train_command
 
+from .context import AppContext
 from .forms import (
     BASIC_FIELDS,
+    DEMO_LEARNING_RATE,
     DEMO_PRESET,
     METHOD_LABELS,
     METHOD_PRESETS,
@@ -58,9 +70,10 @@ def hub_notice(hub_ok: bool) -> str:
 
 def apply_preset(method: str, base_model: str) -> list:
     """New values for the preset fields (PRESET_FIELDS order) when the method or model changes."""
-    preset = dict(METHOD_PRESETS.get(method, METHOD_PRESETS["lora"]))
+    method = method if method in METHOD_PRESETS else "lora"
+    preset = dict(METHOD_PRESETS[method])
     if (base_model or "").strip() == DEMO_MODEL_ID:
-        preset.update(DEMO_PRESET)
+        preset.update(DEMO_PRESET, learning_rate=DEMO_LEARNING_RATE[method])
     return [preset.get(name, gr.skip()) for name in PRESET_FIELDS]
 
 
@@ -101,6 +114,39 @@ def _count(n: int) -> str:
         if n >= size:
             return f"{n / size:.3g} {unit}"
     return str(n)
+
+
+def duration_estimate(config: RunConfig, data: dict | None, *, cache_dir=None) -> DurationEstimate | None:
+    """The expected duration of `config` on the loaded data (the Data tab's state), if its speed was measured here."""
+    data = data or {}
+    tokens_per_s = cached_throughput(config, cache_dir=cache_dir)
+    if not data.get("rows") or not data.get("train_lengths") or tokens_per_s is None:
+        return None
+    return estimate_duration(config, data["rows"], mean_tokens(data["train_lengths"], config.max_seq_length),
+                             tokens_per_s)
+
+
+def time_report(config: RunConfig, data: dict | None, *, cache_dir=None, environ=None) -> str:
+    """Markdown: the expected duration (and, on a Space, the cost) of `config`, or what it still needs."""
+    if not (data or {}).get("rows"):
+        return notice_md("Expected duration: load a dataset on the **Data** tab first.")
+    est = duration_estimate(config, data, cache_dir=cache_dir)
+    if est is None:
+        return notice_md("Expected duration: this model's speed with these settings hasn't been measured here yet. "
+                         "Press **Estimate time**: it trains a few real steps in the background (after loading the "
+                         "model) and remembers the speed for these settings.")
+    text = (f"Expected duration: **about {duration_text(est.total_s)}** (training {duration_text(est.train_s)} + "
+            f"evaluation {duration_text(est.eval_s)}; {est.train_tokens:,} training tokens at "
+            f"{est.tokens_per_s:,.0f} tokens/s, measured here).")
+    if data.get("tokenizer_model") not in (None, config.base_model):
+        text += (f" Token counts are from `{data['tokenizer_model']}`'s tokenizer: load the data again for "
+                 f"`{config.base_model}`'s.")
+    cost = space_cost(est.total_s, environ)
+    if cost is not None:
+        hardware, price, usd = cost
+        text += (f" On this Space's `{hardware}` hardware ({price:.2f} USD an hour) that is about **{usd:.2f} USD** "
+                 f"(Hugging Face's price list, {SPACE_PRICES_URL}, as of 2025; prices may change).")
+    return notice_md(text)
 
 
 def yaml_and_command(config: RunConfig, num_processes: int = 1) -> tuple[str, str]:
@@ -162,12 +208,16 @@ def create_settings_tab(hub_ok: bool) -> dict[str, Any]:
                 c["num_processes"] = processes_widget()
         with gr.Column(scale=2, min_width=300):
             c["memory"] = gr.Markdown(elem_id="settings-memory")
+            c["time"] = gr.Markdown(time_report(RunConfig(), None), elem_id="settings-time")
+            c["estimate_time"] = gr.Button("Estimate time (a few real training steps)", size="sm",
+                                           elem_id="settings-estimate-time")
             c["trust_warning"] = gr.Markdown(visible=False, elem_id="settings-trust-warning")
             c["show_yaml"] = gr.Button("Show as YAML / CLI command", elem_id="settings-show-yaml")
             c["config_error"] = gr.Markdown(visible=False)
             c["yaml"] = gr.Code(language="yaml", label=CONFIG_FILE, visible=False, elem_id="settings-yaml")
             c["command"] = gr.Code(language="shell", label="Command", visible=False, interactive=False,
                                    elem_id="settings-command")
+    c["yaml_shown"] = gr.State(False)
     _apply_demo_defaults(c, default_model(hub_ok))
     return c
 
@@ -185,7 +235,7 @@ def settings_form(c: dict) -> dict[str, Any]:
     return {name: c[name] for name in names}
 
 
-def wire_settings_tab(c: dict, data_state: gr.State) -> None:
+def wire_settings_tab(ctx: AppContext, c: dict, data_state: gr.State) -> None:
     form = settings_form(c)
     presets = [c[name] for name in PRESET_FIELDS]
     for trigger in (c["method"], c["base_model"]):  # `input`: the user's choice, not a restored form
@@ -195,20 +245,63 @@ def wire_settings_tab(c: dict, data_state: gr.State) -> None:
     def on_change(**values):
         return update_memory(values)
 
-    for name in ("base_model", "method", "batch_size", "max_seq_length", "lora_r", "gradient_checkpointing",
-                 "precision"):
-        c[name].change(on_change, None, c["memory"], inputs_kwargs=form, show_progress="hidden",
-                       api_name="memory_estimate" if name == "base_model" else None,
-                       api_visibility="public" if name == "base_model" else "private")
+    c["base_model"].change(on_change, None, c["memory"], inputs_kwargs=form, show_progress="hidden",
+                           api_name="memory_estimate")
+
+    # Every shown view follows every change: memory, duration, and the YAML / command once shown.
+    views = [c["memory"], c["time"], c["config_error"], c["yaml"], c["command"]]
+
+    def on_any_change(state: dict, shown: bool, **values):
+        return refresh_views(values, state, shown)
+
+    gr.on([*(w.change for w in form.values()), data_state.change], on_any_change, [data_state, c["yaml_shown"]],
+          views, inputs_kwargs=form, show_progress="hidden", api_visibility="private")
 
     c["trust_remote_code"].change(trust_remote_code_warning, c["trust_remote_code"], c["trust_warning"],
                                   show_progress="hidden", api_visibility="private")
 
     def on_show(state: dict, **values):
-        return show_yaml(values, (state or {}).get("dataset"))
+        return *show_yaml(values, (state or {}).get("dataset")), True
 
-    c["show_yaml"].click(on_show, data_state, [c["config_error"], c["yaml"], c["command"]], inputs_kwargs=form,
-                         api_name="show_yaml")
+    c["show_yaml"].click(on_show, data_state, [c["config_error"], c["yaml"], c["command"], c["yaml_shown"]],
+                         inputs_kwargs=form, api_name="show_yaml")
+
+    def on_estimate(state: dict, progress=gr.Progress(), **values):
+        return estimate_time(ctx, values, state, progress)
+
+    c["estimate_time"].click(on_estimate, data_state, c["time"], inputs_kwargs=form, concurrency_limit=1,
+                             concurrency_id="measure", api_name="estimate_time")
+
+
+def refresh_views(values: dict[str, Any], data: dict | None, yaml_shown: bool) -> tuple:
+    """(memory, duration, config error, YAML, command) for the current widget values; the YAML and command only
+    once the user asked for them (else left as they are)."""
+    try:
+        config = config_from_values(values, **({"dataset": data["dataset"]} if (data or {}).get("dataset") else {}))
+    except FinetuneError as e:
+        error = error_md(str(e))
+        hidden = (gr.update(visible=False), gr.update(visible=False)) if yaml_shown else (gr.skip(), gr.skip())
+        return error, "", gr.update(value=error, visible=yaml_shown), *hidden
+    shown = show_yaml(values, (data or {}).get("dataset")) if yaml_shown else (gr.skip(),) * 3
+    return memory_report(config)[0], time_report(config, data), *shown
+
+
+def estimate_time(ctx: AppContext, values: dict[str, Any], data: dict | None, progress=None) -> str:
+    """Measure this model's training speed here (a child process running a few real steps), then the duration."""
+    try:
+        config = config_from_values(values)
+    except FinetuneError as e:
+        return error_md(str(e))
+    if ctx.runs.active_run():
+        return warning_md("A training is running on this machine: measure the speed after it ends (both would "
+                          "share the hardware, and the number would be wrong).")
+    if progress:
+        progress(0.1, desc="Loading the model and training a few steps")
+    try:
+        measure_in_child(config)
+    except FinetuneError as e:
+        return error_md(str(e))
+    return time_report(config, data)
 
 
 def trust_remote_code_warning(on: bool) -> dict:
@@ -235,7 +328,7 @@ def show_yaml(values: dict[str, Any], dataset: str | None = None) -> tuple:
     return gr.update(visible=False), gr.update(value=text, visible=True), gr.update(value=command, visible=True)
 
 
-__all__ = ["MODEL_CHOICES", "create_settings_tab", "default_model", "gpu_count", "memory_check", "memory_report",
-           "model_choices", "processes_widget", "settings_form", "show_yaml", "trust_remote_code_warning",
-           "update_memory",
-           "wire_settings_tab", "yaml_and_command"]
+__all__ = ["MODEL_CHOICES", "create_settings_tab", "default_model", "duration_estimate", "estimate_time", "gpu_count",
+           "memory_check", "memory_report", "model_choices", "processes_widget", "refresh_views", "settings_form",
+           "show_yaml", "time_report", "trust_remote_code_warning", "update_memory", "wire_settings_tab",
+           "yaml_and_command"]

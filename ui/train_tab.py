@@ -5,6 +5,7 @@ accuracy), the log tail, and the final metrics table."""
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -12,13 +13,15 @@ import gradio as gr
 import pandas as pd
 
 from finetune.errors import FinetuneError
+from finetune.estimate import duration_text
 from finetune.hub import resolve_token
-from finetune.runs import RunStatus
+from finetune.run_folder import RunFolder
+from finetune.runs import RunStatus, RunSummary
 
 from .context import AppContext, owner_of
 from .data_tab import DataSource, data_config
 from .messages import error_md, notice_md, ok_md, warning_md
-from .settings_tab import memory_check
+from .settings_tab import duration_estimate, memory_check
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +32,19 @@ REWARD_COLUMNS = {"step": "int64", "value": "float64", "reward": "str"}
 # The preference stages' per-step rewards the reward plot shows (metrics field → series name).
 REWARD_SERIES = {"rewards/margins": "margin", "rewards/accuracies": "accuracy"}
 METRICS_HEADERS = ["metric", "value"]
+# After each new log: scroll the log box to its last line, unless the user scrolled up to read (then it waits until
+# they scroll back to the bottom). Gradio's own autoscroll stops for good once a poll adds more than ~100 px at once.
+FOLLOW_LOG_JS = """() => setTimeout(() => {
+  const box = document.querySelector('#train-log textarea');
+  if (!box) return;
+  if (!box.dataset.follow) {
+    box.dataset.follow = '1';
+    box.addEventListener('scroll', () => {
+      box.dataset.follow = box.scrollTop + box.clientHeight >= box.scrollHeight - 8 ? '1' : '0';
+    });
+  }
+  if (box.dataset.follow === '1') box.scrollTop = box.scrollHeight;
+}, 50)"""
 
 
 # ============================================================================ pure views of a run's status
@@ -138,6 +154,10 @@ def metrics_table(results: dict) -> list[list[str]]:
         ["peak memory", f"{_fmt(r.get('peak_memory_mb'), '.0f')} MB"],
         ["steps", _fmt(r.get("global_step"), "d")],
     ]
+    if r.get("estimated_duration_s") is not None:
+        actual = r.get("actual_duration_s")
+        rows.insert(6, ["duration: estimated → actual", f"{duration_text(r['estimated_duration_s'])} → "
+                                                        f"{'-' if actual is None else duration_text(actual)}"])
     if r.get("is_demo_model"):
         rows.append(["base model", "tiny offline demo model (answers are only meaningful on trained prompts)"])
     return rows
@@ -167,7 +187,21 @@ def status_markdown(status: RunStatus) -> str:
 # ============================================================================ handlers
 
 def run_choices(ctx: AppContext, owner: str, *, with_weights: bool = False) -> list[tuple[str, str]]:
-    return [(s.label, s.run_id) for s in ctx.runs.list_runs(owner) if s.has_weights or not with_weights]
+    return [(run_label(s, last_loss(RunFolder(ctx.runs.runs_dir / s.run_id).read_metrics())), s.run_id)
+            for s in ctx.runs.list_runs(owner) if s.has_weights or not with_weights]
+
+
+def last_loss(metrics: list[dict]) -> float | None:
+    """The last logged train loss: what the loss plot ends at (the results' train_loss averages the whole run)."""
+    return next((m["loss"] for m in reversed(metrics) if m.get("loss") is not None), None)
+
+
+def run_label(summary: RunSummary, loss: float | None) -> str:
+    """The run list's label: when, model, method, data, state (as of now), the last logged loss, short id."""
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(summary.created))
+    last = f", last loss {loss:.3f}" if loss is not None else ""
+    return (f"{when} · {summary.base_model} · {summary.method} · {summary.dataset} · {summary.state}{last} · "
+            f"{summary.run_id[:6]}")
 
 
 def start_training(ctx: AppContext, owner: str, data_state: dict, data_values: dict, settings: dict,
@@ -188,13 +222,20 @@ def start_training(ctx: AppContext, owner: str, data_state: dict, data_values: d
             return report + "\n\n" + error_md(f"Not started: by the memory estimate, {short}. Change the settings, "
                                               "or tick “Start anyway”."), None
         hub_token = resolve_token(oauth_token, None, machine_tokens=False) if ctx.on_space else None
+        estimate = duration_estimate(config, data_state)
         run_id = ctx.runs.submit(config, owner, dataset_file=source.file, dataset_name=source.name,
                                  num_processes=int(settings.get("num_processes") or 1), hub_token=hub_token)
     except FinetuneError as e:
         return error_md(str(e)), None
+    expected = ""
+    if estimate is not None:  # results.json sets it beside the actual duration when the run ends
+        RunFolder(ctx.runs.run_dir(run_id, owner)).write_estimate(
+            {"duration_s": estimate.total_s, "train_s": estimate.train_s, "eval_s": estimate.eval_s,
+             "tokens_per_s": estimate.tokens_per_s, "train_tokens": estimate.train_tokens})
+        expected = f" Expected duration: about {duration_text(estimate.total_s)}."
     position = ctx.runs.queue_position(run_id)
-    where = f" It is number {position} in the queue." if position else ""
-    return ok_md(f"Run `{run_id[:8]}` queued.{where}"), run_id
+    where = f" It is number {position} in the queue." if position else " It started at once."
+    return ok_md(f"Run `{run_id[:8]}` queued.{where}{expected}"), run_id
 
 
 def poll(ctx: AppContext, owner: str, run_id: str | None, view: dict) -> tuple:
@@ -212,18 +253,26 @@ def poll(ctx: AppContext, owner: str, run_id: str | None, view: dict) -> tuple:
                 gr.update(visible=False))
     n = len(status.metrics)
     fresh = view.get("run_id") != run_id or view.get("n") != n or view.get("state") != status.state
-    loss = loss_frame(status.metrics) if fresh else gr.skip()
-    lr = lr_frame(status.metrics) if fresh else gr.skip()
+    loss = plot_update(loss_frame(status.metrics), "loss") if fresh else gr.skip()
+    lr = plot_update(lr_frame(status.metrics), "learning_rate") if fresh else gr.skip()
     rewards = reward_view(status.metrics) if fresh else gr.skip()
     table = gr.update(value=metrics_table(status.results), visible=True) if status.results and status.done \
         else gr.update(visible=False)
+    # the state moved on since the last poll of this run: what an action's message said about it is outdated
+    changed = view.get("run_id") == run_id and view.get("state") not in (None, status.state)
     return (status_markdown(status), progress_html(status), loss, lr, status.log_tail, table,
-            gr.Timer(active=not status.done), {"run_id": run_id, "n": n, "state": status.state}, rewards)
+            gr.Timer(active=not status.done), {"run_id": run_id, "n": n, "state": status.state, "changed": changed},
+            rewards)
 
 
 def reward_view(metrics: list[dict]) -> dict:
     """The reward plot's update: the rewards so far, or hidden for a run without them."""
     return gr.update(value=reward_frame(metrics), visible=True) if has_rewards(metrics) else gr.update(visible=False)
+
+
+def plot_update(frame: pd.DataFrame, column: str) -> dict:
+    """A plot shown only once it has a point to draw (an empty one shows a meaningless 0.000000 axis)."""
+    return gr.update(value=frame, visible=bool(frame[column].notna().any()))
 
 
 def stop_run(ctx: AppContext, owner: str, run_id: str | None) -> str:
@@ -274,9 +323,11 @@ def create_train_tab() -> dict[str, Any]:
     with gr.Row():
         c["loss_plot"] = gr.LinePlot(loss_frame([]), x="step", y="loss", color="split",
                                      title="Loss", color_map={"train": "#6366f1", "validation": "#f59e0b"},
-                                     height=280, elem_id="train-loss-plot", x_title="step", y_title="loss")
+                                     height=280, elem_id="train-loss-plot", x_title="step", y_title="loss",
+                                     visible=False)
         c["lr_plot"] = gr.LinePlot(lr_frame([]), x="step", y="learning_rate",
-                                   title="Learning rate", height=280, elem_id="train-lr-plot", y_axis_format=".1e")
+                                   title="Learning rate", height=280, elem_id="train-lr-plot", y_axis_format=".1e",
+                                   visible=False)
         c["reward_plot"] = gr.LinePlot(reward_frame([]), x="step", y="value", color="reward",
                                        title="Preference rewards", height=280, visible=False,
                                        color_map={"margin": "#059669", "accuracy": "#d97706"},
@@ -317,6 +368,7 @@ def wire_train_tab(ctx: AppContext, c: dict, *, owner: gr.State, saved: gr.Brows
 
     c["timer"].tick(on_poll, [owner, c["run"], c["view"]], view_outputs, show_progress="hidden",
                     concurrency_limit=16, api_name="poll")
+    c["log"].change(None, None, None, js=FOLLOW_LOG_JS, show_progress="hidden", api_visibility="private")
     c["run"].change(lambda: {}, None, c["view"], show_progress="hidden", api_visibility="private") \
         .then(on_poll, [owner, c["run"], c["view"]], view_outputs, show_progress="hidden", api_visibility="private")
 
@@ -327,10 +379,12 @@ def wire_train_tab(ctx: AppContext, c: dict, *, owner: gr.State, saved: gr.Brows
 
     def on_resume(who: str, run_id: str | None, request: gr.Request):
         """A failed or stopped run continues from its last checkpoint (same folder, same settings)."""
-        return resume_run(ctx, owner_of(who, request.session_hash), run_id), {}, gr.Timer(active=True)
+        me = owner_of(who, request.session_hash)
+        message = resume_run(ctx, me, run_id)
+        return message, {}, gr.Timer(active=True), gr.update(choices=run_choices(ctx, me))  # relabelled: queued
 
-    c["resume"].click(on_resume, [owner, c["run"]], [c["message"], c["view"], c["timer"]], concurrency_limit=4,
-                      api_name="resume")
+    c["resume"].click(on_resume, [owner, c["run"]], [c["message"], c["view"], c["timer"], c["run"]],
+                      concurrency_limit=4, api_name="resume")
 
     def on_refresh(who: str, run_id: str | None, request: gr.Request):
         me = owner_of(who, request.session_hash)
@@ -340,17 +394,20 @@ def wire_train_tab(ctx: AppContext, c: dict, *, owner: gr.State, saved: gr.Brows
     c["refresh"].click(on_refresh, [owner, c["run"]], [c["run"], *run_lists], show_progress="hidden",
                        api_name="list_runs")
 
-    # When a run ends, the Compare and Export lists gain it.
     def on_state_change(who: str, view: dict, request: gr.Request):
-        """A run ended: relabel it in the Train list and offer it in Compare and Export."""
-        if (view or {}).get("state") not in ("finished", "stopped", "failed"):
-            return [gr.skip() for _ in range(1 + len(run_lists))]
+        """The run's state moved on: relabel it in the Train list and clear the outdated action message; once it
+        ended, offer it in Compare and Export."""
+        view = view or {}
+        if not view.get("changed"):
+            return [gr.skip() for _ in range(2 + len(run_lists))]
         me = owner_of(who, request.session_hash)
+        if view.get("state") not in ("finished", "stopped", "failed"):
+            return gr.update(choices=run_choices(ctx, me)), "", *[gr.skip() for _ in run_lists]
         with_weights = run_choices(ctx, me, with_weights=True)
         pick = {"value": view["run_id"]} if view["run_id"] in {r for _, r in with_weights} else {}
-        return (gr.update(choices=run_choices(ctx, me)),
+        return (gr.update(choices=run_choices(ctx, me)), "",
                 *[gr.update(choices=with_weights, **pick) for _ in run_lists])
 
-    c["view"].change(on_state_change, [owner, c["view"]], [c["run"], *run_lists], show_progress="hidden",
-                     api_visibility="private")
+    c["view"].change(on_state_change, [owner, c["view"]], [c["run"], c["message"], *run_lists],
+                     show_progress="hidden", api_visibility="private")
 

@@ -130,8 +130,7 @@ def analyse(ctx: AppContext, owner: str, values: dict[str, Any], settings: dict[
     source = resolve_source(ctx, owner, values)
     config = data_config(values, settings, source)
     if source.file is not None:
-        read_rows(source.file, max_rows=1, max_bytes=ctx.max_upload_bytes,  # size and type check first
-                  skip_invalid=config.skip_invalid)
+        read_rows(source.file, max_rows=1, max_bytes=ctx.max_upload_bytes)  # size and type check first
     encoded = prepare_data(config, tokenizer_for=lambda c: load_tokenizer_for(ctx, c), limit=STATS_SAMPLE)
     prepared, model = encoded.examples, encoded.model
     notice = model.source.notice if not config.base_model == "demo" else None

@@ -39,7 +39,9 @@ LABELS = {
     "skip_invalid": "Skip invalid rows", "data_format": "Format", "column_mapping": "Column mapping",
     "dataset_config": "Subset (config)", "dataset_split": "Split", "padding_free": "Padding-free batches",
     "speed": "Speed layer", "speed_levers_off": "Speed levers switched off",
-    "report_to": "Report to (experiment tracker)",
+    "report_to": "Report to (experiment tracker)", "train_on_reasoning": "Train on reasoning",
+    "stage": "Stage (SFT or preference)", "beta": "Beta (preference strength)", "loss_type": "Preference loss",
+    "init_from": "Start from run (folder)", "attn_implementation": "Attention kernel",
 }
 UNSET = "unset"  # placeholder of an optional number box left empty
 

@@ -114,9 +114,11 @@ def test_every_lever_off_still_equals_stock_sft_trainer(demo_model_dir):
     parity(model, tokenizer, rows, "full", speed_levers_off=list(LEVERS))
 
 
-def test_speed_off_trains_with_stock_sft_trainer_and_learns_the_same(demo_model_dir, tmp_path):
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient_checkpointing"])
+def test_speed_off_trains_with_stock_sft_trainer_and_learns_the_same(demo_model_dir, tmp_path, checkpointing):
     """Whole runs, fp32, no dropout: `speed: off` (stock SFTTrainer) and ours log the same losses and save the
-    same adapter."""
+    same adapter; also with gradient checkpointing (QLoRA's and full fine-tuning's presets), where per-example
+    attention stands aside (its saved tensors don't match a recomputation)."""
     from safetensors.torch import load_file
 
     from finetune.train import train
@@ -125,14 +127,16 @@ def test_speed_off_trains_with_stock_sft_trainer_and_learns_the_same(demo_model_
     common = dict(base_model=str(demo_model_dir), dataset=str(data), max_rows=8, eval_fraction=0.0,
                   test_fraction=0.0, max_steps=2, batch_size=2, gradient_accumulation_steps=2, logging_steps=1,
                   learning_rate=3e-3, lora_dropout=0.0, precision="fp32", max_seq_length=128)
-    runs = {speed: train(RunConfig(**common, speed=speed, output_dir=str(tmp_path / str(speed))))
+    runs = {speed: train(RunConfig(**common, speed=speed, gradient_checkpointing=checkpointing,
+                                   output_dir=str(tmp_path / str(speed))))
             for speed in (True, False)}
     assert runs[True].results["train_loss"] == pytest.approx(runs[False].results["train_loss"], rel=TOLERANCE)
     a = load_file(runs[True].final_dir / "adapter_model.safetensors")
     b = load_file(runs[False].final_dir / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+        # Adam divides by each gradient's own size: a near-zero one turns a 1e-9 difference into ~1e-6 of weight
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
 
 
 def test_speed_switches_are_validated_and_round_trip_through_yaml(tmp_path):

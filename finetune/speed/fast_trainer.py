@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import logging
 from typing import NamedTuple
 
 import torch
@@ -33,6 +34,8 @@ from ..templates import IGNORE_INDEX
 from . import LEVERS
 from .batching import PaddedCollator, PaddingFreeCollator, forward, padding_free_mode
 from .dropout import cpu_dropout
+
+log = logging.getLogger(__name__)
 
 
 def accepts_logits_to_keep(model) -> bool:
@@ -259,6 +262,10 @@ class FastSFTTrainer(SFTTrainer):
             raise ValueError(f"unknown speed lever(s) {unknown}; choose from {', '.join(LEVERS)}")
         super().__init__(*args, **kwargs)
         self.levers = frozenset(LEVERS) - levers_off  # the levers pulled
+        if self.args.gradient_checkpointing and "segments" in self.levers:
+            # per-example attention saves for backward what its recomputation under checkpointing doesn't match
+            log.info("per-example attention is off with gradient checkpointing; using transformers' packed masks")
+            self.levers -= {"segments"}
         pad_id = self.processing_class.pad_token_id
         self.eval_collator = PaddedCollator(pad_id)
         self.batching = padding_free_mode(self.model, self.args.max_length,

@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 from .config import DEMO_MODEL_ID
@@ -196,16 +197,25 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("FINETUNE_CACHE") or Path.home() / ".cache" / "finetune")
 
 
+_BUILD_LOCK = threading.Lock()
+
+
 def demo_model_path(cache_dir: str | Path | None = None) -> Path:
     """The cached demo model folder `<cache_dir>/demo-v{DEMO_VERSION}`, built on first use.
 
     Safe when several processes ask at once: each builds into its own temporary folder beside the
-    target and renames it into place; a process that loses the race keeps the winner's folder.
+    target and renames it into place; a process that loses the race keeps the winner's folder. Threads of one
+    process take turns (two first imports of transformers at once can fail).
     """
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = root / f"demo-v{DEMO_VERSION}"
     if _is_complete(target):
         return target
+    with _BUILD_LOCK:  # threads of one process (the app's first page load) build once, one after the other
+        return target if _is_complete(target) else _build_into(root, target)
+
+
+def _build_into(root: Path, target: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     if target.exists():  # damaged (a file was deleted by hand): move it aside atomically, then rebuild
         _discard(target, root)

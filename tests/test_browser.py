@@ -99,8 +99,10 @@ def test_whole_flow_in_a_browser(app_url, browser):
     # 3. settings: the demo model (the Hub is offline) with few steps; then train and watch it live
     open_tab(page, "Model & settings")
     assert "demo" in page.input_value("#field-base_model input")
-    page.fill("#field-num_train_epochs input", "2")
+    page.fill("#field-num_train_epochs input", "8")  # 32 steps, a loss point each: enough to watch it live
     page.fill("#field-max_seq_length input", "256")
+    page.click("#settings-advanced .label-wrap")
+    page.fill("#field-logging_steps input", "1")
     page.click("#settings-show-yaml")
     page.wait_for_selector("#settings-command")
     assert "python -m finetune train run.yaml" in page.inner_text("#settings-command")
@@ -344,6 +346,11 @@ def test_data_and_settings_views_stay_current_in_a_browser(app_url, browser):
     assert not page.locator("#field-column_mapping").is_visible()  # "(column 32)" is no dataset column
     shot(page, "09-data-json-error")
 
+    page.fill("#data-paste textarea", "\n".join(good))  # the same rows without the broken line
+    page.click("#data-load")
+    page.wait_for_selector("#data-status .ft-ok")
+    assert page.locator("#data-preview").is_visible()
+
     open_tab(page, "Model & settings")
     page.click("#settings-show-yaml")
     page.wait_for_selector("#settings-yaml")
@@ -371,7 +378,7 @@ def test_statuses_stay_current_and_the_log_follows_its_tail(app_url, browser):
     open_tab(page, "Model & settings")
     page.fill("#field-max_seq_length input", "128")
     page.click("#settings-advanced .label-wrap")
-    page.fill("#field-max_steps input", "24")
+    page.fill("#field-max_steps input", "120")  # long enough to stop on a fast machine
     page.fill("#field-save_steps input", "2")
     page.fill("#field-logging_steps input", "1")
     open_tab(page, "Train")
@@ -398,7 +405,7 @@ def test_statuses_stay_current_and_the_log_follows_its_tail(app_url, browser):
     page.wait_for_function("() => !document.querySelector('#train-message').innerText.includes('is running')")
     page.wait_for_function("() => document.querySelector('#train-run input').value.includes('· finished')")
     assert re.search(r"finished, last loss \d+\.\d{3}", page.input_value("#train-run input"))
-    assert "step 24/24" in page.inner_text("#train-progress") and stopped_at < 24
+    assert "step 120/120" in page.inner_text("#train-progress") and stopped_at < 120
     page.wait_for_timeout(1000)
     assert _log_at_bottom(page), _log_scroll(page)
     shot(page, "14-finished-status-current")

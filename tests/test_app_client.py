@@ -57,6 +57,7 @@ def test_full_flow_through_the_api(app_url):
     status, preview, *_ = app.call("/load_data", source="Example dataset", example="python_qa.jsonl",
                                    base_model="demo")
     assert "32 train / 4 validation / 4 test" in status
+    preview = preview["value"] if isinstance(preview, dict) and "value" in preview else preview  # an update: shown
     assert any(seg["class_or_confidence"] for seg in preview)
 
     message, runs, *_ = app.call("/start_training", **TINY)
@@ -67,6 +68,7 @@ def test_full_flow_through_the_api(app_url):
     deadline = time.time() + TRAIN_TIMEOUT_S
     while time.time() < deadline:
         status, progress, loss, lr, log, table, *_ = app.call("/poll", run_id=run_id)
+        loss = loss.get("value") if isinstance(loss, dict) and "__type__" in loss else loss  # a shown/hidden update
         if isinstance(loss, dict) and "data" in loss:
             points_seen.add(len([row for row in loss["data"] if row[1] is not None]))
         if "step " in progress:
@@ -119,7 +121,8 @@ def test_bad_input_comes_back_as_a_message_not_an_error(app_url):
     status, preview, *_ = app.call("/load_data", source="Paste rows",
                                    paste='[{"instruction": "hi", "output": "ho"}, {"instruction": "x", "output": 3}]',
                                    base_model="demo")
-    assert "pasted_rows.jsonl, row 2: field `output` must be text" in status and preview is None
+    assert "pasted_rows.jsonl, row 2: field `output` must be text" in status
+    assert preview == {"__type__": "update", "value": None, "visible": False}  # no preview box left empty
     message, *_ = app.call("/start_training", **TINY)
     assert "load one on the **Data** tab first" in message
     assert "pick one of your runs" in app.call("/load_model", run_id=None, path="")[0]

@@ -156,11 +156,13 @@ def test_a_burst_of_users_gets_answers_or_queue_positions_and_no_token_leaks(tmp
         print("\nload test:", json.dumps(figures))
         assert growth_mb < MAX_RSS_GROWTH_MB, figures
 
-        # the first run trains; the queued ones are stopped (dropped from the queue)
+        # the first run trains; the others are stopped: dropped from the queue, or (on a fast machine, where the
+        # first run has finished by now) the one that took its turn gets SIGTERM
         first = next(run_id for message, run_id in runs if "It is number" not in message)
         for run_id, client in owners.items():
             if run_id != first:
-                assert "stopped" in client.call("/stop", run_id=run_id)[0]
+                stop_message = client.call("/stop", run_id=run_id)[0]
+                assert "stopped" in stop_message or "Stopping: the trainer saves" in stop_message, stop_message
         assert "finished" in _wait_until_done(owners[first], first)
 
         # a push through the app (HF_TOKEN is used locally before the typed one), and a push that fails

@@ -66,7 +66,7 @@ def test_a_killed_run_keeps_its_checkpoint_is_listed_after_a_restart_and_resumes
     checkpoint = RunFolder(run_dir).latest_complete_checkpoint()
     step = int(checkpoint.name.split("-")[1])
     assert (checkpoint / "adapter_model.safetensors").is_file() and (checkpoint / "optimizer.pt").is_file()
-    assert killed.step > step
+    assert killed.step >= step  # on a fast machine the kill can land just as a newer checkpoint completes
 
     restarted = RunManager(workspace)  # the app restarts: the failed run is listed with its metrics
     try:

@@ -40,9 +40,9 @@ EVAL_SPEEDUP = 3.0         # an evaluation (forward only) costs about a third of
 THROUGHPUT_FILE = "throughput.json"
 MEASURE_TIMEOUT_S = 900    # the child process is ended after this long
 
-# Hourly prices (US dollars) of Hugging Face Space hardware, keyed by the Space's $SPACE_HARDWARE, as listed at
-# https://huggingface.co/pricing#spaces in 2025. They may change: the page is the reference. Free hardware is 0.0;
-# hardware missing here gets no cost line.
+# Hourly prices (US dollars) of Hugging Face Space hardware, keyed by the Space's $SPACE_HARDWARE, as listed in
+# https://huggingface.co/docs/hub/spaces-gpus (checked 2026-11-29). They may change: the page is the reference.
+# Free hardware is 0.0; hardware missing here gets no cost line.
 SPACE_PRICES_URL = "https://huggingface.co/pricing#spaces"
 SPACE_PRICES_USD_PER_HOUR = {
     "cpu-basic": 0.0, "cpu-upgrade": 0.03,
@@ -50,7 +50,7 @@ SPACE_PRICES_USD_PER_HOUR = {
     "l4x1": 0.80, "l4x4": 3.80,
     "l40sx1": 1.80, "l40sx4": 8.30, "l40sx8": 23.50,
     "a10g-small": 1.00, "a10g-large": 1.50, "a10g-largex2": 3.00, "a10g-largex4": 5.00,
-    "a100-large": 2.50,
+    "a100-large": 4.00,
 }
 
 

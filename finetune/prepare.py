@@ -40,6 +40,7 @@ from .errors import DataError
 from .models import BaseModelSource, load_tokenizer, resolve_base_model
 from .templates import (
     apply_template_choice,
+    combined_report,
     encode_blocks,
     encoding_report,
     loss_token_count,
@@ -249,10 +250,16 @@ def _with_stats(examples: PreparedData, model: TemplatedTokenizer, encoded: dict
 def _report(table) -> dict:
     """`templates.encoding_report` of a split, from its summary columns: no token ids are read (`loss_kept` is the
     count of loss tokens in the labels)."""
-    columns = table.select_columns(list(REPORT_FIELDS)).with_format("arrow")[:].to_pydict()
-    summaries = [{name: columns[name][i] for name in REPORT_FIELDS if name != "block" or columns[name][i] is not None}
-                 for i in range(len(table))]
-    return encoding_report(summaries)
+    return combined_report(encoding_report(_summaries(batch))
+                           for batch in table.select_columns(list(REPORT_FIELDS)).iter(batch_size=_REPORT_BATCH))
+
+
+_REPORT_BATCH = 10_000  # encodings summarised at a time: a dict per encoding for 1M rows would take ~1 GB
+
+
+def _summaries(batch: dict[str, list]) -> list[dict]:
+    return [{name: batch[name][i] for name in REPORT_FIELDS if name != "block" or batch[name][i] is not None}
+            for i in range(len(batch["length"]))]
 
 
 # ---------------------------------------------------------------------------- encoding with datasets.map

@@ -55,6 +55,7 @@ import json
 import logging
 import re
 import weakref
+from collections.abc import Iterable
 from typing import Any
 
 from .errors import ConfigError, DataError, ModelError
@@ -216,10 +217,25 @@ def encoding_report(encodings: list[dict]) -> dict:
     chats = [enc for enc in encodings if "block" not in enc]
     answer = sum(enc["loss_tokens"] for enc in chats)
     lost = answer - sum(enc["loss_kept"] if "loss_kept" in enc else loss_token_count(enc) for enc in chats)
-    return {"documents": sum(enc["block"] == 0 for enc in blocks), "blocks": len(blocks),
-            "document_tokens": sum(enc["length"] for enc in blocks), "chat_examples": len(chats),
-            "truncated_chat_examples": sum(enc["truncated"] for enc in chats), "answer_tokens": answer,
-            "answer_tokens_lost": lost, "answer_tokens_lost_share": lost / answer if answer else 0.0}
+    return _with_share({"documents": sum(enc["block"] == 0 for enc in blocks), "blocks": len(blocks),
+                        "document_tokens": sum(enc["length"] for enc in blocks), "chat_examples": len(chats),
+                        "truncated_chat_examples": sum(enc["truncated"] for enc in chats), "answer_tokens": answer,
+                        "answer_tokens_lost": lost})
+
+
+def combined_report(reports: Iterable[dict]) -> dict:
+    """One `encoding_report` of encodings reported in parts (a large split is reported a batch at a time)."""
+    counts: dict[str, int] = {}
+    for report in reports:
+        for name, value in report.items():
+            if name != "answer_tokens_lost_share":
+                counts[name] = counts.get(name, 0) + value
+    return _with_share(counts) if counts else encoding_report([])
+
+
+def _with_share(counts: dict) -> dict:
+    answer, lost = counts["answer_tokens"], counts["answer_tokens_lost"]
+    return {**counts, "answer_tokens_lost_share": lost / answer if answer else 0.0}
 
 
 LOST_ANSWER_WARNING_SHARE = 0.05  # above this share of answer tokens cut by truncation, say so loudly

@@ -159,7 +159,8 @@ def test_parallel_encoding_equals_encoding_in_process(demo_model_dir, tmp_path, 
 
 
 def test_a_documents_blocks_stay_together_in_one_split_and_the_report_comes_from_the_cache(demo_model_dir, tmp_path,
-                                                                                          data_cache):
+                                                                                          data_cache, monkeypatch):
+    monkeypatch.setattr("finetune.prepare._REPORT_BATCH", 5)  # the report is summed over batches of encodings
     docs = [{"text": " ".join(f"word{i}-{j}" for j in range(30 + 7 * i))} for i in range(12)]
     config = RunConfig(base_model=str(demo_model_dir), dataset=str(write_rows(tmp_path / "docs.jsonl", docs)),
                        max_seq_length=32, eval_fraction=0.25, test_fraction=0.25)
@@ -172,6 +173,19 @@ def test_a_documents_blocks_stay_together_in_one_split_and_the_report_comes_from
     assert first.report == {split: encoding_report(encs) for split, encs in expected.items()}
     second = prepare_data(config)  # read from the cache
     assert second.encoded == first.encoded and second.report == first.report
+
+
+def test_the_report_of_truncated_chats_summed_over_batches_equals_one_report_of_all(demo_model_dir, tmp_path,
+                                                                                     data_cache, monkeypatch):
+    monkeypatch.setattr("finetune.prepare._REPORT_BATCH", 7)
+    rows = [{"instruction": f"Say {i}", "output": " ".join(["word"] * (2 + i % 15))} for i in range(60)]
+    config = RunConfig(base_model=str(demo_model_dir), dataset=str(write_rows(tmp_path / "data.jsonl", rows)),
+                       max_seq_length=24, eval_fraction=0.25, test_fraction=0.25)
+    prepared = prepare_data(config)
+    for split, encs in prepared.encoded.items():
+        report = encoding_report(list(encs))
+        assert report["answer_tokens_lost"] > 0 and len(encs) > 7
+        assert prepared.report[split] == report
 
 
 def test_preference_rows_are_kept_in_the_cache_and_leave_with_rows_the_encoder_refuses(tmp_path, data_cache):

@@ -10,7 +10,9 @@ The flow, top to bottom:
     load_examples                  all of the above, driven by a RunConfig
 
 Every expected mistake raises `DataError` with the file, the 1-based row (or line) number, the field and the fix.
-Row numbers count rows as read: for JSON lines that is the n-th non-blank line, for CSV the n-th data row.
+Row numbers count rows as read: for JSON lines that is the n-th non-blank line, for CSV the n-th data row. With
+`skip_invalid`, a JSON line that holds no JSON object is read as an `UnreadableLine` in its row's place: a row read
+and skipped, so the rows after it keep their numbers.
 
 Formats (column names are matched case-insensitively; `column_mapping` names them explicitly):
 
@@ -52,6 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import hashlib
 import itertools
 import json
@@ -118,6 +121,15 @@ class SkippedRow:
     reason: str
 
 
+@dataclass(frozen=True)
+class UnreadableLine:
+    """A JSON line read with `skip_invalid` that holds no JSON object. It stands where its row would, so that
+    normalisation counts it as a row read and skipped and the rows after it keep their numbers."""
+    line: int     # 1-based line number in the file or paste box
+    reason: str   # the skipped row's reason: "invalid JSON on line 3: Expecting value (column 32)"
+    detail: str   # the same without the line number: "Expecting value (column 32)"
+
+
 @dataclass
 class NormalizedData:
     examples: list[dict]  # what supervised fine-tuning learns: never a rejected or label-false answer
@@ -156,12 +168,14 @@ class PreparedData:
 # ============================================================================ sources: files, Hub ids, pasted text
 
 def read_rows(source: str | Path, *, dataset_config: str | None = None, split: str = "train",
-              max_rows: int | None = None, max_bytes: int | None = None) -> list[dict]:
+              max_rows: int | None = None, max_bytes: int | None = None, skip_invalid: bool = False) -> list[dict]:
     """Rows from a local file (by extension) or, for a string that is no file but looks like `org/name`, the Hub.
 
-    `max_rows` stops reading early; `max_bytes` rejects larger local files before reading them.
+    `max_rows` stops reading early; `max_bytes` rejects larger local files before reading them. `skip_invalid`
+    reads a JSON line that holds no JSON object as an `UnreadableLine` instead of raising (normalisation skips it).
     """
-    stream = stream_rows(source, dataset_config=dataset_config, split=split, max_rows=max_rows, max_bytes=max_bytes)
+    stream = stream_rows(source, dataset_config=dataset_config, split=split, max_rows=max_rows, max_bytes=max_bytes,
+                         skip_invalid=skip_invalid)
     rows = list(stream)
     if stream.text_split:
         rows = _TextFileRows(rows)
@@ -189,18 +203,19 @@ class RowStream:
 
 
 def stream_rows(source: str | Path, *, dataset_config: str | None = None, split: str = "train",
-                max_rows: int | None = None, max_bytes: int | None = None) -> RowStream:
+                max_rows: int | None = None, max_bytes: int | None = None, skip_invalid: bool = False) -> RowStream:
     """`read_rows`, one row at a time: a `RowStream`."""
     if max_rows is not None and max_rows < 1:
         raise DataError(f"`max_rows` must be at least 1, or unset (got {max_rows})")
     path = _local_path(source)
     if path is None:
         return _stream_hub_rows(str(source).strip(), dataset_config, split, max_rows)
-    return _stream_local_rows(path, max_rows=max_rows, max_bytes=max_bytes)
+    return _stream_local_rows(path, max_rows=max_rows, max_bytes=max_bytes, skip_invalid=skip_invalid)
 
 
-def rows_from_text(text: str, *, source: str = "pasted rows") -> list[dict]:
-    """Rows from the UI's paste box: a JSON array (or `{"data": [...]}`), a single object, or JSON lines."""
+def rows_from_text(text: str, *, source: str = "pasted rows", skip_invalid: bool = False) -> list[dict]:
+    """Rows from the UI's paste box: a JSON array (or `{"data": [...]}`), a single object, or JSON lines
+    (`skip_invalid`: as in `read_rows`)."""
     body = text.strip().lstrip("\ufeff").strip()
     if not body:
         raise DataError(f"{source}: nothing to read; paste a JSON array of rows or one JSON object per line",
@@ -214,7 +229,8 @@ def rows_from_text(text: str, *, source: str = "pasted rows") -> list[dict]:
         raise DataError(f"{source}: the JSON {e}", source=source) from None
     except json.JSONDecodeError as e:
         if body[0] == "{":  # several objects: JSON lines
-            return _rows_from_json_lines(enumerate(body.splitlines(), 1), source, max_rows=None)
+            return _rows_from_json_lines(enumerate(body.splitlines(), 1), source, max_rows=None,
+                                         skip_invalid=skip_invalid)
         raise _json_document_error(e, source) from None
     rows = _rows_from_document(doc, source)
     if not rows:
@@ -250,12 +266,14 @@ def _looks_like_path(text: str) -> bool:
             or re.match(r"[A-Za-z]:", text) is not None or Path(text).suffix.lower() in SUPPORTED_EXTENSIONS)
 
 
-def _stream_local_rows(path: Path, *, max_rows: int | None, max_bytes: int | None) -> RowStream:
+def _stream_local_rows(path: Path, *, max_rows: int | None, max_bytes: int | None,
+                       skip_invalid: bool = False) -> RowStream:
     name = path.name
     if path.is_dir():
         raise DataError(f"{path} is a folder; give one file ({_extensions_text()})", source=name)
     ext = path.suffix.lower()
-    readers = {".json": _read_json_file, ".jsonl": _read_jsonl_file, ".csv": _read_csv_file,
+    readers = {".json": functools.partial(_read_json_file, skip_invalid=skip_invalid),
+               ".jsonl": functools.partial(_read_jsonl_file, skip_invalid=skip_invalid), ".csv": _read_csv_file,
                ".parquet": _read_parquet_file, ".txt": _read_text_file}
     if ext not in readers:
         kind = f"`{ext}`" if ext else "with no extension"
@@ -326,7 +344,7 @@ def _decoded_lines(path: Path, name: str) -> Iterator[tuple[int, str]]:
 # ---------------------------------------------------------------------------- one reader per file type
 # Each yields the file's rows one at a time (a JSON document is parsed whole: JSON has no streaming reader here).
 
-def _read_json_file(path: Path, name: str) -> Iterator[dict]:
+def _read_json_file(path: Path, name: str, *, skip_invalid: bool = False) -> Iterator[dict]:
     text = _decode(path.read_bytes(), name)
     if not text.strip():
         return
@@ -336,13 +354,13 @@ def _read_json_file(path: Path, name: str) -> Iterator[dict]:
         raise DataError(f"{name}: the JSON {e}", source=name) from None
     except json.JSONDecodeError as e:
         if e.msg == "Extra data" and text.lstrip().startswith("{"):  # JSON lines saved as .json: read it anyway
-            yield from _iter_json_lines(enumerate(text.splitlines(), 1), name)
+            yield from _iter_json_lines(enumerate(text.splitlines(), 1), name, skip_invalid)
             return
         raise _json_document_error(e, name) from None
     yield from _rows_from_document(doc, name)
 
 
-def _read_jsonl_file(path: Path, name: str) -> Iterator[dict]:
+def _read_jsonl_file(path: Path, name: str, *, skip_invalid: bool = False) -> Iterator[dict]:
     lines = _decoded_lines(path, name)
     first = next(((n, line) for n, line in lines if line.strip()), None)
     if first is None:
@@ -351,28 +369,42 @@ def _read_jsonl_file(path: Path, name: str) -> Iterator[dict]:
         lines.close()
         yield from _read_json_file(path, name)
         return
-    yield from _iter_json_lines(itertools.chain([first], lines), name)
+    yield from _iter_json_lines(itertools.chain([first], lines), name, skip_invalid)
 
 
-def _rows_from_json_lines(lines: Iterable[tuple[int, str]], name: str, max_rows: int | None) -> list[dict]:
-    return list(itertools.islice(_iter_json_lines(lines, name), max_rows))
+def _rows_from_json_lines(lines: Iterable[tuple[int, str]], name: str, max_rows: int | None, *,
+                          skip_invalid: bool = False) -> list[dict]:
+    return list(itertools.islice(_iter_json_lines(lines, name, skip_invalid), max_rows))
 
 
-def _iter_json_lines(lines: Iterable[tuple[int, str]], name: str) -> Iterator[dict]:
+def _iter_json_lines(lines: Iterable[tuple[int, str]], name: str, skip_invalid: bool = False) -> Iterator[dict]:
+    """The object on each non-blank line; a line holding none raises, or with `skip_invalid` is an `UnreadableLine`."""
     for number, line in lines:
         if not line.strip():
             continue
-        try:
-            row = _loads(line)
-        except _JsonLimit as e:
-            raise DataError(f"{name}: the JSON on line {number} {e}", source=name, row=number) from None
-        except json.JSONDecodeError as e:
-            raise DataError(f"{name}: invalid JSON on line {number}: {e.msg} (column {e.colno}); each line must "
-                            "hold one complete JSON object", source=name) from None
-        if not isinstance(row, dict):
-            raise DataError(f"{name}, line {number}: expected a JSON object with named fields such as "
-                            f'{{"instruction": ..., "output": ...}}, got {_kind(row)}', source=name)
-        yield row
+        row, message = _json_line(line, number, name)
+        if message is None or skip_invalid:
+            yield row
+        else:
+            raise DataError(message + SKIP_HINT, source=name, row=number)
+
+
+def _json_line(line: str, number: int, name: str) -> tuple[dict | UnreadableLine, str | None]:
+    """(the line's object, None), or (an `UnreadableLine`, the error for people) when it holds no JSON object."""
+    try:
+        row = _loads(line)
+    except _JsonLimit as e:
+        bad = UnreadableLine(number, f"the JSON on line {number} {e}", f"the JSON {e}")
+        return bad, f"{name}: {bad.reason}"
+    except json.JSONDecodeError as e:
+        detail = f"{e.msg} (column {e.colno})"
+        bad = UnreadableLine(number, f"invalid JSON on line {number}: {detail}", detail)
+        return bad, f"{name}: {bad.reason}; each line must hold one complete JSON object"
+    if isinstance(row, dict):
+        return row, None
+    detail = f'expected a JSON object with named fields such as {{"instruction": ..., "output": ...}}, got {_kind(row)}'
+    bad = UnreadableLine(number, f"line {number}: {detail}", detail)
+    return bad, f"{name}, {bad.reason}"
 
 
 class _JsonLimit(ValueError):
@@ -790,8 +822,9 @@ def normalize_rows(rows: list[dict], *, fmt: str = "auto", column_mapping: dict[
     field and the fix; with `skip_invalid` it is dropped and recorded in `skipped` instead. `pairs_required` (a
     preference stage) makes a pair row without its `rejected` answer a bad row. (A row the template can't encode is
     found where the examples are encoded: `prepare.prepare_data`.)"""
-    normalizer = RowNormalizer(rows[:_HEAD_ROWS], fmt=fmt, column_mapping=column_mapping, system_prompt=system_prompt,
-                               skip_invalid=skip_invalid, source=source, pairs_required=pairs_required)
+    normalizer = RowNormalizer(_read_head(iter(rows)), fmt=fmt, column_mapping=column_mapping,
+                               system_prompt=system_prompt, skip_invalid=skip_invalid, source=source,
+                               pairs_required=pairs_required)
     examples: list[dict] = []
     preference_rows: list[dict] = []
     for number, row in enumerate(rows, 1):
@@ -810,13 +843,27 @@ def normalize_rows(rows: list[dict], *, fmt: str = "auto", column_mapping: dict[
 _HEAD_ROWS = 20  # the first rows, from which the format, columns and preference kind are detected
 
 
+def _read_head(rows: Iterator[Any]) -> list:
+    """The first rows, as `RowNormalizer` is built from: up to `_HEAD_ROWS` readable ones, with the unreadable
+    lines among them (all of them when no readable row follows)."""
+    head, readable = [], 0
+    for row in rows:
+        head.append(row)
+        readable += not isinstance(row, UnreadableLine)
+        if readable == _HEAD_ROWS:
+            break
+    return head
+
+
 class RowNormalizer:
     """`normalize_rows` one row at a time, for rows streamed from a large file: built from the first rows
-    (`_HEAD_ROWS` of them decide the format and columns), then `normalize` each row in order and `finish`."""
+    (`_read_head`: their readable rows decide the format and columns), then `normalize` each row in order (an
+    `UnreadableLine` too: a row read and skipped) and `finish`."""
 
     def __init__(self, head: list[dict], *, fmt: str = "auto", column_mapping: dict[str, str] | None = None,
                  system_prompt: str | None = None, skip_invalid: bool = False, source: str = "<rows>",
                  pairs_required: bool = False):
+        head = _readable_head(head, source)
         self.format, self.columns = _resolve_columns(head, fmt, column_mapping, source)
         self.preference = _preference_kind(head, self.columns)
         self.system_prompt = system_prompt if system_prompt and system_prompt.strip() else None
@@ -828,6 +875,8 @@ class RowNormalizer:
     def normalize(self, number: int, row: Any) -> tuple[dict | None, dict | None]:
         """(the example, or None when the row is skipped or labelled false; its preference record or None)."""
         try:
+            if isinstance(row, UnreadableLine):
+                raise _RowProblem(row.reason, "each line must hold one complete JSON object")
             example = _normalize_row(row, self.format, self.columns, self.system_prompt)
             record = (_preference_row(row, example, self.columns, self.preference, self.pairs_required)
                       if self.preference else None)
@@ -854,6 +903,17 @@ class RowNormalizer:
             raise DataError(f"{self.source}: all {rows} rows are invalid, nothing is left to train on; the first "
                             f"problem: {self._first_problem}", source=self.source)
         return _reading_notices(self.source, text_split, rows, self.preference, self.kept, self.label_false)
+
+
+def _readable_head(head: list, source: str) -> list[dict]:
+    """The head's rows without its unreadable lines; when every line read is unreadable, nothing is left to train
+    on: an error, not an empty dataset."""
+    readable = [row for row in head if not isinstance(row, UnreadableLine)]
+    if head and not readable:
+        first = head[0]
+        raise DataError(f"{source}: all {len(head)} lines are invalid JSON (first: line {first.line}: {first.detail}), "
+                        "so nothing is left to train on; each line must hold one complete JSON object", source=source)
+    return readable
 
 
 def _reading_notices(source: str, text_split: str | None, rows: int, preference: str | None, kept: int,
@@ -1416,7 +1476,7 @@ def collect_examples(config: RunConfig, rows: list[dict] | None = None, *, sourc
             raise DataError("`dataset` is not set; give a file path, a Hub dataset id, or rows", field="dataset")
         source = display_name(config.dataset)
         stream = stream_rows(config.dataset, dataset_config=config.dataset_config, split=config.dataset_split,
-                             max_rows=config.max_rows)
+                             max_rows=config.max_rows, skip_invalid=config.skip_invalid)
         path = _local_path(config.dataset)
         identity = stream.fingerprint or data_cache.file_digest(path)
     else:
@@ -1453,7 +1513,7 @@ def _store_examples(config: RunConfig, stream: RowStream, source: str, folder: P
     import pyarrow as pa
 
     rows = iter(stream)
-    head = list(itertools.islice(rows, _HEAD_ROWS))
+    head = _read_head(rows)
     normalizer = RowNormalizer(head, fmt=config.data_format, column_mapping=config.column_mapping,
                                system_prompt=config.system_prompt, skip_invalid=config.skip_invalid, source=source,
                                pairs_required=_pairs_required(config))
@@ -1559,4 +1619,4 @@ __all__ = ["CANONICAL_FIELDS", "FORMATS", "SPLIT_NAMES", "SUPPORTED_EXTENSIONS",
            "NormalizedData", "PreparedData", "RowNormalizer", "RowStream", "SkippedRow", "Splits", "collect_examples",
            "detect_format", "display_name", "duplicate_key", "hub_load_error", "length_stats", "load_examples",
            "normalize_rows", "read_jsonl_examples", "read_rows", "rows_from_text", "split_examples",
-           "split_positions", "split_stats", "stream_rows", "write_split_files"]
+           "split_positions", "split_stats", "stream_rows", "write_split_files", "UnreadableLine"]

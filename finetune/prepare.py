@@ -203,7 +203,7 @@ def preview_data(config: RunConfig, *,
         raise DataError("`dataset` is not set; give a file path, a Hub dataset id, or rows", field="dataset")
     wanted = min(config.max_rows or sample + 1, sample + 1)  # one more row tells whether there are more
     rows = read_rows(config.dataset, dataset_config=config.dataset_config, split=config.dataset_split,
-                     max_rows=wanted)
+                     max_rows=wanted, skip_invalid=config.skip_invalid)
     more = len(rows) > sample
     if more:
         del rows[sample:]  # in place: a .txt file's rows keep their `text_split`

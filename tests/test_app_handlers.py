@@ -117,6 +117,25 @@ def test_skip_invalid_reports_the_skipped_rows(ctx):
     assert "1 invalid rows skipped (first: row 2: field `output` is empty)" in status
 
 
+def test_skip_invalid_rows_skips_a_malformed_pasted_line(ctx):
+    """The tab's "Skip invalid rows" box skips a broken JSON line (here the first) as it skips any bad row."""
+    good = [json.dumps({"instruction": f"Say {w}", "output": w.title()}) for w in
+            ("hi", "bye", "yes", "no", "maybe", "never", "always", "soon", "later", "now")]
+    text = "\n".join(['{"instruction": "x", "output": }', *good])
+    status, preview, index, stats, histogram, state, _ = load(ctx, source="Paste rows", paste=text, skip_invalid=True)
+    assert "11 rows read" in status
+    assert "1 invalid rows skipped (first: row 1: invalid JSON on line 1: Expecting value (column 32))" in status
+    assert sum(state["rows"].values()) == 10 and preview["visible"] is True
+    assert Path(state["file"]).read_text() == text  # kept as pasted: training reads and skips the same line
+    refused, *_ = load(ctx, source="Paste rows", paste=text)
+    assert ("pasted rows: invalid JSON on line 1: Expecting value (column 32); each line must hold one complete "
+            "JSON object (or set skip_invalid: true to drop bad rows)") in refused
+    nothing, *boxes, state, accordion = load(ctx, source="Paste rows", paste="{oops\n{nope", skip_invalid=True)
+    assert ("pasted_rows.jsonl: all 2 lines are invalid JSON (first: line 1: Expecting property name enclosed in "
+            "double quotes (column 2)), so nothing is left to train on") in nothing
+    assert [box["visible"] for box in boxes] == [False] * 4 and state == {} and accordion["open"] is False
+
+
 def test_upload_over_the_limit_is_refused_before_reading(ctx, tmp_path):
     big = tmp_path / "big.jsonl"
     big.write_text('{"text": "x"}\n' * 1000)

@@ -339,7 +339,8 @@ def test_judge_answers_then_train_on_them_in_a_browser(app, app_url, browser):
 
 def test_data_and_settings_views_stay_current_in_a_browser(own_app_url, browser):
     """The Example slider follows typing; another source drops the old preview; a JSON error leaves no empty boxes
-    and keeps the column mapping shut; the YAML follows every change."""
+    and keeps the column mapping shut, and "Skip invalid rows" skips the broken line; the YAML follows every
+    change."""
     page = browser.new_page(viewport={"width": 1280, "height": 1000})
     page.set_default_timeout(60_000)
     open_app(page, own_app_url)
@@ -366,9 +367,12 @@ def test_data_and_settings_views_stay_current_in_a_browser(own_app_url, browser)
     assert not page.locator("#field-column_mapping").is_visible()  # "(column 32)" is no dataset column
     shot(page, "09-data-json-error")
 
-    page.fill("#data-paste textarea", "\n".join(good))  # the same rows without the broken line
+    page.get_by_text("Format and columns").click()  # "Skip invalid rows": the same text loads, the bad line skipped
+    page.locator("#field-skip_invalid input").check()
     page.click("#data-load")
     page.wait_for_selector("#data-status .ft-ok")
+    assert "1 invalid rows skipped (first: row 2: invalid JSON on line 2: Expecting value (column 32))" in (
+        page.inner_text("#data-status"))
     assert page.locator("#data-preview").is_visible()
 
     open_tab(page, "Model & settings")

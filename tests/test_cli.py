@@ -69,7 +69,8 @@ def test_bad_data_names_file_and_line(capsys, demo_model_dir, tmp_path):
     msg = user_error(capsys, ["train", "--base_model", str(demo_model_dir), "--dataset", str(bad),
                               "--output_dir", str(tmp_path / "run")])
     assert msg == ("error: bad.jsonl: invalid JSON on line 2: Expecting property name enclosed in double quotes "
-                   "(column 1); each line must hold one complete JSON object")
+                   "(column 1); each line must hold one complete JSON object (or set skip_invalid: true to drop bad "
+                   "rows)")
 
 
 def test_bad_row_names_row_and_field(capsys, demo_model_dir, tmp_path):

@@ -12,7 +12,7 @@ from typing import Any
 
 import gradio as gr
 
-from finetune.data import CANONICAL_FIELDS, FORMATS, SUPPORTED_EXTENSIONS, read_rows, rows_from_text
+from finetune.data import CANONICAL_FIELDS, FORMATS, SUPPORTED_EXTENSIONS, UnreadableLine, read_rows, rows_from_text
 from finetune.errors import DataError, FinetuneError
 from finetune.runs import safe_filename
 
@@ -65,11 +65,11 @@ def resolve_source(ctx: AppContext, owner: str, values: dict[str, Any]) -> DataS
         return DataSource(str(path), path, safe_filename(path.name))
     if source == "Paste rows":
         text = values.get("paste") or ""
-        rows = rows_from_text(text)
+        rows = rows_from_text(text, skip_invalid=bool(values.get("skip_invalid")))
         folder = ctx.uploads_dir(owner) / secrets.token_hex(6)  # one folder per paste: errors name the file
         folder.mkdir()
         path = folder / "pasted_rows.jsonl"
-        if getattr(rows, "skipped", None):
+        if any(isinstance(row, UnreadableLine) for row in rows):
             # JSON lines with malformed ones, skipped: kept as pasted, so that reading the file skips (and
             # reports) the same lines by the same numbers
             path.write_text(text, encoding="utf-8", errors="backslashreplace")
@@ -130,7 +130,8 @@ def analyse(ctx: AppContext, owner: str, values: dict[str, Any], settings: dict[
     source = resolve_source(ctx, owner, values)
     config = data_config(values, settings, source)
     if source.file is not None:
-        read_rows(source.file, max_rows=1, max_bytes=ctx.max_upload_bytes)  # size and type check first
+        read_rows(source.file, max_rows=1, max_bytes=ctx.max_upload_bytes,  # size and type check first
+                  skip_invalid=config.skip_invalid)
     encoded = prepare_data(config, tokenizer_for=lambda c: load_tokenizer_for(ctx, c), limit=STATS_SAMPLE)
     prepared, model = encoded.examples, encoded.model
     notice = model.source.notice if not config.base_model == "demo" else None

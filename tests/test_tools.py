@@ -294,7 +294,8 @@ def test_a_one_megabyte_one_document_per_line_file_previews_as_hundreds_of_block
                  "--eval_fraction", "0", "--test_fraction", "0", "-n", "1"]) == 0
     out = capsys.readouterr().out
     assert "note: corpus.txt has no blank lines between its text, so each of its 200 lines is one document" in out
-    assert f"train      documents=200  blocks={len(blocks)}  tokens={total}" in out
+    assert f"  train: 200 documents → {len(blocks)} blocks of at most 512 tokens, {total:,} tokens in all (none " \
+           "dropped)" in out
 
 
 def test_truncated_chats_report_the_share_of_answer_tokens_lost_and_warn_above_5_percent(demo_model_dir, capsys,
@@ -319,10 +320,11 @@ def test_truncated_chats_report_the_share_of_answer_tokens_lost_and_warn_above_5
                  str(data), "--eval_fraction", "0", "--test_fraction", "0", "-n", "1"]) == 0
     captured = capsys.readouterr()
     share = f"{(answer - kept) / answer:.1%}"
-    assert (f"warning: {share} of the train split's answer tokens ({answer - kept} of {answer}, in 2 examples) lie "
-            "beyond max_seq_length = 64 and are cut off, so the model never learns them; raise `max_seq_length` or "
-            "shorten those conversations") in captured.err
-    assert f"answer_tokens_lost={answer - kept} ({share}, in 2 truncated examples)" in captured.out
+    assert (f"warning: {share} of the train split's answer tokens ({answer - kept:,} of {answer:,}, in 2 examples) "
+            "lie beyond max_seq_length = 64 and are cut off, so the model never learns them; raise `max_seq_length` "
+            "or shorten those conversations") in captured.err
+    assert (f"  train: {answer - kept:,} of {answer:,} answer tokens ({share}) lie beyond max_seq_length and are cut "
+            "off, in 2 truncated examples") in captured.out
     assert main(["preview", "--base_model", str(demo_model_dir), "--max_seq_length", "1024", "--dataset",
                  str(data), "-n", "1"]) == 0
     assert "warning" not in capsys.readouterr().err

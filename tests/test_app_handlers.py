@@ -224,6 +224,14 @@ def test_data_tab_says_which_answers_of_preference_and_kto_data_are_learned(ctx,
     says_what_the_cli_says(summary, cli_preview(capsys, kto, "--column_mapping", "{label: is_good}"))
 
 
+def test_the_column_mapping_offers_the_tool_and_preference_fields(ctx):
+    with gr.Blocks():
+        widgets = data_tab.create_data_tab(ctx)
+    assert widgets["mapping_fields"].value == (
+        "Fields to map: `instruction`, `input`, `output`, `system`, `prompt`, `completion`, `messages`, "
+        "`conversations`, `text`, `tools`, `chosen`, `rejected`, `label`.")
+
+
 def test_tokenizers_are_cached_apart_by_trust_remote_code(ctx):
     plain = data_tab.load_tokenizer_for(ctx, RunConfig(base_model="demo"))
     trusting = data_tab.load_tokenizer_for(ctx, RunConfig(base_model="demo", trust_remote_code=True))

@@ -199,6 +199,11 @@ def opens_column_mapping(error: FinetuneError) -> bool:
     return error.field in ("column_mapping", "data_format") or (error.field in CANONICAL_FIELDS and error.row is None)
 
 
+def mapping_fields_md() -> str:
+    """The fields a column mapping can name (the library's list), under the mapping box."""
+    return "Fields to map: " + ", ".join(f"`{name}`" for name in CANONICAL_FIELDS) + "."
+
+
 def length_histogram(lengths: dict[str, list[int]], max_seq_length: int):
     """Token lengths per split, stacked, with the max_seq_length cutoff drawn as a dashed line."""
     import matplotlib
@@ -260,6 +265,8 @@ def create_data_tab(ctx: AppContext) -> dict[str, Any]:
                                                info="`auto` detects it from the column names.",
                                                elem_id="data-format")
                 c["column_mapping"] = field_widget("column_mapping", placeholder="prompt: question, completion: answer")
+                c["mapping_fields"] = gr.Markdown(mapping_fields_md(), elem_classes="ft-help",
+                                                  elem_id="data-mapping-fields")
                 with gr.Row():
                     c["skip_invalid"] = field_widget("skip_invalid")
                     c["max_rows"] = field_widget("max_rows")

@@ -102,7 +102,7 @@ def _print_results(r: dict, final_dir: Path) -> None:
 
 def cmd_preview(args) -> int:
     from .prepare import preview_data
-    from .templates import labelled_turns, preview_text, render_preview, system_turn_notice, tool_format_notice
+    from .templates import encoding_report_lines, labelled_turns, preview_text, render_preview
 
     _data_file_as_dataset(args)
     config = config_from_args(args)
@@ -114,12 +114,9 @@ def cmd_preview(args) -> int:
     if prepared.sample:
         print(f"note: previewing the first {prepared.sample:,} rows of a larger dataset; the counts and token "
               "lengths below are estimated from them")
-    for notice in data.notices:
-        print(f"note: {notice}")
     shown = data.splits.train[: args.n]
-    for notice in (system_turn_notice(tok, shown), tool_format_notice(tok, shown)):
-        if notice:
-            print(f"note: {notice}")
+    for notice in prepared.notices(shown):
+        print(f"note: {notice}")
     if data.skipped:
         print(f"skipped {len(data.skipped)} invalid rows, e.g. row {data.skipped[0].row}: {data.skipped[0].reason}")
     print(f"duplicates removed: {data.splits.duplicates_removed}")
@@ -134,24 +131,10 @@ def cmd_preview(args) -> int:
     print(f"\ntoken lengths per split (max_seq_length = {config.max_seq_length}{sampled}):")
     for split, s in prepared.stats.items():
         print(f"  {split:<10} " + "  ".join(f"{k}={v}" for k, v in s.items()))
-    _print_encoding_report(prepared.report)
-    return 0
-
-
-def _print_encoding_report(report: dict[str, dict]) -> None:
-    """Documents → blocks → tokens, and answer tokens lost to truncation, per split (what has any)."""
-    lines = []
-    for split, r in report.items():
-        parts = []
-        if r["documents"]:
-            parts.append(f"documents={r['documents']}  blocks={r['blocks']}  tokens={r['document_tokens']}")
-        if r["chat_examples"]:
-            parts.append(f"answer_tokens={r['answer_tokens']}  answer_tokens_lost={r['answer_tokens_lost']} "
-                         f"({r['answer_tokens_lost_share']:.1%}, in {r['truncated_chat_examples']} truncated examples)")
-        if parts:
-            lines.append(f"  {split:<10} " + "  ".join(parts))
+    lines = encoding_report_lines(prepared.report, config.max_seq_length)
     if lines:
-        print("\nencoded per split:\n" + "\n".join(lines))
+        print("\nencoded:\n" + "\n".join(f"  {line}" for line in lines))
+    return 0
 
 
 def _data_file_as_dataset(args) -> None:

@@ -14,7 +14,8 @@ Row numbers count rows as read: for JSON lines that is the n-th non-blank line, 
 `skip_invalid`, a JSON line that holds no JSON object is read as an `UnreadableLine` in its row's place: a row read
 and skipped, so the rows after it keep their numbers.
 
-Formats (column names are matched case-insensitively; `column_mapping` names them explicitly):
+Formats (column names are matched case-insensitively; `column_mapping` names them explicitly, the format's fields
+and `system`, `tools` (conversations), `chosen`, `rejected` and `label` (any format with an answer) alike):
 
 - alpaca:            instruction, optional input (alias context), output (alias response), optional system.
                      The user turn is `instruction` + "\\n\\n" + `input` when input is non-empty.
@@ -79,13 +80,18 @@ FORMATS = ("alpaca", "messages", "sharegpt", "prompt_completion", "text")
 SPLIT_NAMES = ("train", "validation", "test")
 # Our field names, which `column_mapping` maps to a dataset's columns.
 CANONICAL_FIELDS = ("instruction", "input", "output", "system", "prompt", "completion", "messages",
-                    "conversations", "text")
+                    "conversations", "text", "tools", "chosen", "rejected", "label")
 SKIP_HINT = " (or set skip_invalid: true to drop bad rows)"
 
-# Which format each canonical field belongs to; `system` fits every chat format.
-_FIELD_FAMILY = {"instruction": "alpaca", "input": "alpaca", "output": "alpaca", "prompt": "prompt_completion",
-                 "completion": "prompt_completion", "messages": "conversation", "conversations": "conversation",
-                 "text": "text"}
+# Which formats each canonical field fits (`system` fits every one): tool schemas go with conversations, and a
+# preference pair's answers or a KTO label with any format that has an answer (not plain text).
+_ANSWER_FAMILIES = frozenset({"alpaca", "prompt_completion", "conversation"})
+_FIELD_FAMILIES = {"instruction": frozenset({"alpaca"}), "input": frozenset({"alpaca"}),
+                   "output": frozenset({"alpaca"}), "prompt": frozenset({"prompt_completion"}),
+                   "completion": frozenset({"prompt_completion"}), "messages": frozenset({"conversation"}),
+                   "conversations": frozenset({"conversation"}), "text": frozenset({"text"}),
+                   "tools": frozenset({"conversation"}), "chosen": _ANSWER_FAMILIES, "rejected": _ANSWER_FAMILIES,
+                   "label": _ANSWER_FAMILIES}
 # Column-name aliases tried in order when nothing is mapped.
 _ALPACA_ALIASES = {"instruction": ("instruction",), "input": ("input", "context"),
                    "output": ("output", "response", "chosen")}
@@ -642,18 +648,21 @@ def _resolve_columns(rows: list[dict], fmt: str, column_mapping: dict[str, str] 
     index = _column_index(rows)
     mapping = _check_mapping(column_mapping or {}, index, source)
     family = _mapping_family(mapping, fmt)
+    named = {**index, **mapping}  # the columns by the names we look for: a mapped field's column under its name
     if fmt == "auto":
-        fmt = _format_of_family(family, rows, mapping) if family else _detect_from_columns(rows, index, source)
-    columns = {canonical: mapping.get(canonical) or _default_column(canonical, fmt, index)
+        fmt = (_format_of_family(family, rows, mapping, index) if family
+               else _detect_from_columns(rows, index, source, named=named))
+    _check_answer_fields(mapping, fmt, source)
+    columns = {canonical: mapping.get(canonical) or _default_column(canonical, fmt, named)
                for canonical in _fields_of(fmt)}
     if fmt in ("messages", "sharegpt"):
-        columns["messages"] = mapping.get("messages") or mapping.get("conversations") or \
-            _first_present(index, _CONVERSATION_COLUMNS)
+        columns["messages"] = _conversation_column(mapping, index)
         columns.pop("conversations", None)
-        columns["chosen"] = index.get("chosen") or index.get("completion")  # the reply to a prompt-only conversation
-        columns["tools"] = index.get("tools")
+        columns["chosen"] = named.get("chosen") or named.get("completion")  # the reply to a prompt-only conversation
+        columns["tools"] = named.get("tools")
     if fmt != "text":
-        columns.update(_preference_columns(columns, index))
+        columns.update(_preference_columns(columns, named, mapping))
+        _check_mapped_label(rows, mapping, source)
     required = {"alpaca": ("instruction", "output"), "prompt_completion": ("prompt", "completion"),
                 "messages": ("messages",), "sharegpt": ("messages",), "text": ("text",)}[fmt]
     for canonical in required:
@@ -665,16 +674,32 @@ def _resolve_columns(rows: list[dict], fmt: str, column_mapping: dict[str, str] 
     return fmt, {k: v for k, v in columns.items() if v}
 
 
-def _preference_columns(columns: dict[str, str | None], index: dict[str, str]) -> dict[str, str]:
-    """`rejected` when the answer is read from a `chosen` column, and a `label` column (KTO if it holds booleans)."""
+def _preference_columns(columns: dict[str, str | None], named: dict[str, str],
+                        mapping: dict[str, str]) -> dict[str, str]:
+    """`rejected` when the answer is read from a `chosen` column (or `rejected` is mapped: the answer read is then
+    the chosen one), and a `label` column (KTO if it holds booleans). `named`: the columns by our field names."""
     found = {}
-    chosen = index.get("chosen")
-    if chosen and chosen in (columns.get("chosen"), columns.get("completion"), columns.get("output")) \
-            and "rejected" in index:
-        found["rejected"] = index["rejected"]
-    if "label" in index:
-        found["label"] = index["label"]
+    chosen = named.get("chosen")
+    answer_is_chosen = chosen and chosen in (columns.get("chosen"), columns.get("completion"), columns.get("output"))
+    if "rejected" in named and (answer_is_chosen or "rejected" in mapping):
+        found["rejected"] = named["rejected"]
+    if "label" in named:
+        found["label"] = named["label"]
     return found
+
+
+def _check_mapped_label(rows: list[dict], mapping: dict[str, str], source: str) -> None:
+    """A column mapped to `label` must hold KTO labels: its first value in the first rows true or false (an unmapped
+    `label` column that doesn't is just another column)."""
+    column = mapping.get("label")
+    if column is None:
+        return
+    first = next((row[column] for row in rows[:20] if isinstance(row, dict) and row.get(column) is not None), None)
+    if _as_bool(first) is None:
+        shown = "no value in the first rows" if first is None else f"{_kind(first)} in its first rows"
+        raise DataError(f"column_mapping maps `label` to the column `{column}`, but {source} has {shown}; a KTO "
+                        "label marks each row's answer true (good) or false (bad), so map `label` to such a column or "
+                        "remove it", source=source, field="column_mapping")
 
 
 def _preference_kind(rows: list[dict], columns: dict[str, str]) -> str | None:
@@ -718,24 +743,41 @@ def _check_mapping(mapping: dict[str, str], index: dict[str, str], source: str) 
 
 
 def _mapping_family(mapping: dict[str, str], fmt: str) -> str | None:
-    families = sorted({_FIELD_FAMILY[k] for k in mapping if k in _FIELD_FAMILY})
-    if len(families) > 1:
-        names = ", ".join(f"`{k}`" for k in mapping if k in _FIELD_FAMILY)
+    """The one format family every mapped field fits, None when the mapped fields fit several (or none is mapped);
+    a DataError when they fit no family together, or not `fmt`'s."""
+    fitting = [_FIELD_FAMILIES[k] for k in mapping if k in _FIELD_FAMILIES]
+    common = frozenset.intersection(*fitting) if fitting else None
+    if common is not None and not common:
+        names = ", ".join(f"`{k}`" for k in mapping if k in _FIELD_FAMILIES)
         raise DataError(f"column_mapping mixes fields of different formats ({names}); map instruction/input/output, "
                         "or prompt/completion, or messages, or text", field="column_mapping")
-    family = families[0] if families else None
-    if family and fmt != "auto" and family != ("conversation" if fmt in ("messages", "sharegpt") else fmt):
+    if common and fmt != "auto" and ("conversation" if fmt in ("messages", "sharegpt") else fmt) not in common:
         raise DataError(f"data_format is `{fmt}` but column_mapping maps fields of another format "
                         f"({', '.join(mapping)}); set data_format: auto, or map the fields of `{fmt}`",
                         field="column_mapping")
-    return family
+    return next(iter(common)) if common and len(common) == 1 else None
 
 
-def _format_of_family(family: str, rows: list[dict], mapping: dict[str, str]) -> str:
+def _check_answer_fields(mapping: dict[str, str], fmt: str, source: str) -> None:
+    """Preference fields mapped on data detected as plain text (which has no answer to prefer or label) are refused,
+    not ignored."""
+    mapped = [k for k in mapping if _FIELD_FAMILIES.get(k) == _ANSWER_FAMILIES]
+    if fmt == "text" and mapped:
+        raise DataError(f"column_mapping maps `{mapped[0]}`, but {source} reads as plain text (`text`), which has no "
+                        "answer to prefer or label; map its prompt and answer columns too (e.g. prompt/completion), "
+                        f"or remove `{mapped[0]}`", source=source, field="column_mapping")
+
+
+def _format_of_family(family: str, rows: list[dict], mapping: dict[str, str], index: dict[str, str]) -> str:
     if family != "conversation":
         return family
-    column = mapping.get("messages") or mapping["conversations"]
-    return _turn_style(rows, column)
+    column = _conversation_column(mapping, index)
+    return _turn_style(rows, column) if column else "messages"  # none: `messages` then asks for its column
+
+
+def _conversation_column(mapping: dict[str, str], index: dict[str, str]) -> str | None:
+    """The column of turns: the mapped one, else `messages` or `conversations`."""
+    return mapping.get("messages") or mapping.get("conversations") or _first_present(index, _CONVERSATION_COLUMNS)
 
 
 def _turn_style(rows: list[dict], column: str) -> str:
@@ -747,15 +789,18 @@ def _turn_style(rows: list[dict], column: str) -> str:
     return "messages"
 
 
-def _detect_from_columns(rows: list[dict], index: dict[str, str], source: str) -> str:
-    conversation = _first_present(index, _CONVERSATION_COLUMNS)
+def _detect_from_columns(rows: list[dict], index: dict[str, str], source: str, *,
+                         named: dict[str, str] | None = None) -> str:
+    """The format from the column names; `named` adds mapped columns under our field names (a `chosen` mapping)."""
+    named = named or index
+    conversation = _first_present(named, _CONVERSATION_COLUMNS)
     if conversation:
         return _turn_style(rows, conversation)
-    if "instruction" in index and _first_present(index, _ALPACA_ALIASES["output"]):
+    if "instruction" in named and _first_present(named, _ALPACA_ALIASES["output"]):
         return "alpaca"
-    if any(p in index and c in index for p, c in _PROMPT_COMPLETION_PAIRS):
+    if any(p in named and c in named for p, c in _PROMPT_COMPLETION_PAIRS):
         return "prompt_completion"
-    if "text" in index:
+    if "text" in named:
         return "text"
     raise DataError(f"{source}: could not detect the data format; columns found: {_columns_text(index)}. "
                     f"Map them with column_mapping: {_suggest_mapping(rows, index)}", source=source,

@@ -1,8 +1,8 @@
 """Base vs fine-tuned on a run's held-out split: loss, perplexity and an answer table with scores.
 
 `evaluate_run` loads the base and the adapter once (`inference.ChatModel`), measures the loss with
-the adapter off and on, generates both models' greedy answers to each prompt, and writes
-`eval/answers.jsonl`, `eval/answers.csv` and `eval/summary.json` in the run folder.
+the adapter off and on, generates both models' greedy answers to each prompt (with the example's tool schemas, placed
+as in training), and writes `eval/answers.jsonl`, `eval/answers.csv` and `eval/summary.json` in the run folder.
 
 Scores compare an answer with the reference answer after normalisation (lowercase, punctuation
 removed, whitespace collapsed): exact match, token F1 (SQuAD-style bag-of-words overlap) and
@@ -16,6 +16,7 @@ import json
 import string
 import unicodedata
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -140,6 +141,22 @@ def prompt_and_reference(example: dict) -> tuple[list[dict], str] | None:
     return messages[:last], messages[last]["content"]
 
 
+@dataclass(frozen=True)
+class Question:
+    """A held-out chat example as a question to answer: the turns before its last reply, that reply's text, and the
+    example's tool schemas (None without), which the prompt carries as training did."""
+
+    turns: list[dict]
+    reference: str
+    tools: list[dict] | None = None
+
+
+def questions(examples: list[dict]) -> list[Question]:
+    """The chat examples of `examples` as questions (`prompt_and_reference`); plain-text examples have none."""
+    return [Question(*pair, tools=example.get("tools")) for example in examples
+            if (pair := prompt_and_reference(example)) is not None]
+
+
 def prompt_text(turns: list[dict]) -> str:
     """The prompt for the answer table: the user's text alone, or `role: text` lines for longer histories."""
     if len(turns) == 1:
@@ -181,8 +198,8 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", max_new_tokens: in
     if not examples:
         raise DataError(f"{split_path} is empty: the run has no {split} examples; train with `test_fraction` > 0 "
                         "(0.1 is typical) or evaluate another split (`validation`)", source=str(split_path))
-    pairs = [p for p in map(prompt_and_reference, examples) if p is not None]
-    to_answer = pairs[:limit] if limit is not None else pairs
+    asked = questions(examples)
+    to_answer = asked[:limit] if limit is not None else asked
     chat = chat or ChatModel.from_run(run.run_dir)
     cfg = run.config or RunConfig()  # no config saved: training's defaults
     loss_settings = dict(max_seq_length=cfg.max_seq_length, batch_size=cfg.batch_size,
@@ -207,23 +224,23 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", max_new_tokens: in
         advance(f"{side} loss {losses[side]:.4f}")
     rows = []
     greedy = dict(max_new_tokens=max_new_tokens, temperature=0.0)
-    for i, (turns, reference) in enumerate(to_answer, 1):
-        base_answer = chat.generate(turns, adapter=False, **greedy)
+    for i, question in enumerate(to_answer, 1):
+        base_answer = chat.generate(question.turns, adapter=False, tools=question.tools, **greedy)
         advance(f"answer {i}/{len(to_answer)} (base)")
-        finetuned_answer = chat.generate(turns, adapter=True, **greedy)
+        finetuned_answer = chat.generate(question.turns, adapter=True, tools=question.tools, **greedy)
         advance(f"answer {i}/{len(to_answer)} (fine-tuned)")
-        rows.append(answer_row(turns, reference, base_answer, finetuned_answer))
+        rows.append(answer_row(question.turns, question.reference, base_answer, finetuned_answer))
     bar.close()
 
-    summary = _summary(split, examples, rows, losses, chat, max_new_tokens, pairs)
+    summary = _summary(split, examples, rows, losses, chat, max_new_tokens, asked)
     write_eval_files(folder, rows, summary)
     return summary
 
 
 def _summary(split: str, examples: list[dict], rows: list[dict], losses: dict[str, float], chat,
-             max_new_tokens: int, pairs: list) -> dict:
+             max_new_tokens: int, asked: list[Question]) -> dict:
     summary = {"split": split, "examples": len(examples), "answered": len(rows),
-               "text_examples_without_prompt": len(examples) - len(pairs),
+               "text_examples_without_prompt": len(examples) - len(asked),
                "base_loss": losses["base"], "finetuned_loss": losses["finetuned"],
                "base_perplexity": perplexity(losses["base"]), "finetuned_perplexity": perplexity(losses["finetuned"]),
                "has_adapter": chat.has_adapter, "max_new_tokens": max_new_tokens, "decoding": "greedy"}

@@ -14,8 +14,8 @@ fine-tuned) and `has_adapter` is False; memory doubles. That is the only case wi
 `stream_both` answers with one model after the other.
 
 The prompt is built by `templates.prompt_ids` with the tokenizer saved next to the adapter, which
-carries the chat template used in training. Generation stops at the EOS ids of the generation
-config, the tokenizer's EOS token and `<|im_end|>`.
+carries the chat template used in training; a conversation's tool schemas (`tools=`) go in as training put them.
+Generation stops at the EOS ids of the generation config, the tokenizer's EOS token and `<|im_end|>`.
 
 `describe_tool_calls` reads the tool calls an answer makes (`<tool_call>` JSON, as Qwen2.5's template and the
 built-in tool format write them; or a bare JSON call, as Llama 3.1 and Mistral write them) for display.
@@ -244,12 +244,13 @@ class ChatModel:
     # --- generation
     def generate(self, messages: Messages | str, *, adapter: bool = True, max_new_tokens: int = 256,
                  temperature: float = 0.7, top_p: float = 0.9, top_k: int = 50, repetition_penalty: float = 1.0,
-                 seed: int | None = None, system_prompt: str | None = None) -> str:
-        """The assistant's answer to `messages` (a conversation ending with a user turn, or one user text).
+                 seed: int | None = None, system_prompt: str | None = None, tools: list[dict] | None = None) -> str:
+        """The assistant's answer to `messages` (a conversation ending with a user turn, or one user text), with the
+        tool schemas `tools` (as an example's `tools`) if given.
 
         `temperature` 0 means greedy decoding (then top_p, top_k and seed don't matter).
         """
-        input_ids = self._prompt_tensor(messages, system_prompt)
+        input_ids = self._prompt_tensor(messages, system_prompt, tools)
         settings = self._generation_settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
         with self.selected_model(adapter) as model, torch.inference_mode():
             _seed(seed)
@@ -259,7 +260,8 @@ class ChatModel:
 
     def stream(self, messages: Messages | str, *, adapter: bool = True, max_new_tokens: int = 256,
                temperature: float = 0.7, top_p: float = 0.9, top_k: int = 50, repetition_penalty: float = 1.0,
-               seed: int | None = None, system_prompt: str | None = None) -> Iterator[str]:
+               seed: int | None = None, system_prompt: str | None = None,
+               tools: list[dict] | None = None) -> Iterator[str]:
         """Like `generate`, yielding text chunks as tokens are produced; the chunks join to `generate`'s text.
 
         Generation runs in a worker thread. Closing the iterator early (the user pressed Stop) stops
@@ -267,7 +269,7 @@ class ChatModel:
         """
         from transformers import TextIteratorStreamer
 
-        input_ids = self._prompt_tensor(messages, system_prompt)
+        input_ids = self._prompt_tensor(messages, system_prompt, tools)
         settings = self._generation_settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         with self._generating_in_background(streamer, adapter=adapter, seed=seed, input_ids=input_ids,
@@ -276,8 +278,8 @@ class ChatModel:
 
     def stream_both(self, base_messages: Messages | str, finetuned_messages: Messages | str | None = None, *,
                     max_new_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.9, top_k: int = 50,
-                    repetition_penalty: float = 1.0, seed: int | None = None,
-                    system_prompt: str | None = None) -> Iterator[tuple[PaneText, PaneText]]:
+                    repetition_penalty: float = 1.0, seed: int | None = None, system_prompt: str | None = None,
+                    tools: list[dict] | None = None) -> Iterator[tuple[PaneText, PaneText]]:
         """The base and the fine-tuned answer as they grow: yields (base, fine-tuned) after each token.
 
         `finetuned_messages` defaults to `base_messages` (each compare pane may keep its own history).
@@ -293,17 +295,17 @@ class ChatModel:
         settings = self._generation_settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
         conversations = [base_messages, base_messages if finetuned_messages is None else finetuned_messages]
         if self.answers_together:
-            inputs = self._prompt_batch(conversations, system_prompt)  # (2, T_prompt), left-padded
+            inputs = self._prompt_batch(conversations, system_prompt, tools)  # (2, T_prompt), left-padded
             names = [BASE_ROW, self.model.active_adapter]
             for base, finetuned in self._stream_rows(inputs, adapter=True, seed=seed, adapter_names=names,
                                                      **settings):
                 yield base, finetuned
             return
         base = PaneText("", 0, False)
-        for (base,) in self._stream_rows(self._prompt_batch(conversations[:1], system_prompt), adapter=False,
+        for (base,) in self._stream_rows(self._prompt_batch(conversations[:1], system_prompt, tools), adapter=False,
                                          seed=seed, **settings):
             yield base, PaneText("", 0, False)
-        for (finetuned,) in self._stream_rows(self._prompt_batch(conversations[1:], system_prompt), adapter=True,
+        for (finetuned,) in self._stream_rows(self._prompt_batch(conversations[1:], system_prompt, tools), adapter=True,
                                               seed=seed, **settings):
             yield base, finetuned
 
@@ -347,19 +349,26 @@ class ChatModel:
             raise failure[0]
 
     # --- helpers
-    def _prompt_ids(self, messages: Messages | str, system_prompt: str | None) -> list[int]:
+    def prompt_ids(self, messages: Messages | str, *, system_prompt: str | None = None,
+                   tools: list[dict] | None = None) -> list[int]:
+        """The token ids an answer to `messages` follows: the run's system prompt added when the conversation has
+        none, and the tool schemas `tools` placed as in training (the template's own `tools=` support, or the
+        built-in format in the system text), so a tool example's prompt is the one its reply was trained after."""
         from .templates import prompt_ids
 
-        return prompt_ids(with_system_prompt(messages, system_prompt or self.default_system_prompt), self.tokenizer)
+        conversation = with_system_prompt(messages, system_prompt or self.default_system_prompt)
+        return prompt_ids(conversation, self.tokenizer, tools)
 
-    def _prompt_tensor(self, messages: Messages | str, system_prompt: str | None) -> torch.Tensor:
-        ids = self._prompt_ids(messages, system_prompt)
+    def _prompt_tensor(self, messages: Messages | str, system_prompt: str | None,
+                       tools: list[dict] | None = None) -> torch.Tensor:
+        ids = self.prompt_ids(messages, system_prompt=system_prompt, tools=tools)
         return torch.tensor([ids], dtype=torch.long, device=self.model.device)  # (1, T_prompt)
 
-    def _prompt_batch(self, conversations: list[Messages | str], system_prompt: str | None) -> dict:
-        """`input_ids` and `attention_mask` (B, T_prompt) for several prompts, left-padded so that every row's
-        answer starts at the same position."""
-        rows = [self._prompt_ids(messages, system_prompt) for messages in conversations]
+    def _prompt_batch(self, conversations: list[Messages | str], system_prompt: str | None,
+                      tools: list[dict] | None = None) -> dict:
+        """`input_ids` and `attention_mask` (B, T_prompt) for several prompts (all with `tools`), left-padded so that
+        every row's answer starts at the same position."""
+        rows = [self.prompt_ids(messages, system_prompt=system_prompt, tools=tools) for messages in conversations]
         batch = self.tokenizer.pad({"input_ids": rows}, padding_side="left", return_tensors="pt")
         return {key: batch[key].to(self.model.device) for key in ("input_ids", "attention_mask")}
 
@@ -380,10 +389,11 @@ class ChatModel:
 
 
 def with_system_prompt(messages: Messages | str, system_prompt: str | None) -> Messages:
-    """`messages` as a list, with `system_prompt` as the first turn if given and there is no system turn."""
+    """`messages` as a list, with `system_prompt` as the first turn if given and there is no system turn. It ends with
+    what the assistant answers: a user turn, or a tool result (a tool row's last reply follows one)."""
     conversation = [{"role": "user", "content": messages}] if isinstance(messages, str) else list(messages)
-    if not conversation or conversation[-1].get("role") != "user":
-        raise ValueError("the conversation must end with a user turn (the one to answer)")
+    if not conversation or conversation[-1].get("role") not in ("user", "tool"):
+        raise ValueError("the conversation must end with a user turn or a tool result (the one to answer)")
     if system_prompt and conversation[0].get("role") != "system":
         conversation.insert(0, {"role": "system", "content": system_prompt})
     return conversation

@@ -44,6 +44,8 @@ from .templates import (
     encode_blocks,
     encoding_report,
     loss_token_count,
+    system_turn_notice,
+    tool_format_notice,
     truncation_warning,
 )
 
@@ -122,6 +124,15 @@ class EncodedData:
     stats: dict[str, dict]               # split → `data.length_stats` of the encoded examples (a document's blocks)
     report: dict[str, dict]              # split → `templates.encoding_report`: documents, blocks, answer tokens lost
     sample: int | None = None            # a preview of a larger dataset: rows read (the first ones), else None
+    warning: str | None = None           # `templates.truncation_warning` of the train split: over 5% of answers cut
+
+    def notices(self, shown: Sequence[dict]) -> list[str]:
+        """What a preview says about this data before training (the CLI's `note:` lines, the app's Data tab): how the
+        rows were read (a .txt file's documents, preference data's answers: `data`), and how the chat template takes
+        the `shown` examples' system turns and tool calls (its own `tools` support or the built-in format)."""
+        tokenizer = self.model.tokenizer
+        found = (system_turn_notice(tokenizer, shown), tool_format_notice(tokenizer, shown))
+        return [*self.examples.notices, *(notice for notice in found if notice)]
 
     @property
     def lengths(self) -> dict[str, list[int]]:
@@ -244,7 +255,7 @@ def _with_stats(examples: PreparedData, model: TemplatedTokenizer, encoded: dict
     warning = truncation_warning(report["train"], config.max_seq_length)
     if warning:
         log.warning(warning)
-    return EncodedData(examples=examples, model=model, encoded=encoded, stats=stats, report=report)
+    return EncodedData(examples=examples, model=model, encoded=encoded, stats=stats, report=report, warning=warning)
 
 
 def _report(table) -> dict:

@@ -246,10 +246,30 @@ def truncation_warning(report: dict, max_seq_length: int, split: str = "train") 
     share = report["answer_tokens_lost_share"]
     if share <= LOST_ANSWER_WARNING_SHARE:
         return None
-    return (f"{share:.1%} of the {split} split's answer tokens ({report['answer_tokens_lost']} of "
-            f"{report['answer_tokens']}, in {report['truncated_chat_examples']} examples) lie beyond max_seq_length = "
-            f"{max_seq_length} and are cut off, so the model never learns them; raise `max_seq_length` or shorten "
-            "those conversations")
+    return (f"{share:.1%} of the {split} split's answer tokens ({report['answer_tokens_lost']:,} of "
+            f"{report['answer_tokens']:,}, in {report['truncated_chat_examples']:,} examples) lie beyond "
+            f"max_seq_length = {max_seq_length} and are cut off, so the model never learns them; raise "
+            "`max_seq_length` or shorten those conversations")
+
+
+def encoding_report_lines(report: dict[str, dict], max_seq_length: int) -> list[str]:
+    """`encoding_report` per split for people (the CLI preview and the app's Data tab print these): documents, their
+    blocks and tokens; answer tokens cut off, for a split where truncation cuts any."""
+    lines = []
+    for split, r in report.items():
+        if r["documents"]:
+            lines.append(f"{split}: {_counted(r['documents'], 'document')} → {_counted(r['blocks'], 'block')} of at "
+                         f"most {max_seq_length} tokens, {_counted(r['document_tokens'], 'token')} in all (none "
+                         "dropped)")
+        if r["truncated_chat_examples"]:
+            lines.append(f"{split}: {r['answer_tokens_lost']:,} of {_counted(r['answer_tokens'], 'answer token')} "
+                         f"({r['answer_tokens_lost_share']:.1%}) lie beyond max_seq_length and are cut off, in "
+                         f"{_counted(r['truncated_chat_examples'], 'truncated example')}")
+    return lines
+
+
+def _counted(n: int, noun: str) -> str:
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
 
 
 def prompt_ids(messages: list[dict], tokenizer, tools: list[dict] | None = None) -> list[int]:

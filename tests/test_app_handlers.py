@@ -155,6 +155,109 @@ def test_bad_setting_names_the_field(ctx):
     assert "`batch_size` must be at least 1 (got 0)" in status
 
 
+FIXTURE_DATA = ROOT / "tests" / "fixtures" / "datasets"
+
+
+def tab_summary(ctx, path: Path, column_mapping: str = "", max_rows: int | None = None, **settings) -> str:
+    """The Data tab's summary of an uploaded file, as plain text (Markdown line breaks and HTML escapes undone)."""
+    import html
+
+    values = {"source": "Upload a file", "upload": str(path), "data_format": "auto", "column_mapping": column_mapping,
+              "skip_invalid": False, "max_rows": max_rows}
+    status, *_ = data_tab.load_data(ctx, "s:owner", values, {**SETTINGS, **settings})
+    assert "ft-ok" in status
+    return html.unescape(message(status)).replace("    \n", "\n")
+
+
+def cli_preview(capsys, path: Path, *args: str) -> str:
+    from finetune.cli import main
+
+    capsys.readouterr()
+    assert main(["preview", str(path), "--base_model", "demo", "--max_seq_length", "256", "-n",
+                 str(data_tab.PREVIEW_EXAMPLES), *args]) == 0
+    return capsys.readouterr().out
+
+
+def says_what_the_cli_says(summary: str, cli: str) -> None:
+    """Every note and every encoding line of the CLI preview is in the tab's summary."""
+    notes = [line.removeprefix("note: ") for line in cli.splitlines() if line.startswith("note: ")]
+    encoded = cli.split("\nencoded:\n")[1].splitlines() if "\nencoded:\n" in cli else []
+    assert notes and all(f"ℹ️ {note}." in summary for note in notes)
+    assert all(f"· {line.strip()}" in summary for line in encoded)
+
+
+def test_data_tab_shows_a_text_files_documents_and_blocks_as_the_cli_does(ctx, capsys, tmp_path):
+    docs = tmp_path / "docs.txt"
+    docs.write_text("".join(f"Document {i} is about topic {i}. " * 30 + "\n" for i in range(12)), encoding="utf-8")
+    summary = tab_summary(ctx, docs)
+    tokenizer = data_tab.load_tokenizer_for(ctx, RunConfig(base_model="demo")).tokenizer
+    tokens = len(tokenizer(f"Document {3} is about topic {3}. " * 30, add_special_tokens=False)["input_ids"]) + 1
+    assert tokens > 256  # each document is longer than max_seq_length: two blocks, nothing cut
+    assert "**docs.txt** · format **text** · 12 rows read → 10 train / 1 validation / 1 test\n" in summary
+    assert "ℹ️ docs.txt has no blank lines between its text, so each of its 12 lines is one document.\n" in summary
+    assert f"· test: 1 document → 2 blocks of at most 256 tokens, {tokens} tokens in all (none dropped)" in summary
+    assert "truncated" not in summary
+    says_what_the_cli_says(summary, cli_preview(capsys, docs))
+
+
+def test_data_tab_says_how_tools_are_rendered_and_how_many_answer_tokens_are_cut(ctx, capsys, tmp_path):
+    glaive = FIXTURE_DATA / "glaive_toolcall_en_demo.json"
+    summary = tab_summary(ctx, glaive)
+    assert ("ℹ️ the chat template doesn't render tool calls and their results; tool calls use the built-in format "
+            "instead: <tool_call> JSON at the end of the reply, results as <tool_response> blocks in a user turn, tool "
+            "schemas in the system text.\n") in summary
+    cut = re.search(r"· train: ([\d,]+) of ([\d,]+) answer tokens \(([\d.]+)%\) lie beyond max_seq_length and are "
+                    r"cut off, in (\d+) truncated examples", summary)
+    lost, answer = (int(cut[i].replace(",", "")) for i in (1, 2))
+    assert 0.05 < lost / answer and cut[3] == f"{lost / answer:.1%}"[:-1]
+    assert (f"⚠️ {lost / answer:.1%} of the train split's answer tokens ({lost:,} of {answer:,}, in {cut[4]} "
+            "examples) lie beyond max_seq_length = 256 and are cut off, so the model never learns them; raise "
+            "`max_seq_length` or shorten those conversations.") in summary
+    says_what_the_cli_says(summary, cli_preview(capsys, glaive))
+
+    from real_models import save_tiny_model
+
+    qwen = save_tiny_model(tmp_path / "qwen", "qwen2")
+    summary = tab_summary(ctx, glaive, max_rows=10, base_model=str(qwen), max_seq_length=4096)
+    assert ("ℹ️ tool calls, results and schemas are rendered by the chat template itself (its `tools` support).\n"
+            in summary)
+    assert "answer tokens" not in summary and "⚠️" not in summary  # nothing is cut at 4096 tokens
+
+
+def test_data_tab_says_which_answers_of_preference_and_kto_data_are_learned(ctx, capsys, tmp_path):
+    dpo = FIXTURE_DATA / "dpo_en_demo.json"
+    summary = tab_summary(ctx, dpo)
+    assert ("ℹ️ dpo_en_demo.json holds preference pairs (`chosen` and `rejected` answers); supervised fine-tuning "
+            "learns the 40 chosen answers only, never the rejected ones.\n") in summary
+    says_what_the_cli_says(summary, cli_preview(capsys, dpo))
+
+    kto = tmp_path / "kto.jsonl"
+    kto.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Is {i} even?"},
+                                                    {"role": "assistant", "content": "yes" if i % 2 else "no"}],
+                                       "is_good": i % 2 == 0}) + "\n" for i in range(12)), encoding="utf-8")
+    summary = tab_summary(ctx, kto, column_mapping="label: is_good")  # the column mapping offers `label`
+    assert ("ℹ️ kto.jsonl holds KTO data (a true/false `label` per answer); supervised fine-tuning learns the 6 answers "
+            "labelled true and leaves out the 6 rows labelled false, so their bad answers are never learned.\n"
+            ) in summary
+    assert "· 12 rows read → 4 train / 1 validation / 1 test" in summary.replace("**", "")
+    says_what_the_cli_says(summary, cli_preview(capsys, kto, "--column_mapping", "{label: is_good}"))
+
+
+def test_the_column_mapping_offers_the_tool_and_preference_fields(ctx):
+    with gr.Blocks():
+        widgets = data_tab.create_data_tab(ctx)
+    assert widgets["mapping_fields"].value == (
+        "Fields to map: `instruction`, `input`, `output`, `system`, `prompt`, `completion`, `messages`, "
+        "`conversations`, `text`, `tools`, `chosen`, `rejected`, `label`.")
+
+
+def test_tokenizers_are_cached_apart_by_trust_remote_code(ctx):
+    plain = data_tab.load_tokenizer_for(ctx, RunConfig(base_model="demo"))
+    trusting = data_tab.load_tokenizer_for(ctx, RunConfig(base_model="demo", trust_remote_code=True))
+    assert plain.tokenizer is not trusting.tokenizer and len(ctx.tokenizers) == 2
+    assert data_tab.load_tokenizer_for(ctx, RunConfig(base_model="demo")).tokenizer is plain.tokenizer
+
+
 # ----------------------------------------------------------------------------- settings
 
 def test_config_from_values_converts_widget_values():

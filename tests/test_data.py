@@ -226,7 +226,8 @@ def test_column_mapping_errors():
     with pytest.raises(DataError) as info:
         normalize_rows(rows, column_mapping={"question": "q"})
     assert str(info.value) == ("column_mapping: unknown field `question`; use one of instruction, input, output, "
-                               "system, prompt, completion, messages, conversations, text")
+                               "system, prompt, completion, messages, conversations, text, tools, chosen, rejected, "
+                               "label")
     with pytest.raises(DataError) as info:
         normalize_rows(rows, column_mapping={"prompt": "query"}, source="qa.csv")
     assert str(info.value) == ("column_mapping maps `prompt` to the column `query`, but qa.csv has no such column; "
@@ -239,6 +240,77 @@ def test_column_mapping_errors():
         normalize_rows(rows, fmt="text", column_mapping={"prompt": "q"})
     assert str(info.value) == ("data_format is `text` but column_mapping maps fields of another format (prompt); "
                                "set data_format: auto, or map the fields of `text`")
+
+
+def renamed(rows: list[dict], names: dict[str, str]) -> list[dict]:
+    """`rows` with columns renamed (old → new), in their order."""
+    return [{names.get(k, k): v for k, v in row.items()} for row in rows]
+
+
+def same_reading(a, b) -> bool:
+    return (a.format, a.examples, a.preference, a.preference_rows, a.notices, a.label_false) == (
+        b.format, b.examples, b.preference, b.preference_rows, b.notices, b.label_false)
+
+
+def test_tools_chosen_rejected_and_label_columns_can_be_mapped():
+    """A file whose tool, preference or KTO columns have other names reads as the canonically named one does."""
+    glaive = read_rows(SHARED / "glaive_toolcall_en_demo.json")
+    canonical = normalize_rows(glaive, source="data.jsonl")
+    assert sum("tools" in ex for ex in canonical.examples) == 24  # of 40 rows: the others have no tools
+    mapped = normalize_rows(renamed(glaive, {"tools": "functions"}), column_mapping={"tools": "functions"},
+                            source="data.jsonl")
+    assert same_reading(mapped, canonical)
+    assert not any("tools" in ex for ex in normalize_rows(renamed(glaive, {"tools": "functions"})).examples)
+
+    dpo = read_rows(SHARED / "dpo_en_demo.json")
+    names = {"chosen": "preferred", "rejected": "dispreferred"}
+    mapped = normalize_rows(renamed(dpo, names), column_mapping={"chosen": "preferred", "rejected": "dispreferred"},
+                            source="data.jsonl")
+    assert mapped.preference == "pairs" and same_reading(mapped, normalize_rows(dpo, source="data.jsonl"))
+
+    pairs = [{"question": "Q1", "good": "Fine", "bad": "Wrong"}, {"question": "Q2", "good": "Yes", "bad": "No"}]
+    mapped = normalize_rows(pairs, column_mapping={"prompt": "question", "chosen": "good", "rejected": "bad"},
+                            source="data.jsonl")
+    canonical = renamed(pairs, {"question": "prompt", "good": "chosen", "bad": "rejected"})
+    assert same_reading(mapped, normalize_rows(canonical, source="data.jsonl"))
+    assert mapped.preference_rows[0]["rejected"] == [assistant("Wrong")]
+    # `rejected` mapped beside an alpaca answer: the answer read is the chosen one, the other is never learned
+    alpaca = [{"instruction": "Translate cat", "output": "chat", "worse": "chien"}]
+    mapped = normalize_rows(alpaca, column_mapping={"rejected": "worse"}, source="data.jsonl")
+    assert (mapped.preference, mapped.examples) == ("pairs", [{"messages": [user("Translate cat"), assistant("chat")]}])
+    assert mapped.preference_rows[0]["rejected"] == [assistant("chien")] and mapped.notices == [PAIRS_NOTICE.format(1)]
+
+    kto = [{"messages": [user("Q1"), assistant("Good")], "is_good": True},
+           {"messages": [user("Q2"), assistant("Bad")], "is_good": False}]
+    mapped = normalize_rows(kto, column_mapping={"label": "is_good"}, source="data.jsonl")
+    assert mapped.preference == "kto" and mapped.examples == [{"messages": [user("Q1"), assistant("Good")]}]
+    assert same_reading(mapped, normalize_rows(renamed(kto, {"is_good": "label"}), source="data.jsonl"))
+
+
+def test_mapped_tools_and_preference_fields_keep_the_format_checks():
+    rows = [{"q": "x", "a": "y", "fns": "[]", "verdict": "yes", "body": "text"}]
+    with pytest.raises(DataError) as info:
+        normalize_rows(rows, column_mapping={"prompt": "q", "completion": "a", "tools": "fns"})
+    assert str(info.value) == ("column_mapping mixes fields of different formats (`prompt`, `completion`, `tools`); "
+                               "map instruction/input/output, or prompt/completion, or messages, or text")
+    with pytest.raises(DataError) as info:
+        normalize_rows(rows, column_mapping={"text": "body", "label": "verdict"})
+    assert str(info.value) == ("column_mapping mixes fields of different formats (`text`, `label`); map "
+                               "instruction/input/output, or prompt/completion, or messages, or text")
+    with pytest.raises(DataError) as info:
+        normalize_rows(rows, fmt="alpaca", column_mapping={"tools": "fns"})
+    assert str(info.value) == ("data_format is `alpaca` but column_mapping maps fields of another format (tools); "
+                               "set data_format: auto, or map the fields of `alpaca`")
+    with pytest.raises(DataError) as info:
+        normalize_rows([{"text": "t", "verdict": True}], column_mapping={"label": "verdict"}, source="notes.jsonl")
+    assert str(info.value) == ("column_mapping maps `label`, but notes.jsonl reads as plain text (`text`), which has "
+                               "no answer to prefer or label; map its prompt and answer columns too (e.g. "
+                               "prompt/completion), or remove `label`")
+    with pytest.raises(DataError) as info:
+        normalize_rows(rows, column_mapping={"prompt": "q", "completion": "a", "label": "verdict"}, source="qa.csv")
+    assert str(info.value) == ("column_mapping maps `label` to the column `verdict`, but qa.csv has a string in its "
+                               "first rows; a KTO label marks each row's answer true (good) or false (bad), so map "
+                               "`label` to such a column or remove it")
 
 
 def test_explicit_format_needs_its_columns():

@@ -195,3 +195,28 @@ def test_full_fine_tune_run_compares_its_two_models(full_run_dir, tmp_path):
     summary = evaluate_run(run, max_new_tokens=2, limit=1)
     assert summary["has_adapter"] is False
     assert abs(summary["finetuned_loss"] - summary["base_loss"]) > 1e-3
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+TOOL_EXAMPLE = {"messages": [
+    {"role": "user", "content": "What is the weather in Paris?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+    {"role": "tool", "content": "18 C and sunny"},
+    {"role": "assistant", "content": "It is 18 C and sunny in Paris."}], "tools": [WEATHER_TOOL]}
+
+
+def test_a_tool_examples_answers_are_generated_with_its_tools(make_adapter_run, chat_examples, tmp_path):
+    """The question after a tool result is answered (not refused), from the prompt with the example's tool schemas."""
+    # (the built-in tool format's system text fills the run's 256 tokens: the loss comes from the plain example)
+    run = make_adapter_run(tmp_path / "run", examples=[TOOL_EXAMPLE, chat_examples[0]])
+    chat = ChatModel.from_run(run)
+    summary = evaluate_run(run, max_new_tokens=MAX_NEW_TOKENS, chat=chat)
+    row = json.loads((run / "eval" / "answers.jsonl").read_text().splitlines()[0])
+    assert summary["answered"] == 2 and row["reference"] == "It is 18 C and sunny in Paris."
+    turns, greedy = TOOL_EXAMPLE["messages"][:-1], dict(temperature=0.0, max_new_tokens=MAX_NEW_TOKENS)
+    for side, adapter in (("base", False), ("finetuned", True)):
+        with_tools = chat.generate(turns, adapter=adapter, tools=[WEATHER_TOOL], **greedy)
+        assert row[f"{side}_answer"] == with_tools != chat.generate(turns, adapter=adapter, **greedy)

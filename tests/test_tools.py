@@ -19,7 +19,8 @@ from transformers import AutoTokenizer
 from finetune.cli import main
 from finetune.config import RunConfig
 from finetune.data import normalize_rows, read_rows
-from finetune.inference import describe_tool_calls, tool_calls_in
+from finetune.evaluate import questions
+from finetune.inference import ChatModel, describe_tool_calls, tool_calls_in
 from finetune.prepare import prepare_data
 from finetune.templates import (
     IGNORE_INDEX,
@@ -31,7 +32,7 @@ from finetune.templates import (
     tool_call_text,
     tool_format_notice,
 )
-from real_models import TEMPLATES, real_tokenizer
+from real_models import TEMPLATES, real_tokenizer, save_tiny_model
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 GLAIVE = FIXTURES / "datasets" / "glaive_toolcall_en_demo.json"
@@ -213,6 +214,31 @@ def test_glaive_file_trains_on_the_demo_model(demo_model_dir):
 
 # --- what the model emits: shown as a tool call ---------------------------------------------------------
 
+@pytest.fixture(scope="module")
+def tiny_qwen(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("qwen"), "qwen2")
+
+
+@pytest.mark.parametrize("chat_template, renders_tools", [(None, True), ("chatml", False)])
+def test_eval_and_chat_prompts_of_a_tool_row_are_its_training_prompt(glaive_examples, tiny_qwen, chat_template,
+                                                                     renders_tools):
+    """Qwen2.5's own template (tools through `tools=`) and ChatML (the built-in format): the prompt evaluation and
+    `ChatModel` build for a tool row's last reply is exactly what training put before that reply."""
+    chat = ChatModel(str(tiny_qwen), chat_template=chat_template)
+    tool_rows = [example for example in glaive_examples if example.get("tools")][:3]
+    own = "rendered by the chat template itself"
+    assert (own in tool_format_notice(chat.tokenizer, tool_rows)) is renders_tools
+    for example in tool_rows:
+        [question] = questions([example])
+        assert question.tools == example["tools"] and question.turns == example["messages"][:-1]
+        enc = encode_example(example, chat.tokenizer, max_seq_length=10**6)
+        loss = [label != IGNORE_INDEX for label in enc["labels"]]
+        last_reply = max(i for i in range(1, len(loss)) if loss[i] and not loss[i - 1])
+        prompt = chat.prompt_ids(question.turns, tools=question.tools)
+        assert prompt == enc["input_ids"][:last_reply]
+        assert chat.prompt_ids(question.turns) != prompt  # without its tools the model is asked something else
+
+
 def test_tool_calls_in_answers_are_read_in_each_format():
     qwen_style = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
     assert tool_calls_in(qwen_style) == [{"name": "get_weather", "arguments": {"city": "Paris"}}]
@@ -294,7 +320,8 @@ def test_a_one_megabyte_one_document_per_line_file_previews_as_hundreds_of_block
                  "--eval_fraction", "0", "--test_fraction", "0", "-n", "1"]) == 0
     out = capsys.readouterr().out
     assert "note: corpus.txt has no blank lines between its text, so each of its 200 lines is one document" in out
-    assert f"train      documents=200  blocks={len(blocks)}  tokens={total}" in out
+    assert f"  train: 200 documents → {len(blocks)} blocks of at most 512 tokens, {total:,} tokens in all (none " \
+           "dropped)" in out
 
 
 def test_truncated_chats_report_the_share_of_answer_tokens_lost_and_warn_above_5_percent(demo_model_dir, capsys,
@@ -319,10 +346,11 @@ def test_truncated_chats_report_the_share_of_answer_tokens_lost_and_warn_above_5
                  str(data), "--eval_fraction", "0", "--test_fraction", "0", "-n", "1"]) == 0
     captured = capsys.readouterr()
     share = f"{(answer - kept) / answer:.1%}"
-    assert (f"warning: {share} of the train split's answer tokens ({answer - kept} of {answer}, in 2 examples) lie "
-            "beyond max_seq_length = 64 and are cut off, so the model never learns them; raise `max_seq_length` or "
-            "shorten those conversations") in captured.err
-    assert f"answer_tokens_lost={answer - kept} ({share}, in 2 truncated examples)" in captured.out
+    assert (f"warning: {share} of the train split's answer tokens ({answer - kept:,} of {answer:,}, in 2 examples) "
+            "lie beyond max_seq_length = 64 and are cut off, so the model never learns them; raise `max_seq_length` "
+            "or shorten those conversations") in captured.err
+    assert (f"  train: {answer - kept:,} of {answer:,} answer tokens ({share}) lie beyond max_seq_length and are cut "
+            "off, in 2 truncated examples") in captured.out
     assert main(["preview", "--base_model", str(demo_model_dir), "--max_seq_length", "1024", "--dataset",
                  str(data), "-n", "1"]) == 0
     assert "warning" not in capsys.readouterr().err

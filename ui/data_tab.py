@@ -109,12 +109,13 @@ def preview_segments(example: dict, tokenizer, config) -> list[tuple[str, str | 
 
 def load_tokenizer_for(ctx: AppContext, config):
     """The configured base model's tokenizer with its chat template (`finetune.prepare.TemplatedTokenizer`),
-    cached per model folder, template choice and revision."""
+    cached per model folder, template choice, revision and `trust_remote_code` (a tokenizer loaded with its
+    repository's code is never handed to a config that doesn't trust it)."""
     from finetune.models import resolve_base_model
     from finetune.prepare import TemplatedTokenizer, load_templated_tokenizer
 
     source = resolve_base_model(config)
-    key = (source.path, config.chat_template, config.model_revision)
+    key = (source.path, config.chat_template, config.model_revision, config.trust_remote_code)
     with ctx.tokenizer_lock:
         if key not in ctx.tokenizers:
             loaded = load_templated_tokenizer(config, source)
@@ -126,6 +127,7 @@ def analyse(ctx: AppContext, owner: str, values: dict[str, Any], settings: dict[
     """Load, split and encode the dataset as training will; return what the tab shows (raises FinetuneError
     for people). Token lengths are measured on the first STATS_SAMPLE examples of each split."""
     from finetune.prepare import prepare_data
+    from finetune.templates import encoding_report_lines
 
     source = resolve_source(ctx, owner, values)
     config = data_config(values, settings, source)
@@ -137,15 +139,20 @@ def analyse(ctx: AppContext, owner: str, values: dict[str, Any], settings: dict[
     notice = model.source.notice if not config.base_model == "demo" else None
     preview = prepared.splits.train[:PREVIEW_EXAMPLES]
     return {"source": source, "config": config, "prepared": prepared, "lengths": encoded.lengths,
-            "stats": encoded.stats, "preview": preview, "notice": notice,
+            "stats": encoded.stats, "preview": preview, "notice": notice, "notes": encoded.notices(preview),
+            "encoded": encoding_report_lines(encoded.report, config.max_seq_length), "warning": encoded.warning,
             "segments": preview_segments(preview[0], model.tokenizer, config)}
 
 
 def summary_markdown(result: dict) -> str:
+    """What the data is and what training will make of it, in the library's words (what `python -m finetune preview`
+    prints): rows per split, how the rows were read, the template's handling of system turns and tools, duplicates,
+    skipped rows, truncation, and what encoding made of documents and answers."""
     prepared, config = result["prepared"], result["config"]
     rows = {k: len(v) for k, v in prepared.splits.as_dict().items()}
     lines = [f"**{result['source'].name}** · format **{prepared.format}** · {prepared.rows_read} rows read → "
              f"{rows['train']} train / {rows['validation']} validation / {rows['test']} test"]
+    lines += [f"ℹ️ {note}." for note in result["notes"]]
     if prepared.splits.duplicates_removed:
         lines.append(f"{prepared.splits.duplicates_removed} exact duplicate rows removed.")
     if prepared.skipped:
@@ -155,6 +162,12 @@ def summary_markdown(result: dict) -> str:
     if truncated:
         lines.append(f"⚠️ {truncated} examples are longer than `max_seq_length` ({config.max_seq_length} tokens) "
                      "and will be truncated; raise it in Model & settings if answers get cut.")
+    if result["encoded"]:
+        measured = (f" (the first {STATS_SAMPLE:,} examples of each split)" if max(rows.values()) > STATS_SAMPLE
+                    else "")
+        lines.append(f"Encoded{measured}:  \n" + "  \n".join(f"· {line}" for line in result["encoded"]))
+    if result["warning"]:
+        lines.append(f"⚠️ {result['warning']}.")
     if result.get("notice"):
         lines.append(result["notice"])
     return ok_md("  \n".join(lines))
@@ -185,6 +198,11 @@ def opens_column_mapping(error: FinetuneError) -> bool:
     if not isinstance(error, DataError):
         return False
     return error.field in ("column_mapping", "data_format") or (error.field in CANONICAL_FIELDS and error.row is None)
+
+
+def mapping_fields_md() -> str:
+    """The fields a column mapping can name (the library's list), under the mapping box."""
+    return "Fields to map: " + ", ".join(f"`{name}`" for name in CANONICAL_FIELDS) + "."
 
 
 def length_histogram(lengths: dict[str, list[int]], max_seq_length: int):
@@ -248,6 +266,8 @@ def create_data_tab(ctx: AppContext) -> dict[str, Any]:
                                                info="`auto` detects it from the column names.",
                                                elem_id="data-format")
                 c["column_mapping"] = field_widget("column_mapping", placeholder="prompt: question, completion: answer")
+                c["mapping_fields"] = gr.Markdown(mapping_fields_md(), elem_classes="ft-help",
+                                                  elem_id="data-mapping-fields")
                 with gr.Row():
                     c["skip_invalid"] = field_widget("skip_invalid")
                     c["max_rows"] = field_widget("max_rows")

@@ -126,8 +126,8 @@ def login_available(ctx: AppContext) -> bool:
 
 # ============================================================================ GGUF for llama.cpp / Ollama
 
-GGUF_QUANTS = [("f16: exact, largest", "f16"), ("q8_0: 8-bit, about half the size", "q8_0"),
-               ("q4_k_m: 4-bit, about a quarter", "q4_k_m")]
+GGUF_QUANTS = [("f32: exact, twice f16's size", "f32"), ("f16: half precision", "f16"),
+               ("q8_0: 8-bit, about half of f16", "q8_0"), ("q4_k_m: 4-bit, about a quarter of f16", "q4_k_m")]
 PARITY_HEADERS = ["Prompt", "Identical first K tokens", "Same stop", "Max |Δ logit| (prompt)"]
 
 

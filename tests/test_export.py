@@ -118,8 +118,10 @@ def test_model_card_gets_the_gguf_section(lora_export):
     from finetune.model_card import build_model_card
 
     run, result = lora_export
-    card = build_model_card(run, "me/demo", kind="merged")
+    assert "GGUF" not in build_model_card(run, "me/demo", kind="merged")  # a repo without the GGUF
+    card = build_model_card(run, "me/demo", kind="merged", with_gguf=True)
     assert "## GGUF for llama.cpp and Ollama" in card
+    assert "- the `.gguf` file and its Ollama `Modelfile`: the GGUF export above\n" in card
     assert f"ollama create {run.name}-f16 -f Modelfile && ollama run {run.name}-f16" in card
     parity = result.report["parity"]
     assert (f"identical {parity['identical_first_k_rate']:.0%}, same stop {parity['same_stop_rate']:.0%}"

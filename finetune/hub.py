@@ -606,7 +606,8 @@ def _stage_extras(run_dir: Path, part: _Part, staging: Path, license: str | None
         if "chat_template.jinja" in extras:  # the template travels from the adapter: render the example there
             tokenizer_dir = run.adapter_dir
     card = build_model_card(run_dir, part.repo_id, kind=part.kind, license=license,
-                            loss_curve=LOSS_CURVE_FILE if curve else None, tokenizer_dir=tokenizer_dir)
+                            loss_curve=LOSS_CURVE_FILE if curve else None, tokenizer_dir=tokenizer_dir,
+                            with_gguf=bool(part.gguf))
     extras["README.md"] = staging / "README.md"
     extras["README.md"].write_text(card, encoding="utf-8")
     return extras

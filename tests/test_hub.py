@@ -333,12 +333,19 @@ def test_push_with_gguf_puts_the_gguf_and_modelfile_in_the_model_repo(hub, expor
     assert gguf <= set(hub.repos["alice/both-gguf-merged"].files)
     assert not gguf & set(hub.repos["alice/both-gguf"].files)
     assert _commit_titles(hub, "alice/both-gguf-merged")[-1] == "Upload merged model and GGUF"
+    # each card describes what its repo holds: the adapter's says nothing of the GGUF beside the merged model
+    assert "GGUF" in hub.repos["alice/both-gguf-merged"].files["README.md"].decode()
+    assert "GGUF" not in hub.repos["alice/both-gguf"].files["README.md"].decode()
 
     monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)  # the CLI's token
     assert main(["push", str(run), "--repo", "cli-gguf", "--gguf"]) == 0
     assert gguf <= set(hub.repos["alice/cli-gguf"].files)
+    assert "## GGUF for llama.cpp and Ollama" in hub.repos["alice/cli-gguf"].files["README.md"].decode()
     assert main(["push", str(run), "--repo", "cli-no-gguf"]) == 0
     assert not gguf & set(hub.repos["alice/cli-no-gguf"].files)
+    # the run has a GGUF export, but this push leaves it out: so does the card
+    no_gguf_card = hub.repos["alice/cli-no-gguf"].files["README.md"].decode()
+    assert "GGUF" not in no_gguf_card and ".gguf" not in no_gguf_card and "ollama" not in no_gguf_card.lower()
 
 
 def test_push_with_gguf_explains_a_missing_or_failed_export_before_touching_the_hub(hub, run_dir, tmp_path):

@@ -126,8 +126,8 @@ def login_available(ctx: AppContext) -> bool:
 
 # ============================================================================ GGUF for llama.cpp / Ollama
 
-GGUF_QUANTS = [("f16: exact, largest", "f16"), ("q8_0: 8-bit, about half the size", "q8_0"),
-               ("q4_k_m: 4-bit, about a quarter", "q4_k_m")]
+GGUF_QUANTS = [("f32: exact, twice f16's size", "f32"), ("f16: half precision", "f16"),
+               ("q8_0: 8-bit, about half of f16", "q8_0"), ("q4_k_m: 4-bit, about a quarter of f16", "q4_k_m")]
 PARITY_HEADERS = ["Prompt", "Identical first K tokens", "Same stop", "Max |Δ logit| (prompt)"]
 
 
@@ -169,21 +169,33 @@ def parity_rows(report: dict) -> list[list]:
              f"{row['max_abs_logit_diff']:.3g}"] for row in report["parity"]["rows"]]
 
 
-def gguf_summary(result) -> str:
+def gguf_summary(result, local: bool) -> str:
+    """What was exported (file names and sizes; the folder too when the browser is on this machine) and how it did."""
     parity = result.report["parity"]
-    size_mb = result.report["gguf_bytes"] / 1e6
-    return (f"Exported `{result.gguf_path.name}` ({size_mb:.1f} MB) with an Ollama Modelfile, in {result.out_dir}. "
+    files = ", ".join(f"`{p.name}` ({_size(p)})" for p in (result.gguf_path, result.modelfile_path, result.report_path))
+    where = f" in `{result.out_dir}`" if local else ""
+    return (f"Exported {files}{where}. "
             f"Parity with the transformers model on {parity['prompts']} prompts (greedy, first "
             f"{parity['compare_tokens']} tokens): identical {parity['identical_first_k_rate']:.0%}, same stop "
             f"{parity['same_stop_rate']:.0%}, max |Δ logit| {parity['max_abs_logit_diff']:.3g}. Chat template, "
             "BOS and stop tokens are the run's.")
 
 
-def commands_md(result) -> str:
+def _size(path: Path) -> str:
+    size = path.stat().st_size
+    return f"{size / 1e6:.1f} MB" if size >= 1e5 else f"{size / 1e3:.1f} kB"
+
+
+def commands_md(result, local: bool) -> str:
+    """How to run the export: with its paths where the app runs on the user's machine, else in the folder the
+    downloads go to (a Space's paths mean nothing in a browser)."""
     from finetune.export import run_commands
 
-    lines = [f"# {label}\n{command}" for label, command in run_commands(result.out_dir, result.report).items()]
-    return "**Run it** (paths on the machine running this app):\n\n```bash\n" + "\n\n".join(lines) + "\n```"
+    commands = run_commands(result.out_dir if local else None, result.report)
+    lines = [f"# {label}\n{command}" for label, command in commands.items()]
+    heading = ("**Run it** (paths on this machine):" if local else
+               "**Run it**: download the files below into one folder, then in that folder:")
+    return heading + "\n\n```bash\n" + "\n\n".join(lines) + "\n```"
 
 
 def download_copies(paths: list[Path]) -> list[str]:
@@ -215,8 +227,9 @@ def export_gguf_updates(ctx: AppContext, owner: str, run_id: str | None, quant: 
         yield error_md(f"GGUF export failed ({type(e).__name__}: {e})"), hidden, hidden, hidden
         return
     files = download_copies([result.gguf_path, result.modelfile_path, result.report_path])
-    yield (ok_md(gguf_summary(result)), gr.update(value=parity_rows(result.report), visible=True),
-           gr.update(value=commands_md(result), visible=True), gr.update(value=files, visible=True))
+    local = not ctx.on_space
+    yield (ok_md(gguf_summary(result, local)), gr.update(value=parity_rows(result.report), visible=True),
+           gr.update(value=commands_md(result, local), visible=True), gr.update(value=files, visible=True))
 
 
 def create_gguf_section(ctx: AppContext) -> dict[str, Any]:

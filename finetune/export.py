@@ -326,8 +326,10 @@ def _trained_stop_ids(hf_dir: Path, tokenizer) -> list[int]:
 # ----------------------------------------------------------------------------- the parity check
 def parity_conversations(run, prompts: list[str] | None, limit: int) -> list[list[dict]]:
     """The conversations to check: `prompts` as single user turns, else the test split's prompts (first `limit`),
-    else the merge check's fixed texts (a run without a test split)."""
-    from .evaluate import prompt_and_reference
+    else the merge check's fixed texts (a run without a test split). Prompts with tool schemas or tool turns are
+    left out: llama-cpp-python renders the GGUF's template without our tool placement, so they would compare two
+    renderings rather than the two models."""
+    from .evaluate import questions
     from .merge import CHECK_TEXTS
 
     if prompts:
@@ -337,11 +339,15 @@ def parity_conversations(run, prompts: list[str] | None, limit: int) -> list[lis
     if test_split is not None and test_split.is_file():
         from .data import read_jsonl_examples
 
-        pairs = [prompt_and_reference(ex) for ex in read_jsonl_examples(test_split)]
-        conversations = [turns for turns, _ in filter(None, pairs)]
+        conversations = [q.turns for q in questions(read_jsonl_examples(test_split))
+                         if not q.tools and not any(_is_tool_turn(turn) for turn in q.turns)]
     if not conversations:
         conversations = [[{"role": "user", "content": t}] for t in CHECK_TEXTS]
     return conversations[:limit]
+
+
+def _is_tool_turn(turn: dict) -> bool:
+    return turn.get("role") == "tool" or bool(turn.get("tool_calls"))
 
 
 def check_parity(hf_dir: Path, gguf_path: Path, conversations: list[list[dict]], *, system_prompt: str | None = None,

@@ -338,3 +338,25 @@ def test_merge_can_save_bitsandbytes_weights_that_load_with_from_pretrained(lora
     ids = torch.tensor([list(range(3, 40))])
     with torch.inference_mode():
         assert torch.equal(saved(input_ids=ids).logits, fresh(input_ids=ids).logits)
+
+
+def test_parity_prompts_are_the_test_splits_tool_free_prompts(tmp_path):
+    from types import SimpleNamespace
+
+    from finetune.export import parity_conversations
+    from finetune.run_folder import RunFolder
+
+    tool = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+    call = {"type": "function", "function": {"name": "get_time", "arguments": {}}}
+    examples = [
+        {"messages": [{"role": "user", "content": "What time is it?"},
+                      {"role": "assistant", "content": "", "tool_calls": [call]}], "tools": [tool]},
+        {"messages": [{"role": "user", "content": "Time?"}, {"role": "assistant", "content": "", "tool_calls": [call]},
+                      {"role": "tool", "content": "12:00"}, {"role": "assistant", "content": "Noon."}]},
+        {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi."}]},
+    ]
+    split = RunFolder(tmp_path).split_file("test")
+    split.parent.mkdir(parents=True, exist_ok=True)
+    split.write_text("".join(json.dumps(ex) + "\n" for ex in examples), encoding="utf-8")
+    conversations = parity_conversations(SimpleNamespace(run_dir=tmp_path), None, 8)
+    assert conversations == [[{"role": "user", "content": "Say hi."}]]

@@ -596,3 +596,27 @@ def test_compare_runs_overlays_curves_and_highlights_differences(app, browser):
     assert page.locator("#runs-table [role=columnheader]").all_inner_texts()[1:3] == [first[:8], second[:8]]
     shot(page, "11-compare-runs")
     page.context.close()
+
+
+# ----------------------------------------------------------------------------- issue 17, round 2: a fresh walk-through
+
+def test_the_log_shows_its_tail_when_the_train_tab_is_opened(app, browser):
+    """A returning user: the page loads their last (finished) run while the Data tab is showing; opening the Train
+    tab shows the log's last lines, not its first."""
+    from finetune.run_folder import RunFolder
+
+    url, workspace = app
+    run_id = write_finished_run(workspace / "runs", "local", created=time.time() + 3600)  # the newest: shown on load
+    RunFolder(workspace / "runs" / run_id).log_file.write_text(
+        "".join(f"step {step} | loss {3 - step / 40:.4f}\n" for step in range(1, 61)) + "done: the last line\n",
+        encoding="utf-8")
+    page = fresh_page(browser, url)
+    page.wait_for_timeout(1500)  # the poll of the restored run has filled the (not yet shown) log box
+    open_tab(page, "Train")
+    page.wait_for_function(f"() => document.querySelector('#train-status').innerText.includes('{run_id[:8]}')")
+    page.wait_for_timeout(1000)
+    assert "done: the last line" in page.input_value("#train-log textarea")
+    assert _log_at_bottom(page), _log_scroll(page)
+    shot(page, "15-log-tail-after-load")
+    page.context.close()
+

@@ -600,3 +600,61 @@ def test_compare_runs_overlays_curves_and_highlights_differences(app, browser):
     assert page.locator("#runs-table [role=columnheader]").all_inner_texts()[1:3] == [first[:8], second[:8]]
     shot(page, "11-compare-runs")
     page.context.close()
+
+
+# ----------------------------------------------------------------------------- issue 17, round 2: a fresh walk-through
+
+def test_the_log_shows_its_tail_when_the_train_tab_is_opened(app, browser):
+    """A returning user: the page loads their last (finished) run while the Data tab is showing; opening the Train
+    tab shows the log's last lines, not its first."""
+    from finetune.run_folder import RunFolder
+
+    url, workspace = app
+    run_id = write_finished_run(workspace / "runs", "local", created=time.time() + 3600)  # the newest: shown on load
+    RunFolder(workspace / "runs" / run_id).log_file.write_text(
+        "".join(f"step {step} | loss {3 - step / 40:.4f}\n" for step in range(1, 61)) + "done: the last line\n",
+        encoding="utf-8")
+    page = fresh_page(browser, url)
+    page.wait_for_timeout(1500)  # the poll of the restored run has filled the (not yet shown) log box
+    open_tab(page, "Train")
+    page.wait_for_function(f"() => document.querySelector('#train-status').innerText.includes('{run_id[:8]}')")
+    page.wait_for_timeout(1000)
+    assert "done: the last line" in page.input_value("#train-log textarea")
+    assert _log_at_bottom(page), _log_scroll(page)
+    shot(page, "15-log-tail-after-load")
+    page.context.close()
+
+
+def test_compared_runs_fit_the_page_and_no_empty_plot_waits_for_them(app, browser):
+    """The Runs tab shows no empty plot box before runs are picked; once two are picked, every run's column of the
+    settings and results table is on screen, long values (the demo model's note) wrapped."""
+    from finetune.run_folder import RunFolder
+
+    url, workspace = app
+    picked = [write_finished_run(workspace / "runs", "local", learning_rate=rate) for rate in (1e-3, 3e-3)]
+    for run_id in picked:  # what a finished run on the demo model has in its results
+        run = RunFolder(workspace / "runs" / run_id)
+        run.write_results({**run.read_results(), "is_demo_model": True, "estimated_duration_s": 60.0,
+                           "actual_duration_s": 75.0})
+    page = fresh_page(browser, url)
+    open_tab(page, "Runs")
+    assert not page.locator("#runs-loss-plot").is_visible()
+    for run_id in picked:
+        pick(page, "runs-pick", run_id[:6])
+    page.keyboard.press("Escape")
+    page.wait_for_function("() => document.querySelector('#runs-message').innerText.includes('2 runs')")
+    page.wait_for_selector("#runs-loss-plot img")
+    table = page.locator("#runs-table")
+    table.scroll_into_view_if_needed()
+    sizes = page.evaluate("() => { const t = document.querySelector('#runs-table table');"
+                          " return {table: t.scrollWidth, box: t.parentElement.clientWidth}; }")
+    assert sizes["table"] <= sizes["box"], sizes
+    headers = page.locator("#runs-table [role=columnheader]")
+    last = headers.nth(headers.count() - 1)
+    assert last.inner_text().strip() == picked[1][:8]
+    box, viewport = last.bounding_box(), page.viewport_size["width"]
+    assert box["x"] + box["width"] <= viewport, (box, viewport)
+    note = page.locator("#runs-table [role=row]", has_text="base model").first.locator("[role=gridcell]").last
+    assert "tiny offline demo model" in note.inner_text()
+    shot(page, "16-runs-table-fits")
+    page.context.close()

@@ -40,7 +40,7 @@ def build_app(ctx: AppContext | None = None, *, hub_ok: bool | None = None) -> g
                 data = create_data_tab(ctx)
             with gr.Tab("2 · Model & settings", id="settings", elem_id="tab-settings"):
                 settings = create_settings_tab(hub_ok)
-            with gr.Tab("3 · Train", id="train", elem_id="tab-train"):
+            with gr.Tab("3 · Train", id="train", elem_id="tab-train") as train_tab:
                 train = create_train_tab()
             with gr.Tab("4 · Compare", id="compare", elem_id="tab-compare"):
                 compare = create_compare_tab(ctx)
@@ -55,7 +55,7 @@ def build_app(ctx: AppContext | None = None, *, hub_ok: bool | None = None) -> g
         wire_data_tab(ctx, data, form, owner)
         wire_settings_tab(ctx, settings, data["data_state"])
         wire_train_tab(ctx, train, owner=owner, saved=saved, data_state=data["data_state"], data_form=run_data_form,
-                       settings_form=form, run_lists=[compare["run"], export["run"]])
+                       settings_form=form, run_lists=[compare["run"], export["run"]], tab=train_tab)
         wire_compare_tab(ctx, compare, owner=owner)
         wire_export_tab(ctx, export, owner=owner)
         wire_runs_tab(ctx, runs, owner=owner, tab=runs_tab)

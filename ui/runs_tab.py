@@ -139,6 +139,14 @@ def compare_runs(ctx: AppContext, owner: str, run_ids: list[str] | None) -> tupl
     return message, runs, styled_table(headers, rows, differs)
 
 
+def column_widths(n_runs: int) -> list[str] | None:
+    """The table's column widths: the row names, then the runs' columns sharing the rest, so that every run is on
+    screen and long values wrap (by content, one long value would push the other runs off to the right)."""
+    if not n_runs:
+        return None
+    return ["24%", *[f"{76 / n_runs:.2f}%"] * n_runs]
+
+
 # ============================================================================ layout and wiring
 
 def create_runs_tab() -> dict[str, Any]:
@@ -150,7 +158,7 @@ def create_runs_tab() -> dict[str, Any]:
         c["refresh"] = gr.Button("↻ Refresh list", scale=1, size="sm", min_width=120, elem_id="runs-refresh")
     c["message"] = gr.Markdown(notice_md("Pick two or more runs to compare."), elem_id="runs-message")
     # matplotlib, not gr.LinePlot: that plot keeps the series of the first data it shows, and the runs picked change
-    c["plot"] = gr.Plot(label="Loss by run", show_label=False, elem_id="runs-loss-plot")
+    c["plot"] = gr.Plot(label="Loss by run", show_label=False, elem_id="runs-loss-plot", visible=False)
     c["table"] = gr.Dataframe(label="Settings and results (differences highlighted)", interactive=False, wrap=True,
                               visible=False, max_height=1200, elem_id="runs-table")  # ~35 rows: no inner scroll
     return c
@@ -159,7 +167,8 @@ def create_runs_tab() -> dict[str, Any]:
 def wire_runs_tab(ctx: AppContext, c: dict, *, owner: gr.State, tab: gr.Tab) -> None:
     def on_pick(who: str, run_ids: list[str] | None, request: gr.Request):
         message, picked, table = compare_runs(ctx, owner_of(who, request.session_hash), run_ids)
-        return (message, loss_figure(picked) if picked else None, gr.update(value=table, visible=table is not None))
+        return (message, gr.update(value=loss_figure(picked) if picked else None, visible=bool(picked)),
+                gr.update(value=table, visible=table is not None, column_widths=column_widths(len(picked))))
 
     c["runs"].change(on_pick, [owner, c["runs"]], [c["message"], c["plot"], c["table"]], show_progress="hidden",
                      api_name="compare_runs")

@@ -34,9 +34,10 @@ REWARD_SERIES = {"rewards/margins": "margin", "rewards/accuracies": "accuracy"}
 METRICS_HEADERS = ["metric", "value"]
 # After each new log: scroll the log box to its last line, unless the user scrolled up to read (then it waits until
 # they scroll back to the bottom). Gradio's own autoscroll stops for good once a poll adds more than ~100 px at once.
-FOLLOW_LOG_JS = """() => setTimeout(() => {
+# A box not shown yet (its tab just opened) is waited for, up to 1 s.
+FOLLOW_LOG_JS = """() => { let tries = 0; const follow = () => {
   const box = document.querySelector('#train-log textarea');
-  if (!box) return;
+  if (!box || !box.clientHeight) { if (++tries < 20) setTimeout(follow, 50); return; }
   if (!box.dataset.follow) {
     box.dataset.follow = '1';
     box.addEventListener('scroll', () => {
@@ -44,7 +45,7 @@ FOLLOW_LOG_JS = """() => setTimeout(() => {
     });
   }
   if (box.dataset.follow === '1') box.scrollTop = box.scrollHeight;
-}, 50)"""
+}; setTimeout(follow, 50); }"""
 
 
 # ============================================================================ pure views of a run's status
@@ -342,7 +343,7 @@ def create_train_tab() -> dict[str, Any]:
 
 
 def wire_train_tab(ctx: AppContext, c: dict, *, owner: gr.State, saved: gr.BrowserState, data_state: gr.State,
-                   data_form: dict, settings_form: dict, run_lists: list) -> None:
+                   data_form: dict, settings_form: dict, run_lists: list, tab: gr.Tab) -> None:
     view_outputs = [c["status"], c["progress"], c["loss_plot"], c["lr_plot"], c["log"], c["metrics"], c["timer"],
                     c["view"], c["reward_plot"]]
 
@@ -369,6 +370,8 @@ def wire_train_tab(ctx: AppContext, c: dict, *, owner: gr.State, saved: gr.Brows
     c["timer"].tick(on_poll, [owner, c["run"], c["view"]], view_outputs, show_progress="hidden",
                     concurrency_limit=16, api_name="poll")
     c["log"].change(None, None, None, js=FOLLOW_LOG_JS, show_progress="hidden", api_visibility="private")
+    # a log filled while another tab showed (the page load's run) has no box to scroll yet: scroll it on opening
+    tab.select(None, None, None, js=FOLLOW_LOG_JS, show_progress="hidden", api_visibility="private")
     c["run"].change(lambda: {}, None, c["view"], show_progress="hidden", api_visibility="private") \
         .then(on_poll, [owner, c["run"], c["view"]], view_outputs, show_progress="hidden", api_visibility="private")
 

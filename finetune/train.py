@@ -330,7 +330,7 @@ def _train(config: RunConfig, observer: TrainObserver, out: Path, rows: list[dic
         preference.start_run(config)  # a wrong `init_from` fails now, not after the data is encoded
         pref = preference.prepare_preference_data(config, data, tokenizer)
     if is_main_process():  # every process splits the same way (seeded); one writes
-        write_split_files(pref.answers if pref else data.splits, run.data_dir)
+        write_split_files(pref.answers if pref else data.splits, run)
         if pref:
             preference.write_preference_splits(pref, run)
     train_ds, eval_ds, test_ds = ((pref or prepared).dataset(split) for split in ("train", "validation", "test"))

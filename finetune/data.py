@@ -1432,6 +1432,7 @@ def collect_examples(config: RunConfig, rows: list[dict] | None = None, *, sourc
     folder = data_cache.cache_root() / key
     meta = data_cache.read_json(folder / _STORE_META)
     if meta is not None and (folder / _STORE_TABLE).is_file():
+        data_cache.mark_used(folder)
         return _open_store(folder, key, meta)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f".{key}.{secrets.token_hex(4)}.tmp")
@@ -1442,6 +1443,7 @@ def collect_examples(config: RunConfig, rows: list[dict] | None = None, *, sourc
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     data_cache.publish_folder(tmp, folder)
+    data_cache.prune(keep=folder)
     return _open_store(folder, key, data_cache.read_json(folder / _STORE_META) or _store_meta(store))
 
 

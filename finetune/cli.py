@@ -1,4 +1,4 @@
-"""`finetune {train,eval,merge,export,chat,preview,push,demo}` (or `python -m finetune ...`).
+"""`finetune {train,eval,merge,export,chat,preview,push,demo,cache}` (or `python -m finetune ...`).
 
 Expected mistakes (bad config, bad data, missing model) print one `error: ...` line and exit 2;
 anything else is a bug and keeps its traceback. The package's log messages reach stderr as plain lines
@@ -268,6 +268,26 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_cache(args) -> int:
+    """`cache list`: the data cache's entries, least recently used first, and its budget; `cache clear`: empty it."""
+    from . import data_cache
+
+    root = data_cache.cache_root()
+    if args.action == "clear":
+        entries, freed = data_cache.clear(root)
+        print(f"removed {entries} entries ({data_cache.human_size(freed)}) from {root}")
+        return 0
+    entries = data_cache.cache_entries(root)
+    budget = data_cache.max_cache_bytes()
+    for entry in entries:
+        print(f"{entry.path.name}  {data_cache.human_size(entry.bytes):>9}  last used {entry.last_used_text}  "
+              f"{entry.source or '(unknown data)'}")
+    total = data_cache.human_size(sum(entry.bytes for entry in entries))
+    limit = "never pruned" if budget is None else f"budget {data_cache.human_size(budget)}"
+    print(f"{root}: {len(entries)} entries, {total} ({limit}; ${data_cache.MAX_GB_ENV} changes it)")
+    return 0
+
+
 # ----------------------------------------------------------------------------- log messages
 def _verbosity_flags() -> argparse.ArgumentParser:
     """`-q`/`-v`, accepted before the command and after it (`finetune -q train x.yaml`, `finetune train x.yaml -q`)."""
@@ -382,6 +402,12 @@ def build_parser(prog: str = "finetune") -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", parents=[flags], help="build (once) and print the folder of the offline demo model")
     d.set_defaults(func=cmd_demo)
+
+    ca = sub.add_parser("cache", parents=[flags], help="list or clear the data cache (normalised examples and "
+                                                       "their encodings, reused across runs)")
+    ca.add_argument("action", nargs="?", default="list", choices=["list", "clear"],
+                    help="list: entries, sizes and last use (default); clear: remove them all")
+    ca.set_defaults(func=cmd_cache)
     return p
 
 

@@ -74,6 +74,7 @@ from typing import Any
 from .config import RunConfig
 from .errors import DataError
 from .hub import MODEL_ID as HUB_ID
+from .run_folder import RunFolder
 
 SUPPORTED_EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet", ".txt")
 FORMATS = ("alpaca", "messages", "sharegpt", "prompt_completion", "text")
@@ -1536,6 +1537,7 @@ def collect_examples(config: RunConfig, rows: list[dict] | None = None, *, sourc
     folder = data_cache.cache_root() / key
     meta = data_cache.read_json(folder / _STORE_META)
     if meta is not None and (folder / _STORE_TABLE).is_file():
+        data_cache.mark_used(folder)
         return _open_store(folder, key, meta)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f".{key}.{secrets.token_hex(4)}.tmp")
@@ -1546,6 +1548,7 @@ def collect_examples(config: RunConfig, rows: list[dict] | None = None, *, sourc
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     data_cache.publish_folder(tmp, folder)
+    data_cache.prune(keep=folder)
     return _open_store(folder, key, data_cache.read_json(folder / _STORE_META) or _store_meta(store))
 
 
@@ -1633,13 +1636,13 @@ def _open_store(folder: Path, key: str, meta: dict) -> ExampleStore:
                         preference_rows=preference_rows)
 
 
-def write_split_files(splits: Splits, folder: str | Path) -> dict[str, Path]:
-    """Write train.jsonl, validation.jsonl and test.jsonl (an empty split gives an empty file); return the paths."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+def write_split_files(splits: Splits, run: RunFolder) -> dict[str, Path]:
+    """Write the run's data/train.jsonl, validation.jsonl and test.jsonl (an empty split gives an empty file);
+    return the paths."""
+    run.data_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name, examples in splits.as_dict().items():
-        paths[name] = folder / f"{name}.jsonl"
+        paths[name] = run.split_file(name)
         lines = examples.json_lines() if isinstance(examples, ExampleList) else \
             (json.dumps(ex, ensure_ascii=False) for ex in examples)
         with paths[name].open("w", encoding="utf-8") as f:

@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -30,8 +31,9 @@ from .templates import CHATML_TEMPLATE
 
 logger = logging.getLogger(__name__)
 
-# Bump when the build changes (architecture, corpus, tokenizer or pre-training settings) so caches rebuild.
-DEMO_VERSION = 3  # bump whenever the built weights or tokenizer change, so caches rebuild
+# The demo's version, as DEMO_MODEL.md and the cache folder's name show it. The folder is also keyed by
+# `build_digest()`, so a changed build never reuses older weights, bumped or not.
+DEMO_VERSION = 3
 DEMO_LABEL = ("tiny offline demo model (pre-trained for seconds on a small bundled corpus; answers are noise until "
               "fine-tuned)")
 CORPUS_PATH = Path(__file__).with_name("demo_corpus.txt")
@@ -201,18 +203,37 @@ _BUILD_LOCK = threading.Lock()
 
 
 def demo_model_path(cache_dir: str | Path | None = None) -> Path:
-    """The cached demo model folder `<cache_dir>/demo-v{DEMO_VERSION}`, built on first use.
+    """The cached demo model folder `<cache_dir>/demo-v{DEMO_VERSION}-<build digest>`, built on first use.
 
     Safe when several processes ask at once: each builds into its own temporary folder beside the
     target and renames it into place; a process that loses the race keeps the winner's folder. Threads of one
     process take turns (two first imports of transformers at once can fail).
     """
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = root / f"demo-v{DEMO_VERSION}"
+    target = root / demo_folder_name()
     if _is_complete(target):
         return target
     with _BUILD_LOCK:  # threads of one process (the app's first page load) build once, one after the other
         return target if _is_complete(target) else _build_into(root, target)
+
+
+def demo_folder_name() -> str:
+    """`demo-v{DEMO_VERSION}-<first 12 hex digits of build_digest()>`."""
+    return f"demo-v{DEMO_VERSION}-{build_digest()[:12]}"
+
+
+def build_digest() -> str:
+    """A digest of what decides the built files: the build settings, the corpus, the build code (this file,
+    which holds the architecture), the chat template, and the libraries that tokenize, initialise and train."""
+    from importlib.metadata import version
+
+    from .data_cache import cache_key, code_digest, file_digest
+
+    settings = {"vocab_size": VOCAB_SIZE, "special_tokens": SPECIAL_TOKENS, "pretrain_steps": PRETRAIN_STEPS,
+                "pretrain_batch": PRETRAIN_BATCH, "pretrain_window": PRETRAIN_WINDOW, "pretrain_lr": PRETRAIN_LR,
+                "chat_template": CHATML_TEMPLATE}
+    versions = {name: version(name) for name in ("torch", "transformers", "tokenizers")}
+    return cache_key(settings, file_digest(CORPUS_PATH), code_digest(sys.modules[__name__]), versions)
 
 
 def _build_into(root: Path, target: Path) -> Path:

@@ -300,6 +300,7 @@ def _encode_store(store: ExampleStore, model: TemplatedTokenizer, config: RunCon
     errors = _errors(table)
     files = [os.path.basename(f["filename"]) for f in table.cache_files]
     data_cache.write_json(meta_file, {"files": files, "errors": errors})
+    data_cache.prune(keep=store.folder)
     return table, errors
 
 

@@ -305,7 +305,6 @@ def train(config: RunConfig, observer: TrainObserver | None = None, *, rows: lis
 def _train(config: RunConfig, observer: TrainObserver, out: Path, rows: list[dict] | None,
            stop_flag: dict) -> RunResult:
     from transformers import EarlyStoppingCallback, PrinterCallback, set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
     from .data import write_split_files
     from .models import resolve_attention, resolve_precision
@@ -331,7 +330,7 @@ def _train(config: RunConfig, observer: TrainObserver, out: Path, rows: list[dic
         preference.start_run(config)  # a wrong `init_from` fails now, not after the data is encoded
         pref = preference.prepare_preference_data(config, data, tokenizer)
     if is_main_process():  # every process splits the same way (seeded); one writes
-        write_split_files(pref.answers if pref else data.splits, run.data_dir)
+        write_split_files(pref.answers if pref else data.splits, run)
         if pref:
             preference.write_preference_splits(pref, run)
     train_ds, eval_ds, test_ds = ((pref or prepared).dataset(split) for split in ("train", "validation", "test"))
@@ -373,7 +372,7 @@ def _train(config: RunConfig, observer: TrainObserver, out: Path, rows: list[dic
         held_out_split, held_out = preference.held_out_rows(pref)
         scores_before = preference.preference_scores(trainer.model, held_out, batch_size=config.batch_size)
     allow_training_wrap(trainer)  # else an evaluation before train() leaves DDP processes training unsynced
-    resume = _resume_path(config, get_last_checkpoint)
+    resume = _resume_path(config)
     if resume is None and not config.resume_from_checkpoint and is_main_process():
         run.clear_metrics()  # a fresh run starts a fresh curve
     early = None
@@ -438,21 +437,35 @@ def _train(config: RunConfig, observer: TrainObserver, out: Path, rows: list[dic
     return RunResult(status=status, output_dir=out, final_dir=final, results=results, model=trainer.model)
 
 
-def _resume_path(config: RunConfig, get_last_checkpoint) -> str | None:
+def _resume_path(config: RunConfig) -> str | None:
+    """The checkpoint to resume from: `latest` is the newest complete one (a process killed while saving
+    leaves a half-written checkpoint-N, which is skipped with a notice naming it)."""
     want = config.resume_from_checkpoint
     if not want:
         return None
     if want == "latest":
-        ckpts = RunFolder(config.output_dir).checkpoints_dir
-        last = get_last_checkpoint(str(ckpts)) if ckpts.is_dir() else None
+        run = RunFolder(config.output_dir)
+        last = run.latest_complete_checkpoint()
         if last is None:
-            raise ConfigError(f"`resume_from_checkpoint: latest` but {ckpts} holds no checkpoint; "
-                              "start a fresh run or give a checkpoint folder")
-        return last
+            raise ConfigError(f"`resume_from_checkpoint: latest` but {run.checkpoints_dir} holds no complete "
+                              "checkpoint; start a fresh run or give a checkpoint folder")
+        skipped = _newer_checkpoints(last)
+        if skipped:
+            log.warning("resuming from %s: skipping %s, written only in part (no complete trainer_state.json; "
+                        "the run was likely stopped while saving it)", last.name, ", ".join(skipped))
+        return str(last)
     if not (Path(want) / "trainer_state.json").is_file():
         raise ConfigError(f"`resume_from_checkpoint`: {want} is not a checkpoint folder (no trainer_state.json); "
                           "use `latest` or a folder under <output_dir>/checkpoints/")
     return want
+
+
+def _newer_checkpoints(chosen: Path) -> list[str]:
+    """Names of the checkpoint-N folders beside `chosen` with a higher step (the incomplete ones), oldest first."""
+    step = int(chosen.name.rpartition("-")[2])
+    newer = [(int(s), p.name) for p in chosen.parent.glob("checkpoint-*")
+             if (s := p.name.rpartition("-")[2]).isdigit() and int(s) > step]
+    return [name for _, name in sorted(newer)]
 
 
 def _dataset_source(config: RunConfig, rows: list[dict] | None) -> str:

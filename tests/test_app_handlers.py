@@ -15,6 +15,7 @@ import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from app_helpers import SETTINGS, load
 from finetune.config import RunConfig
 from finetune.errors import ConfigError, FinetuneError
 from finetune.runs import RunStatus
@@ -26,7 +27,6 @@ from ui.forms import config_from_values
 from ui.messages import error_md, notice_md
 
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = {"base_model": "demo", "method": "lora", "max_seq_length": 256}
 
 
 @pytest.fixture()
@@ -35,12 +35,6 @@ def ctx(tmp_path):
     context = create_context(tmp_path / "ws", start_worker=False, policy=OwnershipPolicy("per_user"))
     yield context
     context.runs.close()
-
-
-def load(ctx, **values):
-    base = {"source": "Example dataset", "example": "python_qa.jsonl", "data_format": "auto", "column_mapping": "",
-            "skip_invalid": False, "max_rows": None}
-    return data_tab.load_data(ctx, "s:owner", {**base, **values}, dict(SETTINGS))
 
 
 def message(markdown) -> str:

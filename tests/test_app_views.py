@@ -11,6 +11,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from app_helpers import SETTINGS, load
 from finetune.errors import DataError
 from finetune.estimate import save_throughput
 from finetune.run_folder import RunFolder
@@ -19,7 +20,6 @@ from ui import compare_tab, data_tab, settings_tab, train_tab
 from ui.context import create_context
 from ui.forms import LABELS, advanced_fields, config_from_values, field_widget
 
-SETTINGS = {"base_model": "demo", "method": "lora", "max_seq_length": 256}
 GOOD_LINES = "\n".join(json.dumps({"instruction": f"Say {w}", "output": w.title()})
                        for w in ("hi", "bye", "yes", "no", "maybe", "never", "always", "soon", "later", "now"))
 
@@ -29,12 +29,6 @@ def ctx(tmp_path):
     context = create_context(tmp_path / "ws", start_worker=False)
     yield context
     context.runs.close()
-
-
-def load(ctx, **values):
-    base = {"source": "Example dataset", "example": "python_qa.jsonl", "data_format": "auto", "column_mapping": "",
-            "skip_invalid": False, "max_rows": None}
-    return data_tab.load_data(ctx, "s:owner", {**base, **values}, dict(SETTINGS))
 
 
 # ----------------------------------------------------------------------------- Data tab

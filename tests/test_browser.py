@@ -21,6 +21,7 @@ import pytest
 
 from app_server import running_app
 from run_folders import loss_metrics, write_finished_run
+from ui.forms import advanced_fields
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -83,6 +84,36 @@ def use_example_source(page) -> None:
         page.wait_for_selector("#data-status .ft-ok")
 
 
+def loaded_page(browser, url: str, *, downloads: bool = False, errors: list[str] | None = None, **fields):
+    """A new page with the app open and the bundled example loaded (the Data tab's Load pressed); with `fields`
+    (RunConfig names), the Model & settings tab is open with them typed in. `errors` collects the page's script
+    errors."""
+    page = browser.new_page(viewport={"width": 1280, "height": 1000}, accept_downloads=downloads)
+    page.set_default_timeout(60_000)
+    if errors is not None:
+        page.on("pageerror", lambda e: errors.append(str(e)))
+    open_app(page, url)
+    use_example_source(page)
+    page.click("#data-load")
+    page.wait_for_selector("#data-status .ft-ok")
+    if fields:
+        fill_settings(page, **fields)
+    return page
+
+
+def fill_settings(page, **fields) -> None:
+    """Open Model & settings and type `fields` into their boxes: the basic ones, then the Advanced ones (the
+    accordion opened once)."""
+    open_tab(page, "Model & settings")
+    advanced = [name for name in fields if name in advanced_fields()]
+    for name in [name for name in fields if name not in advanced]:
+        page.fill(f"#field-{name} input", str(fields[name]))
+    if advanced:
+        page.click("#settings-advanced .label-wrap")
+    for name in advanced:
+        page.fill(f"#field-{name} input", str(fields[name]))
+
+
 def shot(page, name: str) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
@@ -94,18 +125,9 @@ def open_tab(page, name: str) -> None:
 
 
 def test_whole_flow_in_a_browser(app_url, browser):
-    page = browser.new_page(viewport={"width": 1280, "height": 1000}, accept_downloads=True)
-    page.set_default_timeout(60_000)
+    # 1-2. open the page, load the bundled example and see the preview, with the loss-carrying text highlighted
     errors: list[str] = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-
-    # 1. open the page
-    open_app(page, app_url)
-    shot(page, "01-opened")
-
-    # 2. pick the bundled example and see the preview, with the loss-carrying text highlighted
-    page.click("#data-load")
-    page.wait_for_selector("#data-status .ft-ok")
+    page = loaded_page(browser, app_url, downloads=True, errors=errors)
     assert "python_qa.jsonl" in page.inner_text("#data-status")
     assert "format messages" in page.inner_text("#data-status")
     preview = page.inner_text("#data-preview")
@@ -113,13 +135,10 @@ def test_whole_flow_in_a_browser(app_url, browser):
     assert page.locator("#data-stats").get_by_text("train", exact=True).count() == 1
     shot(page, "02-data-preview")
 
-    # 3. settings: the demo model (the Hub is offline) with few steps; then train and watch it live
-    open_tab(page, "Model & settings")
+    # 3. settings: the demo model (the Hub is offline), 32 steps with a loss point each (enough to watch it live);
+    # then train and watch it live
+    fill_settings(page, num_train_epochs=8, max_seq_length=256, logging_steps=1)
     assert "demo" in page.input_value("#field-base_model input")
-    page.fill("#field-num_train_epochs input", "8")  # 32 steps, a loss point each: enough to watch it live
-    page.fill("#field-max_seq_length input", "256")
-    page.click("#settings-advanced .label-wrap")
-    page.fill("#field-logging_steps input", "1")
     page.click("#settings-show-yaml")
     page.wait_for_selector("#settings-command")
     assert "python -m finetune train run.yaml" in page.inner_text("#settings-command")
@@ -215,17 +234,7 @@ def test_whole_flow_in_a_browser(app_url, browser):
 def test_stop_then_resume_in_a_browser(app_url, browser):
     """Stop a run after a checkpoint, resume it from that checkpoint with the Resume button: it goes on past the
     step it stopped at (and is stopped again, to keep the test short)."""
-    page = browser.new_page(viewport={"width": 1280, "height": 1000})
-    page.set_default_timeout(60_000)
-    open_app(page, app_url)
-    use_example_source(page)
-    page.click("#data-load")
-    page.wait_for_selector("#data-status .ft-ok")
-    open_tab(page, "Model & settings")
-    page.fill("#field-max_seq_length input", "128")
-    page.click("#settings-advanced .label-wrap")
-    page.fill("#field-max_steps input", "400")
-    page.fill("#field-save_steps input", "2")
+    page = loaded_page(browser, app_url, max_seq_length=128, max_steps=400, save_steps=2)
     open_tab(page, "Train")
     start_run(page)
     stopped_at = _stop_after(page, lambda step: step >= 4)
@@ -257,18 +266,8 @@ def test_judge_answers_then_train_on_them_in_a_browser(app, app_url, browser):
     """The Compare tab's loop: judge three answers (base better; both bad with a better answer written; one of two
     fine-tuned samples), see three rows in the run's preferences.jsonl and the counter at 3, train a DPO stage on
     them, watch it finish and find it selected in the Compare run list, ready to be judged in turn."""
-    page = browser.new_page(viewport={"width": 1280, "height": 1000})
-    page.set_default_timeout(60_000)
     errors: list[str] = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    open_app(page, app_url)
-    use_example_source(page)
-    page.click("#data-load")
-    page.wait_for_selector("#data-status .ft-ok")
-    open_tab(page, "Model & settings")
-    page.fill("#field-max_seq_length input", "128")
-    page.click("#settings-advanced .label-wrap")
-    page.fill("#field-max_steps input", "2")
+    page = loaded_page(browser, app_url, errors=errors, max_seq_length=128, max_steps=2)
     open_tab(page, "Train")
     sft_name = start_run(page)
     page.wait_for_selector("#train-status .ft-ok, #train-status .ft-error", timeout=TRAIN_TIMEOUT_S * 1000)
@@ -394,18 +393,8 @@ def test_data_and_settings_views_stay_current_in_a_browser(own_app_url, browser)
 def test_statuses_stay_current_and_the_log_follows_its_tail(app_url, browser):
     """While training the run list says running and the log box shows its last lines; once stopped, no "Stopping…"
     is left; after a resume the list says running, and once finished no "…it is running" is left."""
-    page = browser.new_page(viewport={"width": 1280, "height": 1000})
-    page.set_default_timeout(60_000)
-    open_app(page, app_url)
-    use_example_source(page)
-    page.click("#data-load")
-    page.wait_for_selector("#data-status .ft-ok")
-    open_tab(page, "Model & settings")
-    page.fill("#field-max_seq_length input", "128")
-    page.click("#settings-advanced .label-wrap")
-    page.fill("#field-max_steps input", "120")  # long enough to stop on a fast machine
-    page.fill("#field-save_steps input", "2")
-    page.fill("#field-logging_steps input", "1")
+    # 120 steps: long enough to stop on a fast machine
+    page = loaded_page(browser, app_url, max_seq_length=128, max_steps=120, save_steps=2, logging_steps=1)
     open_tab(page, "Train")
     start_run(page)
     page.wait_for_function("() => document.querySelector('#train-run input').value.includes('· running')")

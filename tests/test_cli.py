@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from finetune.cli import EXIT_USER_ERROR, _log_to_stderr, build_parser, config_from_args, main
-from finetune.demo import DEMO_LABEL, DEMO_VERSION
+from finetune.demo import DEMO_LABEL, demo_folder_name
 
 ROOT = Path(__file__).resolve().parents[1]
 QA = ROOT / "examples" / "data" / "python_qa.jsonl"
@@ -133,7 +133,7 @@ def test_info_messages_reach_stderr_unless_quiet(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "a"))
     assert main(["demo"]) == 0
     out, err = capsys.readouterr()
-    built = tmp_path / "a" / f"demo-v{DEMO_VERSION}"
+    built = tmp_path / "a" / demo_folder_name()
     assert out == f"{built}\n"
     assert err.startswith(f"Building the {DEMO_LABEL} into {built}\n") and err.endswith(f"\n{DEMO_LABEL}\n")
 

@@ -35,6 +35,7 @@ from finetune.data import (
     write_split_files,
 )
 from finetune.errors import DataError
+from finetune.run_folder import RunFolder
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO / "tests" / "fixtures" / "datasets"  # slices of LLaMA-Factory's demo files
@@ -1138,9 +1139,10 @@ def test_load_examples_errors_name_the_file(tmp_path):
 def test_split_files_round_trip(tmp_path):
     splits = Splits(train=[{"messages": [user("héllo"), assistant("wörld")]}, {"text": "plain"}], validation=[],
                     test=[{"text": "t"}])
-    paths = write_split_files(splits, tmp_path / "run" / "data")
-    assert {k: p.name for k, p in paths.items()} == {"train": "train.jsonl", "validation": "validation.jsonl",
-                                                     "test": "test.jsonl"}
+    run = RunFolder(tmp_path / "run")
+    paths = write_split_files(splits, run)
+    assert paths == {split: run.split_file(split) for split in ("train", "validation", "test")}
+    assert paths["validation"] == tmp_path / "run" / "data" / "validation.jsonl"
     assert "héllo" in paths["train"].read_text(encoding="utf-8")  # UTF-8, not \u escapes
     assert {k: read_jsonl_examples(p) for k, p in paths.items()} == splits.as_dict()
 

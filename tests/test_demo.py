@@ -152,7 +152,7 @@ def test_chat_template_marks_replies_with_their_im_end(demo_dir):
 
 def test_demo_model_path_builds_once(tmp_path, quick_build):
     path = demo_model_path(tmp_path)
-    assert path == tmp_path / f"demo-v{DEMO_VERSION}"
+    assert path.parent == tmp_path and path.name.startswith(f"demo-v{DEMO_VERSION}-")
     weights_mtime = (path / "model.safetensors").stat().st_mtime_ns
     assert demo_model_path(tmp_path) == path
     assert (path / "model.safetensors").stat().st_mtime_ns == weights_mtime
@@ -168,8 +168,26 @@ def test_demo_model_path_rebuilds_a_damaged_cache(tmp_path, quick_build):
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
+def test_a_changed_build_gets_its_own_folder_and_the_same_build_reuses_it(tmp_path, monkeypatch, quick_build):
+    """The cache is keyed by what decides the weights: a build setting or the corpus changed under the same
+    DEMO_VERSION (a developer's cache while the build is edited) never reuses the older weights."""
+    two_steps = demo_model_path(tmp_path)
+    weights = file_hashes(two_steps)["model.safetensors"]
+    monkeypatch.setattr(demo, "PRETRAIN_STEPS", 3)
+    three_steps = demo_model_path(tmp_path)
+    assert three_steps != two_steps and file_hashes(three_steps)["model.safetensors"] != weights
+    monkeypatch.setattr(demo, "PRETRAIN_STEPS", 2)
+    assert demo_model_path(tmp_path) == two_steps and file_hashes(two_steps)["model.safetensors"] == weights
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([two_steps.name, three_steps.name])
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(demo.CORPUS_PATH.read_text(encoding="utf-8") + "\nOne more line.\n", encoding="utf-8")
+    name = demo.demo_folder_name()
+    monkeypatch.setattr(demo, "CORPUS_PATH", corpus)
+    assert demo.demo_folder_name() != name
+
+
 def test_demo_model_path_keeps_the_folder_of_a_process_that_won_the_race(tmp_path, monkeypatch, quick_build):
-    target = tmp_path / f"demo-v{DEMO_VERSION}"
+    target = tmp_path / demo.demo_folder_name()
     real_build = demo.build_demo_model
 
     def build_while_another_process_finishes_first(out_dir, **kwargs):

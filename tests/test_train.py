@@ -6,6 +6,7 @@ Each method trains once per module (fixtures) and several tests assert on that r
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -15,8 +16,10 @@ import torch
 from safetensors.torch import load_file
 
 from finetune.config import RunConfig
+from finetune.errors import ConfigError
+from finetune.run_folder import RunFolder
 from finetune.templates import prompt_ids
-from finetune.train import METRIC_FIELDS, TrainObserver, train
+from finetune.train import METRIC_FIELDS, TrainObserver, _resume_path, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -269,6 +272,25 @@ def test_resume_continues_at_the_right_step_with_optimizer_state(demo_model_dir,
                                         **common))
     c = load_file(fresh_optim.final_dir / "adapter_model.safetensors")
     assert any(not torch.allclose(c[k], a[k], atol=1e-5, rtol=1e-4) for k in a)
+
+
+def test_resume_latest_skips_a_half_written_checkpoint_with_a_notice(tmp_path, caplog):
+    """A run killed while saving checkpoint-4 leaves its folder without trainer_state.json (written last):
+    `latest` resumes from checkpoint-2 and says which folder it skipped."""
+    run = RunFolder(tmp_path)
+    for step in (2, 4):
+        folder = run.checkpoints_dir / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        (folder / "adapter_model.safetensors").write_bytes(b"0")
+    (run.checkpoints_dir / "checkpoint-2" / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
+    config = RunConfig(base_model="demo", dataset="x.jsonl", output_dir=str(tmp_path), resume_from_checkpoint="latest")
+    with caplog.at_level(logging.WARNING, logger="finetune.train"):
+        assert _resume_path(config) == str(run.checkpoints_dir / "checkpoint-2")
+    assert caplog.messages == ["resuming from checkpoint-2: skipping checkpoint-4, written only in part (no complete "
+                               "trainer_state.json; the run was likely stopped while saving it)"]
+    shutil.rmtree(run.checkpoints_dir / "checkpoint-2")
+    with pytest.raises(ConfigError, match="holds no complete checkpoint; start a fresh run"):
+        _resume_path(config)
 
 
 def test_early_stopping_keeps_the_best_checkpoint(demo_model_dir, tmp_path):

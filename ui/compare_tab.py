@@ -35,6 +35,8 @@ from .messages import error_md, notice_md, ok_md, warning_md
 log = logging.getLogger(__name__)
 
 CHAT_CONCURRENCY = 1  # one generation at a time per process: both panes share one model copy
+# What chat_both shows in a pane whose answer is empty; a judgement reads it back as the empty answer it stands for.
+EMPTY_ANSWER = "(empty answer: the model ended its turn at once)"
 TABLE_HEADERS = ["prompt", "reference", "base answer", "fine-tuned answer", "base F1", "fine-tuned F1",
                  "base ROUGE-L", "fine-tuned ROUGE-L"]
 # The answers as people read them: one row per prompt, the four texts side by side in fixed shares of the width,
@@ -157,7 +159,7 @@ def chat_both(ctx: AppContext, owner: str, folder: str | None, message: str, bas
         return
     for history in histories:
         if not history[-1]["content"].strip():
-            history[-1]["content"] = "(empty answer: the model ended its turn at once)"
+            history[-1]["content"] = EMPTY_ANSWER
     yield histories[0], histories[1], ""
 
 
@@ -347,7 +349,6 @@ def _table_rows(table) -> list[list]:
 # picks one); each judgement becomes a row of the run's preferences.jsonl (finetune/preference_loop.py), and
 # "Train on my N preferences" queues a DPO stage from this run's weights, which joins the Run list when done.
 
-EMPTY_ANSWER = "(empty answer: the model ended its turn at once)"  # what chat_both shows for an empty answer
 LOOP_POLL_S = 2.0
 
 

@@ -185,8 +185,15 @@ def shortfall(estimate: MemoryEstimate, device: str, available: int) -> str | No
 
 
 def format_size(n_bytes: float) -> str:
-    """`1.5 GiB` from 1 GiB up, else `548 MiB`."""
-    return f"{n_bytes / GIB:.1f} GiB" if n_bytes >= GIB else f"{n_bytes / 2**20:.0f} MiB"
+    """`1.5 GiB` from 1 GiB up, `548 MiB` from 10 MiB, `2.4 MiB` from 1 MiB, else `300 KiB` (a tiny model's 4-bit
+    weights are not "0 MiB")."""
+    if n_bytes >= GIB:
+        return f"{n_bytes / GIB:.1f} GiB"
+    if n_bytes >= 10 * 2**20:
+        return f"{n_bytes / 2**20:.0f} MiB"
+    if n_bytes >= 2**20:
+        return f"{n_bytes / 2**20:.1f} MiB"
+    return f"{n_bytes / 2**10:.0f} KiB"
 
 
 __all__ = ["KNOWN_MODELS", "MemoryEstimate", "ModelShape", "available_memory", "estimate_memory", "fits",

@@ -93,3 +93,10 @@ def test_qlora_on_a_cpu_with_room_is_not_refused():
     assert shortfall(estimate, "CPU RAM", GIB) == (
         f"this run needs about {estimate.total / GIB:.1f} GiB and CPU RAM has 1.0 GiB free "
         f"({(estimate.total - GIB) / GIB:.1f} GiB short)")
+
+
+def test_sizes_read_in_the_unit_that_shows_them():
+    from finetune.memory import format_size
+
+    assert [format_size(n) for n in (3 * 2**30 // 2, 548 * 2**20, 2.4 * 2**20, 300 * 2**10)] == \
+        ["1.5 GiB", "548 MiB", "2.4 MiB", "300 KiB"]

@@ -160,3 +160,11 @@ def test_model_card_says_peak_memory(make_adapter_run, tmp_path):
     card = build_model_card(run, "alice/x", loss_curve=None)
     assert "| Peak memory | 1,234 MB |" in card and "accelerator" not in card
 
+
+
+def test_missing_results_read_as_a_bare_dash_without_a_unit():
+    rows = dict(train_tab.metrics_table({"train_loss": 1.5}))
+    assert rows["peak memory"] == "-" and rows["trainable parameters"] == "-"
+    results = {"peak_memory_mb": 2048.4, "trainable_params": 12345, "trainable_percent": 1.5}
+    rows = dict(train_tab.metrics_table(results))
+    assert rows["peak memory"] == "2048 MB" and rows["trainable parameters"] == "12,345 (1.5%)"

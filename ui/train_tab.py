@@ -150,9 +150,9 @@ def metrics_table(results: dict) -> list[list[str]]:
         ["runtime", format_duration(runtime)],
         ["samples / s", _fmt(r.get("train_samples_per_second"), ".3g")],
         ["tokens / s", _fmt(tokens_per_s, ".4g")],
-        ["trainable parameters",
-         f"{_fmt(r.get('trainable_params'), ',')} ({_fmt(r.get('trainable_percent'), '.3g')}%)"],
-        ["peak memory", f"{_fmt(r.get('peak_memory_mb'), '.0f')} MB"],
+        ["trainable parameters", _with_unit(r.get("trainable_params"), ",",
+                                            f" ({_fmt(r.get('trainable_percent'), '.3g')}%)")],
+        ["peak memory", _with_unit(r.get("peak_memory_mb"), ".0f", " MB")],
         ["steps", _fmt(r.get("global_step"), "d")],
     ]
     if r.get("estimated_duration_s") is not None:
@@ -162,6 +162,11 @@ def metrics_table(results: dict) -> list[list[str]]:
     if r.get("is_demo_model"):
         rows.append(["base model", "tiny offline demo model (answers are only meaningful on trained prompts)"])
     return rows
+
+
+def _with_unit(value, spec: str, unit: str) -> str:
+    """`_fmt(value) + unit`, or a bare "-" when the value is missing ("- MB" read as a measurement)."""
+    return "-" if value is None else _fmt(value, spec) + unit
 
 
 def status_markdown(status: RunStatus) -> str:

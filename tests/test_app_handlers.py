@@ -764,6 +764,7 @@ def test_compare_table_puts_runs_side_by_side_and_marks_differences(ctx):
     assert table["learning_rate"] == ["0.001", "0.002"] and table["warmup_ratio"] == ["0.03", "0.1"]
     assert table["dataset"] == ["python_qa.jsonl"] * 2 and table["lora_r"] == ["8", "8"]  # each run's own copy
     assert "output_dir" not in table and "lora_dropout" not in table  # own folders; equal non-key settings
+    assert table["max_steps"] == ["- (epochs decide)"] * 2  # -1, the config's "unset"
     assert table["state"] == ["finished", "finished"] and table["train loss"] == ["2.375", "1.875"]
     assert changed == {"learning_rate", "warmup_ratio", "train loss", "validation loss"}
     html = runs_tab.styled_table(headers, rows, differs).to_html()

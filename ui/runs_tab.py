@@ -43,6 +43,8 @@ def setting_value(status: RunStatus, name: str) -> str:
         return Path(value).name
     if value is None:
         return "-"
+    if name == "max_steps" and value == -1:
+        return "- (epochs decide)"
     if isinstance(value, float):
         return f"{value:g}"
     if isinstance(value, list):

@@ -24,7 +24,7 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("rows", [2, 3, MAX_ROWS])
+@pytest.mark.parametrize("rows", [2, 3, 8])
 def test_weight_major_product_equals_f_linear(rows, bias):
     generator = torch.Generator().manual_seed(rows)
     weight = torch.randn(320, 96, generator=generator)

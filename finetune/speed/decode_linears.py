@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-MAX_ROWS = 8  # rows per product up to which the weight-major kernel is used
+MAX_ROWS = 2  # rows per product up to which the weight-major kernel is used: the compare view's; more not measured
 
 
 def stock_path_reason(model: torch.nn.Module) -> str | None:

@@ -4,15 +4,15 @@ A batched decoding step (the compare view's two answers: one row each) multiplie
 the model. `F.linear(x, W)` with x (M, K) and W (N, K) asks the CPU's BLAS (MKL) for x W^T; for small M > 1 the
 fp32 kernel it picks for that orientation costs about M one-row products, so a two-row step costs far more than
 a one-row step although the weights, which dominate the memory traffic, are the same. The same product taken
-weight-major, (W x^T)^T, gets a kernel that costs little more than one row. The values agree to fp32 rounding
+weight-major, (W x^T)^T, gets a kernel whose two-row cost is about one row's. The values agree to fp32 rounding
 (the same sums, added in another order), which `tests/test_generation_speed.py` checks on the logits and the
 greedy answers. `python -m benchmarks.inference --steps` measures a decoding step both ways (RESULTS.md).
 
 `weight_major_linears(model)` switches the model's plain fp32 `nn.Linear` layers (LoRA's base layers, LoRA A/B
 and the LM head included) to it for the block, for inputs of 2 to `MAX_ROWS` rows; other inputs (one row, a
 prompt's prefill) take `F.linear` as before. Where it is not measured, the model stays on the stock path and
-`stock_path_reason` says why: a model on GPU (its GEMMs don't have this problem), 4-bit quantised weights
-(bitsandbytes' layers), half-precision weights (PyTorch runs them through oneDNN instead).
+`stock_path_reason` says why (logged once when `ChatModel` loads): a model on GPU, 4-bit quantised weights
+(bitsandbytes' layers), half-precision weights (on CPU PyTorch runs those through oneDNN, not MKL).
 """
 
 from __future__ import annotations

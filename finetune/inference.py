@@ -7,7 +7,8 @@ disabling the LoRA layers for that call (`PeftModel.disable_adapter`): no second
 
 `stream_both` answers as base and fine-tuned at once for the compare view: one batched `generate` over the
 one copy of the weights, row 0 with the adapter off and row 1 with it on (PEFT's mixed-adapter batches), so
-both panes grow together.
+both panes grow together. On CPU its linear layers take the few rows of each decoding step weight-major
+(`finetune.speed.decode_linears`: F.linear's values, a faster kernel; `weight_major=False` switches it off).
 
 A full fine-tune has no adapter to switch off, so `ChatModel` then holds two models (base and
 fine-tuned) and `has_adapter` is False; memory doubles. That is the only case with two copies, and there
@@ -30,7 +31,7 @@ import json
 import queue
 import re
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -40,6 +41,7 @@ import torch
 from .config import RunConfig
 from .errors import ModelError
 from .run_folder import CONFIG_FILE, STATUS_FILE, RunFolder, read_json_object
+from .speed.decode_linears import log_stock_path, weight_major_linears
 
 END_OF_TURN = "<|im_end|>"  # ChatML's end of turn; also a stop token when the vocabulary has it
 BASE_ROW = "__base__"  # PEFT's adapter name for "no adapter" in a mixed-adapter batch (peft/tuners/lora/model.py)
@@ -165,12 +167,15 @@ class ChatModel:
     def __init__(self, base_path: str, adapter_path: str | Path | None = None, *,
                  finetuned_path: str | Path | None = None, tokenizer_path: str | Path | None = None,
                  load_in_4bit: bool = False, precision: str = "auto", revision: str | None = None,
-                 trust_remote_code: bool = False, system_prompt: str | None = None, chat_template: str | None = None):
+                 trust_remote_code: bool = False, system_prompt: str | None = None, chat_template: str | None = None,
+                 weight_major: bool = True):
         """`adapter_path`: a PEFT adapter folder; `finetuned_path`: a full fine-tune's model folder (then the
         base is loaded a second time, for `adapter=False`). At most one of the two. `tokenizer_path`
         defaults to the adapter/fine-tuned folder (it carries the training chat template), else the base.
         `system_prompt` is added to conversations that have none (the run's `system_prompt`). `chat_template`
-        (auto | tokenizer | chatml | alpaca) replaces the tokenizer's template, as in training; None keeps it."""
+        (auto | tokenizer | chatml | alpaca) replaces the tokenizer's template, as in training; None keeps it.
+        `weight_major`: batched decoding steps run their linear layers weight-major where that is measured (CPU,
+        fp32); False keeps PyTorch's stock path everywhere."""
         from .models import load_base_model, load_tokenizer, resolve_precision
 
         if adapter_path is not None and finetuned_path is not None:
@@ -193,6 +198,9 @@ class ChatModel:
         elif finetuned_path is not None:
             self._finetuned = load_base_model(str(finetuned_path), **{**load, "revision": None}).eval()
         self.model.eval()
+        self.weight_major = weight_major
+        if weight_major:
+            log_stock_path(self.model)
         self.stop_ids = stop_token_ids(self.tokenizer, self.model.generation_config)
         self._lock = threading.Lock()
 
@@ -252,7 +260,7 @@ class ChatModel:
         """
         input_ids = self._prompt_tensor(messages, system_prompt, tools)
         settings = self._generation_settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
-        with self.selected_model(adapter) as model, torch.inference_mode():
+        with self.selected_model(adapter) as model, self._decoding(model), torch.inference_mode():
             _seed(seed)
             out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **settings)
         new_tokens = out[0, input_ids.shape[1]:]  # (T_new,)
@@ -330,7 +338,7 @@ class ChatModel:
 
         def work() -> None:
             try:
-                with self.selected_model(adapter) as model, torch.inference_mode():
+                with self.selected_model(adapter) as model, self._decoding(model), torch.inference_mode():
                     _seed(seed)
                     model.generate(streamer=streamer, stopping_criteria=StoppingCriteriaList([_Cancel(cancelled)]),
                                    **generate_kwargs)
@@ -349,6 +357,10 @@ class ChatModel:
             raise failure[0]
 
     # --- helpers
+    def _decoding(self, model):
+        """The context `generate` runs in: weight-major linear layers for batched steps, unless switched off."""
+        return weight_major_linears(model) if self.weight_major else nullcontext()
+
     def prompt_ids(self, messages: Messages | str, *, system_prompt: str | None = None,
                    tools: list[dict] | None = None) -> list[int]:
         """The token ids an answer to `messages` follows: the run's system prompt added when the conversation has

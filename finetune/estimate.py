@@ -40,10 +40,11 @@ EVAL_SPEEDUP = 3.0         # an evaluation (forward only) costs about a third of
 THROUGHPUT_FILE = "throughput.json"
 MEASURE_TIMEOUT_S = 900    # the child process is ended after this long
 
-# Hourly prices (US dollars) of Hugging Face Space hardware, keyed by the Space's $SPACE_HARDWARE, as listed in
-# https://huggingface.co/docs/hub/spaces-gpus (checked 2026-11-29). They may change: the page is the reference.
+# Hourly prices (US dollars) of Hugging Face Space hardware, keyed by the Space's $SPACE_HARDWARE, as listed on
+# SPACE_PRICES_URL when last read (SPACE_PRICES_READ). They may change: the page is the reference.
 # Free hardware is 0.0; hardware missing here gets no cost line.
-SPACE_PRICES_URL = "https://huggingface.co/pricing#spaces"
+SPACE_PRICES_URL = "https://huggingface.co/docs/hub/spaces-gpus"
+SPACE_PRICES_READ = "2026-11-29"
 SPACE_PRICES_USD_PER_HOUR = {
     "cpu-basic": 0.0, "cpu-upgrade": 0.03,
     "t4-small": 0.40, "t4-medium": 0.60,
@@ -54,9 +55,9 @@ SPACE_PRICES_USD_PER_HOUR = {
 }
 
 
-__all__ = ["DurationEstimate", "SPACE_PRICES_URL", "SPACE_PRICES_USD_PER_HOUR", "cached_throughput",
-           "duration_text", "estimate_duration", "hardware_name", "mean_tokens", "measure_in_child",
-           "measure_throughput", "save_throughput", "space_cost", "throughput_key"]
+__all__ = ["DurationEstimate", "SPACE_PRICES_READ", "SPACE_PRICES_URL", "SPACE_PRICES_USD_PER_HOUR",
+           "cached_throughput", "duration_text", "estimate_duration", "hardware_name", "mean_tokens",
+           "measure_in_child", "measure_throughput", "save_throughput", "space_cost", "throughput_key"]
 
 
 # ============================================================================ the estimate

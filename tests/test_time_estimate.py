@@ -83,7 +83,7 @@ def test_time_report_says_what_is_missing_then_the_duration_and_the_cost(tmp_pat
     space = settings_tab.time_report(config, DATA, cache_dir=tmp_path,
                                      environ={"SPACE_ID": "u/s", "SPACE_HARDWARE": "a10g-small"})
     assert "On this Space's `a10g-small` hardware (1.00 USD an hour) that is about **0.13 USD**" in space
-    assert "https://huggingface.co/pricing#spaces" in space and "prices may change" in space
+    assert "https://huggingface.co/docs/hub/spaces-gpus, as read on 2026-11-29; prices may change" in space
     other = settings_tab.time_report(config.replace(base_model="other/model"), {**DATA}, cache_dir=tmp_path)
     assert "Press **Estimate time**" in other  # measured per model
 

@@ -12,6 +12,7 @@ import gradio as gr
 from finetune.config import DEFAULT_BASE_MODEL, DEMO_MODEL_ID, RunConfig
 from finetune.errors import FinetuneError
 from finetune.estimate import (
+    SPACE_PRICES_READ,
     SPACE_PRICES_URL,
     DurationEstimate,
     cached_throughput,
@@ -145,7 +146,8 @@ def time_report(config: RunConfig, data: dict | None, *, cache_dir=None, environ
     if cost is not None:
         hardware, price, usd = cost
         text += (f" On this Space's `{hardware}` hardware ({price:.2f} USD an hour) that is about **{usd:.2f} USD** "
-                 f"(Hugging Face's price list, {SPACE_PRICES_URL}, as of 2025; prices may change).")
+                 f"(Hugging Face's price list, {SPACE_PRICES_URL}, as read on {SPACE_PRICES_READ}; prices may "
+                 "change).")
     return notice_md(text)
 
 

@@ -1,10 +1,13 @@
 """How long a run will take (and, on a Space, what it costs), before it starts.
 
-    duration = train tokens / throughput + evaluation tokens / (EVAL_SPEEDUP x throughput)
+    duration = train tokens / throughput + micro-batches x step cost
+               + evaluation tokens / (EVAL_SPEEDUP x throughput)
 
-The throughput (tokens per second) is measured, not guessed: `measure_throughput` trains the chosen model with the
-chosen settings for MEASURE_STEPS real optimizer steps on full-length filler rows (the first step, which allocates
-and picks kernels, is not timed) and divides the tokens of the timed steps by their time. The app runs it in a child
+The speed is measured, not guessed: `measure_throughput` trains the chosen model with the chosen settings for
+MEASURE_STEPS real optimizer steps on full-length filler rows, then as many on rows an eighth as long (the first
+step of each, which allocates and picks kernels, is not timed). The line through the two step times gives the
+throughput (the cost of one more token) and a fixed cost per micro-batch, which dominates short examples on a small
+model (RESULTS.md: the estimate against the actual duration). The app runs it in a child
 process (`measure_in_child`: `python -m finetune.estimate run.yaml`) when the user presses "Estimate time", and the
 result is cached per (model, method, precision, max_seq_length, batch size, gradient checkpointing, hardware) in
 `<cache>/throughput.json` (`finetune.demo.default_cache_dir`): a later estimate with the same settings is instant.
@@ -55,8 +58,8 @@ SPACE_PRICES_USD_PER_HOUR = {
 }
 
 
-__all__ = ["DurationEstimate", "SPACE_PRICES_READ", "SPACE_PRICES_URL", "SPACE_PRICES_USD_PER_HOUR",
-           "cached_throughput", "duration_text", "estimate_duration", "hardware_name", "mean_tokens",
+__all__ = ["DurationEstimate", "SPACE_PRICES_READ", "SPACE_PRICES_URL", "SPACE_PRICES_USD_PER_HOUR", "Speed",
+           "cached_step_s", "cached_throughput", "duration_text", "estimate_duration", "hardware_name", "mean_tokens",
            "measure_in_child", "measure_throughput", "save_throughput", "space_cost", "throughput_key"]
 
 
@@ -66,11 +69,13 @@ __all__ = ["DurationEstimate", "SPACE_PRICES_READ", "SPACE_PRICES_URL", "SPACE_P
 class DurationEstimate:
     train_tokens: int
     eval_tokens: int
-    tokens_per_s: float     # measured training throughput on this hardware
+    tokens_per_s: float     # measured training throughput on this hardware (the cost of one more token)
+    micro_batches: int = 0  # the training's micro-batches
+    step_s: float = 0.0     # measured fixed cost of a micro-batch (optimizer step, kernel launches, Python)
 
     @property
     def train_s(self) -> float:
-        return self.train_tokens / self.tokens_per_s
+        return self.train_tokens / self.tokens_per_s + self.micro_batches * self.step_s
 
     @property
     def eval_s(self) -> float:
@@ -96,9 +101,9 @@ def mean_tokens(lengths: list[int], max_seq_length: int) -> float:
 
 
 def estimate_duration(config: RunConfig, rows: dict[str, int], tokens_per_example: float,
-                      tokens_per_s: float) -> DurationEstimate:
+                      tokens_per_s: float, step_s: float = 0.0) -> DurationEstimate:
     """The duration of training `config` on splits of `rows` (split → examples) whose examples average
-    `tokens_per_example` tokens, at `tokens_per_s` (a measured throughput)."""
+    `tokens_per_example` tokens, at `tokens_per_s` per token plus `step_s` per micro-batch (measured)."""
     from .train import _schedule  # the trainer's own step and evaluation schedule
 
     n_train, n_val, n_test = (int(rows.get(split) or 0) for split in ("train", "validation", "test"))
@@ -110,7 +115,8 @@ def estimate_duration(config: RunConfig, rows: dict[str, int], tokens_per_exampl
     evaluations = (total_steps // eval_every + 1) if n_val else 0  # periodic ones and the final one
     eval_examples = evaluations * n_val + 2 * n_test                 # + the test split before and after
     return DurationEstimate(train_tokens=math.ceil(train_examples * tokens_per_example),
-                            eval_tokens=math.ceil(eval_examples * tokens_per_example), tokens_per_s=tokens_per_s)
+                            eval_tokens=math.ceil(eval_examples * tokens_per_example), tokens_per_s=tokens_per_s,
+                            micro_batches=math.ceil(train_examples / config.batch_size), step_s=step_s)
 
 
 def space_cost(duration_s: float, environ=None) -> tuple[str, float, float] | None:
@@ -161,25 +167,47 @@ def _cache_file(cache_dir: str | Path | None) -> Path:
 def cached_throughput(config: RunConfig, *, cache_dir: str | Path | None = None,
                       hardware: str | None = None) -> float | None:
     """Tokens per second measured earlier for `config`'s settings on this hardware; None if never measured."""
-    entry = (read_json_object(_cache_file(cache_dir)) or {}).get(throughput_key(config, hardware))
-    value = entry.get("tokens_per_s") if isinstance(entry, dict) else None
+    value = _cached(config, "tokens_per_s", cache_dir, hardware)
     return float(value) if isinstance(value, (int, float)) and value > 0 else None
 
 
-def save_throughput(config: RunConfig, tokens_per_s: float, *, cache_dir: str | Path | None = None,
-                    hardware: str | None = None) -> None:
+def cached_step_s(config: RunConfig, *, cache_dir: str | Path | None = None, hardware: str | None = None) -> float:
+    """The fixed cost of a micro-batch measured with the throughput (0.0 when none was: older measurements)."""
+    value = _cached(config, "step_s", cache_dir, hardware)
+    return float(value) if isinstance(value, (int, float)) and value > 0 else 0.0
+
+
+def _cached(config: RunConfig, name: str, cache_dir, hardware):
+    entry = (read_json_object(_cache_file(cache_dir)) or {}).get(throughput_key(config, hardware))
+    return entry.get(name) if isinstance(entry, dict) else None
+
+
+def save_throughput(config: RunConfig, tokens_per_s: float, *, step_s: float = 0.0,
+                    cache_dir: str | Path | None = None, hardware: str | None = None) -> None:
     path = _cache_file(cache_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     cache = read_json_object(path) or {}
-    cache[throughput_key(config, hardware)] = {"tokens_per_s": tokens_per_s, "measured": time.time()}
+    cache[throughput_key(config, hardware)] = {"tokens_per_s": tokens_per_s, "step_s": step_s,
+                                               "measured": time.time()}
     write_json_atomic(path, cache, indent=1)
 
 
 # ============================================================================ measuring
 
-def measure_throughput(config: RunConfig, *, steps: int = MEASURE_STEPS) -> float:
-    """Training tokens per second of `config`'s model and settings here: `steps` real optimizer steps (one micro-batch
-    each) on full-length filler rows, the first one untimed. Loads the model: seconds to minutes."""
+@dataclass(frozen=True)
+class Speed:
+    """A measured training speed: seconds per micro-batch = step_s + tokens / tokens_per_s."""
+
+    tokens_per_s: float
+    step_s: float
+
+
+def measure_throughput(config: RunConfig, *, steps: int = MEASURE_STEPS) -> Speed:
+    """The training speed of `config`'s model and settings here: `steps` real optimizer steps (one micro-batch each)
+    on full-length filler rows, then `steps` on rows an eighth as long, in that order, the first step of each
+    untimed. The two step times give a cost per token and a fixed cost per micro-batch (which dominates short
+    examples on a small model). Loads the model: seconds to minutes."""
+    from datasets import concatenate_datasets
     from transformers import PrinterCallback, TrainerCallback
 
     from .models import resolve_precision
@@ -201,23 +229,46 @@ def measure_throughput(config: RunConfig, *, steps: int = MEASURE_STEPS) -> floa
             self.times.append(time.perf_counter())
 
     with tempfile.TemporaryDirectory(prefix="finetune-measure-") as tmp:
-        probe = _probe_config(config, tmp, steps)
-        prepared = prepare_data(probe, _filler_rows(probe.batch_size * steps, probe.max_seq_length))
-        train_ds = prepared.dataset("train")
+        probe = _probe_config(config, tmp, 2 * steps)
+        short = max(16, probe.max_seq_length // 8)
+        parts = [prepare_data(probe.replace(max_seq_length=length), _filler_rows(probe.batch_size * steps, length))
+                 for length in (probe.max_seq_length, short)]
+        train_ds = concatenate_datasets([_first_rows(part.dataset("train"), probe.batch_size * steps)
+                                         for part in parts])
         precision = resolve_precision(probe.precision)
-        model = _load_model(probe, prepared.model.source.path, precision)
-        args = _sft_args(probe, precision, steps, steps, 10**9, has_eval=False)  # never saves a checkpoint
+        model = _load_model(probe, parts[0].model.source.path, precision)
+        args = _sft_args(probe, precision, 2 * steps, 2 * steps, 10**9, has_eval=False)  # never saves a checkpoint
+        args.train_sampling_strategy = "sequential"  # the long rows' steps first, then the short rows'
         timer = StepTimes()
         trainer = sft_trainer(probe, model=model, args=args, train_dataset=train_ds,
-                              processing_class=prepared.model.tokenizer, peft_config=_peft_config(probe),
+                              processing_class=parts[0].model.tokenizer, peft_config=_peft_config(probe),
                               callbacks=[timer])
         trainer.remove_callback(PrinterCallback)
         trainer.train()
-    tokens_per_step = probe.batch_size * statistics.fmean(len(ids) for ids in train_ds["input_ids"])
-    timed = len(timer.times) - 1
-    if timed < 1:
-        raise FinetuneError("measuring the speed failed: training ran fewer than 2 steps")
-    return timed * tokens_per_step / (timer.times[-1] - timer.times[0])
+    if len(timer.times) != 2 * steps:
+        raise FinetuneError(f"measuring the speed failed: training ran {len(timer.times)} of {2 * steps} steps")
+    lengths = [len(ids) for ids in train_ds["input_ids"]]
+    tokens = [sum(lengths[i * probe.batch_size:(i + 1) * probe.batch_size]) for i in range(2 * steps)]
+    seconds = [later - earlier for earlier, later in zip(timer.times, timer.times[1:])]  # steps 1.. (0 untimed)
+    long_steps, short_steps = range(1, steps), range(steps + 1, 2 * steps)  # each part's first step untimed
+    return _speed(*(statistics.fmean(tokens[i] for i in part) for part in (long_steps, short_steps)),
+                  *(statistics.fmean(seconds[i - 1] for i in part) for part in (long_steps, short_steps)))
+
+
+def _first_rows(dataset, n: int):
+    """The first `n` rows (a filler row longer than max_seq_length gives several blocks)."""
+    return dataset.select(range(min(n, len(dataset))))
+
+
+def _speed(long_tokens: float, short_tokens: float, long_s: float, short_s: float) -> Speed:
+    """The line through (tokens, seconds) of a long and a short step; all of it per token when the times say
+    nothing more (a noisy measurement: no positive slope, or a negative fixed cost)."""
+    if long_tokens > short_tokens and long_s > short_s:
+        per_token = (long_s - short_s) / (long_tokens - short_tokens)
+        fixed = short_s - per_token * short_tokens
+        if fixed >= 0:
+            return Speed(tokens_per_s=1 / per_token, step_s=fixed)
+    return Speed(tokens_per_s=long_tokens / long_s, step_s=0.0)
 
 
 def _probe_config(config: RunConfig, folder: str, steps: int) -> RunConfig:
@@ -258,18 +309,20 @@ def measure_in_child(config: RunConfig, *, cache_dir: str | Path | None = None, 
         said = [line for line in done.stderr.splitlines() if line.startswith("error: ")]  # main's last words
         last = said or [line for line in done.stderr.strip().splitlines() if line.strip()][-1:] or ["no output"]
         raise FinetuneError(f"measuring the speed failed: {last[-1]}")
-    tokens_per_s = float(json.loads(answer[-1])["tokens_per_s"])
-    save_throughput(config, tokens_per_s, cache_dir=cache_dir)
+    measured = json.loads(answer[-1])
+    tokens_per_s = float(measured["tokens_per_s"])
+    save_throughput(config, tokens_per_s, step_s=float(measured.get("step_s", 0.0)), cache_dir=cache_dir)
     return tokens_per_s
 
 
 def main(argv: list[str]) -> int:
-    """`python -m finetune.estimate run.yaml`: print {"tokens_per_s": ...} for the config's model and settings."""
+    """`python -m finetune.estimate run.yaml`: print {"tokens_per_s": ..., "step_s": ...} for the config's model and
+    settings."""
     if len(argv) != 1:
         print("usage: python -m finetune.estimate run.yaml", file=sys.stderr)
         return 2
     try:
-        tokens_per_s = measure_throughput(RunConfig.from_yaml(argv[0]))
+        speed = measure_throughput(RunConfig.from_yaml(argv[0]))
     except FinetuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -278,7 +331,7 @@ def main(argv: list[str]) -> int:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         print(f"error: training with these settings failed ({type(e).__name__}: {first})", file=sys.stderr)
         return 1
-    print(json.dumps({"tokens_per_s": tokens_per_s}))
+    print(json.dumps({"tokens_per_s": speed.tokens_per_s, "step_s": speed.step_s}))
     return 0
 
 

@@ -10,6 +10,9 @@ import pytest
 from finetune.config import RunConfig
 from finetune.errors import FinetuneError
 from finetune.estimate import (
+    Speed,
+    _speed,
+    cached_step_s,
     cached_throughput,
     duration_text,
     estimate_duration,
@@ -37,6 +40,20 @@ def test_estimate_counts_training_evaluations_and_the_test_split():
     assert est.train_s == 400.0 and est.eval_s == pytest.approx(20_000 / 300)
     steps = estimate_duration(config.replace(max_steps=3), DATA["rows"], 250.0, tokens_per_s=100.0)
     assert steps.train_tokens == 3 * 4 * 2 * 250
+
+
+def test_a_fixed_cost_per_micro_batch_is_added_for_every_micro_batch():
+    config = RunConfig(base_model="demo", num_train_epochs=2, batch_size=4, gradient_accumulation_steps=2)
+    est = estimate_duration(config, DATA["rows"], 250.0, tokens_per_s=100.0, step_s=0.5)
+    assert est.micro_batches == 80 * 2 // 4 and est.train_s == 400.0 + 40 * 0.5
+
+
+def test_the_speed_is_the_line_through_a_long_and_a_short_step():
+    speed = _speed(long_tokens=4000, short_tokens=500, long_s=2.0, short_s=0.6)  # 0.4 ms a token, 0.4 s a step
+    assert speed.tokens_per_s == pytest.approx(2500) and speed.step_s == pytest.approx(0.4)
+    # times that say nothing more (noise: the short step as slow as the long one) are all per token
+    assert _speed(4000, 500, 2.0, 2.1) == Speed(tokens_per_s=2000.0, step_s=0.0)
+    assert _speed(4000, 500, 2.0, 0.1) == Speed(tokens_per_s=2000.0, step_s=0.0)  # a negative fixed cost
 
 
 def test_token_lengths_are_capped_at_max_seq_length_and_durations_read_as_estimates():
@@ -94,6 +111,7 @@ def test_measured_in_a_child_process_cached_and_shown(demo_model_dir, tmp_path):
     tokens_per_s = measure_in_child(config, cache_dir=tmp_path)
     assert tokens_per_s > 0
     assert cached_throughput(config, cache_dir=tmp_path) == tokens_per_s
+    assert cached_step_s(config, cache_dir=tmp_path) >= 0.0
     assert "Expected duration: **about" in settings_tab.time_report(config, DATA, cache_dir=tmp_path)
 
 

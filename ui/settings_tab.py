@@ -15,6 +15,7 @@ from finetune.estimate import (
     SPACE_PRICES_READ,
     SPACE_PRICES_URL,
     DurationEstimate,
+    cached_step_s,
     cached_throughput,
     duration_text,
     estimate_duration,
@@ -124,7 +125,7 @@ def duration_estimate(config: RunConfig, data: dict | None, *, cache_dir=None) -
     if not data.get("rows") or not data.get("train_lengths") or tokens_per_s is None:
         return None
     return estimate_duration(config, data["rows"], mean_tokens(data["train_lengths"], config.max_seq_length),
-                             tokens_per_s)
+                             tokens_per_s, cached_step_s(config, cache_dir=cache_dir))
 
 
 def time_report(config: RunConfig, data: dict | None, *, cache_dir=None, environ=None) -> str:

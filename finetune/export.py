@@ -79,7 +79,7 @@ def export_gguf(run_dir: str | Path, out_dir: str | Path | None = None, *, quant
     out = Path(out_dir).expanduser() if out_dir else RunFolder(Path(run_dir).expanduser()).gguf_dir
     out.mkdir(parents=True, exist_ok=True)
     system_prompt = run.config.system_prompt if run.config else None
-    conversations = parity_conversations(run, prompts, limit)
+    conversations, left_out = parity_conversations(run, prompts, limit)
     with tempfile.TemporaryDirectory(prefix=".export-", dir=out) as work:
         progress("merging the adapter into its unquantised base" if run.adapter_dir else "using the full model")
         hf_dir = standalone_model(run, Path(work) / "hf")
@@ -96,10 +96,11 @@ def export_gguf(run_dir: str | Path, out_dir: str | Path | None = None, *, quant
             quantize_gguf(converted, gguf_path, quant)
         fmt = ollama_format(hf_dir, system_prompt)
         modelfile = write_modelfile(out, gguf_path, fmt)
-        progress(f"parity check on {len(conversations)} prompts (greedy, {compare_tokens} tokens)")
+        skipped = f"; {left_out} test prompts with tools left out" if left_out else ""
+        progress(f"parity check on {len(conversations)} prompts (greedy, {compare_tokens} tokens{skipped})")
         report = {"format": "gguf", "quant": quant, "gguf": gguf_path.name, "gguf_bytes": gguf_path.stat().st_size,
                   "modelfile": modelfile.name, "ollama_template": fmt.name, "system_prompt": fmt.system,
-                  "stop_tokens": fmt.stop, "tools": tool_versions()}
+                  "stop_tokens": fmt.stop, "tools": tool_versions(), "tool_prompts_left_out": left_out}
         try:
             report["parity"] = check_parity(hf_dir, gguf_path, conversations, system_prompt=system_prompt,
                                             compare_tokens=compare_tokens, quant=quant)
@@ -324,26 +325,27 @@ def _trained_stop_ids(hf_dir: Path, tokenizer) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- the parity check
-def parity_conversations(run, prompts: list[str] | None, limit: int) -> list[list[dict]]:
-    """The conversations to check: `prompts` as single user turns, else the test split's prompts (first `limit`),
-    else the merge check's fixed texts (a run without a test split). Prompts with tool schemas or tool turns are
-    left out: llama-cpp-python renders the GGUF's template without our tool placement, so they would compare two
-    renderings rather than the two models."""
+def parity_conversations(run, prompts: list[str] | None, limit: int) -> tuple[list[list[dict]], int]:
+    """(the conversations to check, test prompts left out): `prompts` as single user turns, else the test split's
+    prompts (first `limit`), else the merge check's fixed texts (a run without a test split). Prompts with tool
+    schemas or tool turns are left out (and counted): llama-cpp-python renders the GGUF's template without our
+    tool placement, so they would compare two renderings rather than the two models."""
     from .evaluate import questions
     from .merge import CHECK_TEXTS
 
     if prompts:
-        return [[{"role": "user", "content": p}] for p in prompts]
-    conversations = []
+        return [[{"role": "user", "content": p}] for p in prompts], 0
+    conversations, left_out = [], 0
     test_split = RunFolder(run.run_dir).split_file("test") if run.run_dir is not None else None
     if test_split is not None and test_split.is_file():
         from .data import read_jsonl_examples
 
-        conversations = [q.turns for q in questions(read_jsonl_examples(test_split))
-                         if not q.tools and not any(_is_tool_turn(turn) for turn in q.turns)]
+        asked = questions(read_jsonl_examples(test_split))
+        conversations = [q.turns for q in asked if not q.tools and not any(_is_tool_turn(t) for t in q.turns)]
+        left_out = len(asked) - len(conversations)
     if not conversations:
         conversations = [[{"role": "user", "content": t}] for t in CHECK_TEXTS]
-    return conversations[:limit]
+    return conversations[:limit], left_out
 
 
 def _is_tool_turn(turn: dict) -> bool:

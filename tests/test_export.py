@@ -80,6 +80,7 @@ def test_lora_f16_export_writes_gguf_modelfile_and_report(lora_export):
     assert sorted(p.name for p in result.out_dir.iterdir()) == sorted(
         [result.gguf_path.name, "Modelfile", "export_report.json"])  # the merged model was temporary
     assert json.loads(result.report_path.read_text()) == result.report
+    assert result.report["tool_prompts_left_out"] == 0  # the demo's test split has no tool prompts
     assert result.modelfile_path.read_text() == (
         f"# Ollama: ollama create {run.name}-f16 -f Modelfile && ollama run {run.name}-f16\n"
         f"FROM ./{run.name}-f16.gguf\n"
@@ -358,5 +359,5 @@ def test_parity_prompts_are_the_test_splits_tool_free_prompts(tmp_path):
     split = RunFolder(tmp_path).split_file("test")
     split.parent.mkdir(parents=True, exist_ok=True)
     split.write_text("".join(json.dumps(ex) + "\n" for ex in examples), encoding="utf-8")
-    conversations = parity_conversations(SimpleNamespace(run_dir=tmp_path), None, 8)
-    assert conversations == [[{"role": "user", "content": "Say hi."}]]
+    assert parity_conversations(SimpleNamespace(run_dir=tmp_path), None, 8) == \
+        ([[{"role": "user", "content": "Say hi."}]], 2)  # the two tool prompts left out, and counted

@@ -17,4 +17,20 @@ benchmark measures each so; figures in benchmarks/RESULTS.md). Why each is ours,
 This module imports nothing heavy: `finetune.config` reads `LEVERS` from it.
 """
 
+import contextlib
+import functools
+
 LEVERS = ("segments", "target_head", "chunked_loss", "half_frozen_weights", "cpu_dropout")
+
+
+@contextlib.contextmanager
+def replaced_forwards(layers: list, forward):
+    """Within: each of `layers` runs `forward(layer, x)` instead of its class's forward, restored on leaving (a lever
+    scoped to a block: CPU dropout while training, weight-major linears while generating). Yields len(layers)."""
+    for layer in layers:
+        layer.forward = functools.partial(forward, layer)
+    try:
+        yield len(layers)
+    finally:
+        for layer in layers:
+            del layer.forward

@@ -18,11 +18,12 @@ prompt's prefill) take `F.linear` as before. Where it is not measured, the model
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 
 import torch
 import torch.nn.functional as F
+
+from . import replaced_forwards
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +57,8 @@ def weight_major_linears(model: torch.nn.Module):
     Nothing changes where `stock_path_reason(model)` gives a reason. Yields the number of layers switched.
     """
     layers = [] if stock_path_reason(model) else _fp32_linears(model)
-    for layer in layers:
-        layer.forward = functools.partial(_forward, layer)
-    try:
-        yield len(layers)
-    finally:
-        for layer in layers:
-            del layer.forward
+    with replaced_forwards(layers, _forward) as changed:
+        yield changed
 
 
 def weight_major_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

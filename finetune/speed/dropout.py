@@ -21,11 +21,12 @@ Only CPU tensors in training mode take this path; CUDA's dropout is already a fu
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 
 import numpy as np
 import torch
+
+from . import replaced_forwards
 
 SPARSE_UP_TO = 0.25  # drop probabilities up to this draw the positions to drop; above, one 32-bit draw per element
 
@@ -117,10 +118,5 @@ def _forward(module: torch.nn.Dropout, x: torch.Tensor) -> torch.Tensor:
 def cpu_dropout(model: torch.nn.Module):
     """Within: the model's (non-inplace) `nn.Dropout` layers use `dropout` above. Yields how many layers changed."""
     layers = [m for m in model.modules() if type(m) is torch.nn.Dropout and not m.inplace and m.p > 0]
-    for layer in layers:
-        layer.forward = functools.partial(_forward, layer)
-    try:
-        yield len(layers)
-    finally:
-        for layer in layers:
-            del layer.forward
+    with replaced_forwards(layers, _forward) as changed:
+        yield changed

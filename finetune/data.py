@@ -72,6 +72,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import RunConfig
+from .data_cache import ENTRY_META
 from .errors import DataError
 from .hub import MODEL_ID as HUB_ID
 from .run_folder import RunFolder
@@ -1552,7 +1553,7 @@ def collect_examples(config: RunConfig, rows: list[dict] | None = None, *, sourc
     return _open_store(folder, key, data_cache.read_json(folder / _STORE_META) or _store_meta(store))
 
 
-_STORE_TABLE, _STORE_META, _STORE_PREFERENCE = "examples.arrow", "examples.json", "preference.jsonl"
+_STORE_TABLE, _STORE_META, _STORE_PREFERENCE = "examples.arrow", ENTRY_META, "preference.jsonl"
 _WRITE_BATCH = 1000  # examples per Arrow record batch
 
 

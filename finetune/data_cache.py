@@ -39,6 +39,7 @@ from .errors import ConfigError
 from .run_folder import folder_bytes
 
 _CHUNK = 1 << 20  # bytes read at a time when hashing a file
+ENTRY_META = "examples.json"  # an entry's description (see the layout above); `finetune.data` writes it
 MAX_GB_ENV = "FINETUNE_DATA_CACHE_MAX_GB"
 DEFAULT_MAX_GB = 20.0  # an encoding of 1M chat rows takes a few GB
 
@@ -125,7 +126,7 @@ def cache_entries(root: Path | None = None) -> list[CacheEntry]:
     entries = []
     for path in root.iterdir() if root.is_dir() else ():
         if path.is_dir() and not path.name.startswith("."):
-            meta = read_json(path / "examples.json") or {}  # the entry's description (see the layout above)
+            meta = read_json(path / ENTRY_META) or {}
             try:
                 entries.append(CacheEntry(path, folder_bytes(path), path.stat().st_mtime, str(meta.get("source", ""))))
             except OSError:  # removed meanwhile by another process's pruning
